@@ -1,0 +1,184 @@
+//! Loading the embedded probes, attaching them, and typed access to their maps.
+use std::fs::File;
+
+use anyhow::{Context, Result, anyhow};
+use aya::{
+    Ebpf, EbpfLoader,
+    maps::{HashMap, LpmTrie, MapData, PerCpuArray, SockHash, lpm_trie::Key},
+    programs::{CgroupAttachMode, CgroupSockAddr, CgroupSockopt, SkMsg, SockOps},
+};
+use log::info;
+use merbridge_edge_probes_common::{
+    COUNTER_COUNT, CidrRuleKey, LocalPod, PodInfo, PortRuleKey, SocketTuple, global_names, map_names as maps,
+    program_names as progs,
+};
+
+/// The compiled probe object, embedded at build time.
+static PROBES: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/merbridge-edge-probes.o"));
+
+/// Map sizes, chosen by the agent at load time.
+#[derive(Clone, Copy, Debug)]
+pub struct MapSizes {
+    /// Container cgroups of meshed pods.
+    pub cgroups: u32,
+    /// Pod IPs.
+    pub pod_ips: u32,
+    /// Port and address rules (each).
+    pub rules: u32,
+    /// Tracked connections (each per-connection map and the sockhash).
+    pub connections: u32,
+}
+
+impl Default for MapSizes {
+    fn default() -> Self {
+        Self { cgroups: 4096, pod_ips: 2048, rules: 65536, connections: 65536 }
+    }
+}
+
+/// How to load the datapath.
+#[derive(Clone, Debug)]
+pub struct DatapathOptions {
+    /// cgroup2 directory the programs attach to (every process below it is covered).
+    pub cgroup_root: std::path::PathBuf,
+    /// Whether sk_msg moves data between local sockets directly.
+    pub accelerate: bool,
+    /// Map sizes.
+    pub sizes: MapSizes,
+}
+
+/// The loaded and attached programs and their maps. Dropping it (or the process
+/// ending in any way) detaches everything: all attachments are bpf_links or belong to
+/// maps owned by this process.
+pub struct Datapath {
+    _ebpf: Ebpf,
+    /// Pod identity by container cgroup id.
+    pub pod_by_cgroup: HashMap<MapData, u64, PodInfo>,
+    /// Local meshed pods by IP.
+    pub pod_by_ip: HashMap<MapData, [u32; 4], LocalPod>,
+    /// Port rules.
+    pub port_rules: LpmTrie<MapData, PortRuleKey, u8>,
+    /// Address rules.
+    pub cidr_rules: LpmTrie<MapData, CidrRuleKey, u8>,
+    /// Original destination by socket tuple (read-only for the agent).
+    pub original_dst_by_tuple: HashMap<MapData, SocketTuple, merbridge_edge_probes_common::OriginalDst>,
+    counters: PerCpuArray<MapData, u64>,
+    _sockhash: SockHash<MapData, SocketTuple>,
+    /// Sizes the maps were created with.
+    pub sizes: MapSizes,
+    /// Where the programs are attached.
+    pub attached_to: std::path::PathBuf,
+}
+
+fn take<T: TryFrom<aya::maps::Map, Error = aya::maps::MapError>>(ebpf: &mut Ebpf, name: &str) -> Result<T> {
+    let map = ebpf.take_map(name).ok_or_else(|| anyhow!("probe object has no map {name}"))?;
+    T::try_from(map).with_context(|| format!("map {name}"))
+}
+
+impl Datapath {
+    /// Loads the probes, sizes their maps and attaches them under `cgroup_root`.
+    pub fn load(opts: &DatapathOptions) -> Result<Self> {
+        let s = opts.sizes;
+        let accelerate: u32 = opts.accelerate.into();
+        let mut ebpf = EbpfLoader::new()
+            .map_max_entries(maps::POD_BY_CGROUP, s.cgroups)
+            .map_max_entries(maps::POD_BY_IP, s.pod_ips)
+            .map_max_entries(maps::PORT_RULES, s.rules)
+            .map_max_entries(maps::CIDR_RULES, s.rules)
+            .map_max_entries(maps::ORIGINAL_DST_BY_COOKIE, s.connections)
+            .map_max_entries(maps::ORIGINAL_DST_BY_TUPLE, s.connections)
+            .map_max_entries(maps::SOCK_BY_TUPLE, s.connections)
+            .override_global(global_names::ACCELERATE, &accelerate, true)
+            .load(PROBES)
+            .context("loading the eBPF probes (is this kernel 5.7+ with BPF, cgroup-bpf and sockmap?)")?;
+
+        let cgroup = File::open(&opts.cgroup_root)
+            .with_context(|| format!("opening cgroup root {}", opts.cgroup_root.display()))?;
+        let mode = CgroupAttachMode::AllowMultiple;
+        for name in [progs::CONNECT4, progs::CONNECT6, progs::SENDMSG4, progs::SENDMSG6, progs::RECVMSG4, progs::RECVMSG6] {
+            let p: &mut CgroupSockAddr = program(&mut ebpf, name)?;
+            p.load().with_context(|| format!("verifier rejected {name}"))?;
+            p.attach(&cgroup, mode).with_context(|| format!("attaching {name} to {}", opts.cgroup_root.display()))?;
+        }
+        let p: &mut CgroupSockopt = program(&mut ebpf, progs::GETSOCKOPT)?;
+        p.load().context("verifier rejected the getsockopt program")?;
+        p.attach(&cgroup, mode).context("attaching cgroup/getsockopt")?;
+        let p: &mut SockOps = program(&mut ebpf, progs::SOCKOPS)?;
+        p.load().context("verifier rejected the sockops program")?;
+        p.attach(&cgroup, mode).context("attaching sockops")?;
+
+        let sockhash: SockHash<MapData, SocketTuple> = take(&mut ebpf, maps::SOCK_BY_TUPLE)?;
+        let p: &mut SkMsg = program(&mut ebpf, progs::SK_MSG)?;
+        p.load().context("verifier rejected the sk_msg program")?;
+        if opts.accelerate {
+            p.attach(sockhash.fd()).context("attaching sk_msg to the sockhash")?;
+        }
+        info!(
+            "probes attached to {} (connect4/6, sendmsg/recvmsg4/6, getsockopt, sockops{})",
+            opts.cgroup_root.display(),
+            if opts.accelerate { ", sk_msg" } else { "; sk_msg acceleration off" }
+        );
+        Ok(Self {
+            pod_by_cgroup: take(&mut ebpf, maps::POD_BY_CGROUP)?,
+            pod_by_ip: take(&mut ebpf, maps::POD_BY_IP)?,
+            port_rules: take(&mut ebpf, maps::PORT_RULES)?,
+            cidr_rules: take(&mut ebpf, maps::CIDR_RULES)?,
+            original_dst_by_tuple: take(&mut ebpf, maps::ORIGINAL_DST_BY_TUPLE)?,
+            counters: take(&mut ebpf, maps::COUNTERS)?,
+            _sockhash: sockhash,
+            _ebpf: ebpf,
+            sizes: s,
+            attached_to: opts.cgroup_root.clone(),
+        })
+    }
+
+    /// The kernel counters summed over CPUs, indexed by `Counter`.
+    pub fn counters(&self) -> Result<[u64; COUNTER_COUNT as usize]> {
+        let mut out = [0u64; COUNTER_COUNT as usize];
+        for (i, slot) in out.iter_mut().enumerate() {
+            let values = self.counters.get(&(i as u32), 0).context("reading counters")?;
+            *slot = values.iter().sum();
+        }
+        Ok(out)
+    }
+}
+
+fn program<'a, T>(ebpf: &'a mut Ebpf, name: &str) -> Result<&'a mut T>
+where
+    &'a mut T: TryFrom<&'a mut aya::programs::Program, Error = aya::programs::ProgramError>,
+{
+    let p = ebpf.program_mut(name).ok_or_else(|| anyhow!("probe object has no program {name}"))?;
+    p.try_into().with_context(|| format!("program {name} has an unexpected type"))
+}
+
+/// An LPM key for a port rule.
+pub fn port_rule_key(pod_id: u32, kind: u8, port: u16, port_prefix: u8) -> Key<PortRuleKey> {
+    Key::new(
+        merbridge_edge_probes_common::RULE_KEY_HEADER_BITS + u32::from(port_prefix),
+        PortRuleKey { pod_id: pod_id.to_be_bytes(), kind, port: port.to_be_bytes() },
+    )
+}
+
+/// An LPM key for an address rule; IPv4 ranges become v4-mapped IPv6 ranges.
+pub fn cidr_rule_key(pod_id: u32, kind: u8, cidr: &crate::annotations::Cidr) -> Key<CidrRuleKey> {
+    let (addr, len) = match cidr.addr {
+        std::net::IpAddr::V4(a) => (a.to_ipv6_mapped().octets(), u32::from(cidr.len) + 96),
+        std::net::IpAddr::V6(a) => (a.octets(), u32::from(cidr.len)),
+    };
+    Key::new(
+        merbridge_edge_probes_common::RULE_KEY_HEADER_BITS + len,
+        CidrRuleKey { pod_id: pod_id.to_be_bytes(), kind, addr },
+    )
+}
+
+/// An address as the probes store it: IPv6 words in network order, IPv4 v4-mapped.
+pub fn kernel_addr(ip: std::net::IpAddr) -> [u32; 4] {
+    let octets = match ip {
+        std::net::IpAddr::V4(a) => a.to_ipv6_mapped().octets(),
+        std::net::IpAddr::V6(a) => a.octets(),
+    };
+    let mut out = [0u32; 4];
+    for (i, w) in out.iter_mut().enumerate() {
+        *w = u32::from_ne_bytes(octets[i * 4..i * 4 + 4].try_into().expect("4 bytes"));
+    }
+    out
+}

@@ -1,0 +1,305 @@
+//! Keeping the kernel maps equal to the desired state: each poll computes every map
+//! entry each pod needs, compares with what was written before, and writes only the
+//! differences. New entries go in rules-first and cgroups-last, removals the other way
+//! round, so a half-applied pod is never redirected without its exclusions.
+use std::{
+    collections::{BTreeMap, BTreeSet, HashSet},
+    net::IpAddr,
+    path::PathBuf,
+};
+
+use aya::maps::MapError;
+use log::{info, warn};
+use merbridge_edge_probes_common::{
+    LocalPod, POD_DNS_CAPTURE, POD_HAS_IP4, POD_HAS_IP6, POD_IN_ALL_PORTS, POD_OUT_ALL_ADDRS, POD_OUT_VIA_LOOPBACK,
+    PodInfo, cidr_rule, port_rule,
+};
+
+use crate::{
+    annotations::{Cidr, port_prefixes},
+    cgroups,
+    datapath::{Datapath, cidr_rule_key, kernel_addr, port_rule_key},
+    policy::{CidrRuleKind, PodPolicy, PortRuleKind},
+};
+
+/// A port-rule entry: kind, port prefix value, prefix length.
+type PortEntry = (u8, u16, u8);
+/// An address-rule entry: kind and range.
+type CidrEntry = (u8, Cidr);
+
+/// Every map entry one pod needs.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct PodEntries {
+    /// Container cgroup id → pod identity.
+    pub cgroups: BTreeMap<u64, PodInfo>,
+    /// Pod IP → what proxies need to know.
+    pub ips: BTreeMap<[u32; 4], LocalPod>,
+    /// Port rules.
+    pub ports: BTreeSet<PortEntry>,
+    /// Address rules.
+    pub cidrs: BTreeSet<CidrEntry>,
+}
+
+impl PodEntries {
+    /// The entries for `policy`, given its pod id and its containers' cgroup ids.
+    pub fn build(policy: &PodPolicy, pod_id: u32, cgroup_ids: &[u64]) -> Self {
+        let mut flags = 0;
+        if policy.dns_port.is_some() {
+            flags |= POD_DNS_CAPTURE;
+        }
+        if policy.out_all_addrs {
+            flags |= POD_OUT_ALL_ADDRS;
+        }
+        if policy.in_all_ports {
+            flags |= POD_IN_ALL_PORTS;
+        }
+        if policy.out_via_loopback {
+            flags |= POD_OUT_VIA_LOOPBACK;
+        }
+        if policy.ip4.is_some() {
+            flags |= POD_HAS_IP4;
+        }
+        if policy.ip6.is_some() {
+            flags |= POD_HAS_IP6;
+        }
+        let info = PodInfo {
+            ip4: policy.ip4.map(|a| kernel_addr(IpAddr::V4(a))).unwrap_or_default(),
+            ip6: policy.ip6.map(|a| kernel_addr(IpAddr::V6(a))).unwrap_or_default(),
+            pod_id,
+            flags,
+            proxy_uid: policy.proxy_uid,
+            outbound_port: policy.outbound_port,
+            inbound_port: policy.inbound_port,
+            dns_port: policy.dns_port.unwrap_or(0),
+            _pad: [0; 3],
+        };
+        let local = LocalPod { pod_id, flags, inbound_port: policy.inbound_port, _pad: [0; 3] };
+        let ips = policy
+            .ip4
+            .map(IpAddr::V4)
+            .into_iter()
+            .chain(policy.ip6.map(IpAddr::V6))
+            .map(|ip| (kernel_addr(ip), local))
+            .collect();
+        let mut ports = BTreeSet::new();
+        for (kind, range) in &policy.port_rules {
+            let kind = match kind {
+                PortRuleKind::OutExclude => port_rule::OUT_EXCLUDE,
+                PortRuleKind::OutInclude => port_rule::OUT_INCLUDE,
+                PortRuleKind::InExclude => port_rule::IN_EXCLUDE,
+                PortRuleKind::InInclude => port_rule::IN_INCLUDE,
+            };
+            ports.extend(port_prefixes(*range).into_iter().map(|(v, len)| (kind, v, len)));
+        }
+        let cidrs = policy
+            .cidr_rules
+            .iter()
+            .map(|(kind, c)| {
+                let k = match kind {
+                    CidrRuleKind::OutExclude => cidr_rule::OUT_EXCLUDE,
+                    CidrRuleKind::OutInclude => cidr_rule::OUT_INCLUDE,
+                };
+                (k, *c)
+            })
+            .collect();
+        Self { cgroups: cgroup_ids.iter().map(|id| (*id, info)).collect(), ips, ports, cidrs }
+    }
+
+    fn describe(&self, policy: &PodPolicy) -> String {
+        let ips: Vec<String> = policy.ip4.map(|a| a.to_string()).into_iter().chain(policy.ip6.map(|a| a.to_string())).collect();
+        format!(
+            "mesh {}, IPs [{}], {} container cgroup(s), {} port rule(s), {} address rule(s), out {}/{}, in {}{}",
+            policy.mesh.name(),
+            ips.join(", "),
+            self.cgroups.len(),
+            self.ports.len(),
+            self.cidrs.len(),
+            policy.outbound_port,
+            if policy.out_all_addrs { "all addresses" } else { "listed ranges" },
+            policy.inbound_port,
+            policy.dns_port.map(|p| format!(", DNS → {p}")).unwrap_or_default(),
+        )
+    }
+}
+
+/// What a pass of [`Programmer::sync`] did.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct SyncReport {
+    /// Pods whose entries are all in the maps.
+    pub programmed: usize,
+    /// Pods added, changed, removed this pass.
+    pub added: usize,
+    /// Pods whose entries changed.
+    pub changed: usize,
+    /// Pods removed.
+    pub removed: usize,
+    /// Map writes that failed (full map, or the kernel refused).
+    pub write_errors: usize,
+    /// Meshed pods none of whose container cgroups exist yet.
+    pub waiting_for_cgroups: usize,
+}
+
+struct Programmed {
+    pod_id: u32,
+    name: String,
+    entries: PodEntries,
+}
+
+/// Owns the datapath's pod maps and keeps them in step with the desired state.
+pub struct Programmer {
+    cgroup_root: PathBuf,
+    pods: BTreeMap<String, Programmed>,
+    warned: HashSet<String>,
+}
+
+impl Programmer {
+    /// A programmer for pods whose cgroups live below `cgroup_root`.
+    pub fn new(cgroup_root: PathBuf) -> Self {
+        Self { cgroup_root, pods: BTreeMap::new(), warned: HashSet::new() }
+    }
+
+    /// Logs a warning the first time it is seen.
+    pub fn warn_once(&mut self, msg: &str) {
+        if self.warned.insert(msg.to_string()) {
+            warn!("{msg}");
+        }
+    }
+
+    fn allocate_pod_id(&self) -> u32 {
+        let used: BTreeSet<u32> = self.pods.values().map(|p| p.pod_id).collect();
+        (1..).find(|id| !used.contains(id)).expect("fewer than 2^32 pods")
+    }
+
+    /// Brings the maps in step with `desired`.
+    pub fn sync(&mut self, dp: &mut Datapath, desired: &[PodPolicy]) -> SyncReport {
+        let mut report = SyncReport::default();
+        let wanted: BTreeSet<&str> = desired.iter().map(|p| p.uid.as_str()).collect();
+        let gone: Vec<String> = self.pods.keys().filter(|uid| !wanted.contains(uid.as_str())).cloned().collect();
+        for uid in gone {
+            let old = self.pods.remove(&uid).expect("listed above");
+            let errors = apply(dp, &old.entries, &PodEntries::default(), old.pod_id);
+            if errors.is_empty() {
+                info!("pod {} removed: entries deleted", old.name);
+            } else {
+                for e in &errors {
+                    self.warn_once(&format!("pod {}: removing: {e}", old.name));
+                }
+                report.write_errors += errors.len();
+            }
+            report.removed += 1;
+        }
+        for policy in desired {
+            let pod_id = match self.pods.get(&policy.uid) {
+                Some(p) => p.pod_id,
+                None => self.allocate_pod_id(),
+            };
+            let ids: Vec<&str> = policy.container_ids.iter().map(String::as_str).collect();
+            let mut cgroup_ids = Vec::new();
+            for (container, path) in cgroups::container_cgroups(&self.cgroup_root, &policy.uid, &policy.qos_class, &ids) {
+                match cgroups::cgroup_id(&path) {
+                    Ok(id) => cgroup_ids.push(id),
+                    // The container exited between listing and stat: next poll.
+                    Err(e) => self.warn_once(&format!("pod {}: container {container}: {e:#}", policy.name)),
+                }
+            }
+            if cgroup_ids.is_empty() {
+                report.waiting_for_cgroups += 1;
+                self.warn_once(&format!(
+                    "pod {}: no cgroup found yet for its containers under {}; it is not redirected until one appears",
+                    policy.name,
+                    self.cgroup_root.display()
+                ));
+            }
+            let new = PodEntries::build(policy, pod_id, &cgroup_ids);
+            let old = self.pods.get(&policy.uid).map(|p| p.entries.clone());
+            if old.as_ref() == Some(&new) {
+                report.programmed += 1;
+                continue;
+            }
+            let errors = apply(dp, old.as_ref().unwrap_or(&PodEntries::default()), &new, pod_id);
+            let verb = if old.is_some() { "changed" } else { "added" };
+            if errors.is_empty() {
+                info!("pod {} {verb}: {}", policy.name, new.describe(policy));
+                if old.is_some() {
+                    report.changed += 1;
+                } else {
+                    report.added += 1;
+                }
+                report.programmed += 1;
+                self.pods.insert(policy.uid.clone(), Programmed { pod_id, name: policy.name.clone(), entries: new });
+            } else {
+                report.write_errors += errors.len();
+                for e in &errors {
+                    self.warn_once(&format!("pod {}: {e}; the pod is left unredirected and retried next poll", policy.name));
+                }
+                // Fail open: take out whatever of the pod made it in, retry next poll.
+                let _ = apply(dp, &new, &PodEntries::default(), pod_id);
+                if let Some(old) = self.pods.remove(&policy.uid) {
+                    let _ = apply(dp, &old.entries, &PodEntries::default(), pod_id);
+                }
+            }
+        }
+        report
+    }
+
+    /// The pods currently programmed: (pod name, entries).
+    pub fn programmed(&self) -> impl Iterator<Item = (&str, &PodEntries)> {
+        self.pods.values().map(|p| (p.name.as_str(), &p.entries))
+    }
+}
+
+/// A failed map write, naming the map and the entry.
+#[derive(Debug)]
+pub struct WriteError(String);
+
+impl std::fmt::Display for WriteError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+fn describe_map_error(e: &MapError) -> String {
+    match e {
+        MapError::SyscallError(s) if s.io_error.raw_os_error() == Some(libc::E2BIG) => "map full".into(),
+        other => other.to_string(),
+    }
+}
+
+/// Writes the difference between `old` and `new`; returns the writes that failed.
+fn apply(dp: &mut Datapath, old: &PodEntries, new: &PodEntries, pod_id: u32) -> Vec<WriteError> {
+    let mut errors = Vec::new();
+    let mut check = |what: String, r: Result<(), MapError>| {
+        if let Err(e) = r {
+            if !matches!(e, MapError::KeyNotFound) {
+                errors.push(WriteError(format!("{what}: {}", describe_map_error(&e))));
+            }
+        }
+    };
+    // Removals, cgroups first: the pod stops being redirected before its rules go.
+    for id in old.cgroups.keys().filter(|k| !new.cgroups.contains_key(*k)) {
+        check(format!("POD_BY_CGROUP delete {id}"), dp.pod_by_cgroup.remove(id));
+    }
+    for ip in old.ips.keys().filter(|k| !new.ips.contains_key(*k)) {
+        check(format!("POD_BY_IP delete {ip:?}"), dp.pod_by_ip.remove(ip));
+    }
+    for &(kind, port, len) in old.ports.difference(&new.ports) {
+        check(format!("PORT_RULES delete {port}/{len}"), dp.port_rules.remove(&port_rule_key(pod_id, kind, port, len)));
+    }
+    for (kind, cidr) in old.cidrs.difference(&new.cidrs) {
+        check(format!("CIDR_RULES delete {}/{}", cidr.addr, cidr.len), dp.cidr_rules.remove(&cidr_rule_key(pod_id, *kind, cidr)));
+    }
+    // Additions, rules first.
+    for &(kind, port, len) in new.ports.difference(&old.ports) {
+        check(format!("PORT_RULES insert {port}/{len}"), dp.port_rules.insert(&port_rule_key(pod_id, kind, port, len), 1, 0));
+    }
+    for (kind, cidr) in new.cidrs.difference(&old.cidrs) {
+        check(format!("CIDR_RULES insert {}/{}", cidr.addr, cidr.len), dp.cidr_rules.insert(&cidr_rule_key(pod_id, *kind, cidr), 1, 0));
+    }
+    for (ip, local) in new.ips.iter().filter(|(k, v)| old.ips.get(*k) != Some(*v)) {
+        check(format!("POD_BY_IP insert {ip:?}"), dp.pod_by_ip.insert(ip, local, 0));
+    }
+    for (id, info) in new.cgroups.iter().filter(|(k, v)| old.cgroups.get(*k) != Some(*v)) {
+        check(format!("POD_BY_CGROUP insert {id}"), dp.pod_by_cgroup.insert(id, info, 0));
+    }
+    errors
+}

@@ -1,0 +1,298 @@
+//! Map keys, values and constants shared by the eBPF probes and the node agent.
+//!
+//! Every type is `#[repr(C)]` with explicit padding so that the kernel side and the
+//! agent agree on the byte layout. Addresses are kept as IPv6 in network byte order;
+//! IPv4 addresses are stored in their v4-mapped form (`::ffff:a.b.c.d`) so that an
+//! IPv4 socket and a dual-stack socket talking to the same peer produce the same key.
+//! Ports are kept in host byte order.
+#![no_std]
+
+/// Names of the maps in the probe object, as the agent looks them up.
+pub mod map_names {
+    /// [`super::PodInfo`] keyed by the cgroup id of each container of a meshed pod.
+    pub const POD_BY_CGROUP: &str = "POD_BY_CGROUP";
+    /// [`super::LocalPod`] keyed by every IP (v4-mapped or v6, `[u32; 4]`) of a local meshed pod.
+    pub const POD_BY_IP: &str = "POD_BY_IP";
+    /// Port rules: LPM trie of [`super::PortRuleKey`].
+    pub const PORT_RULES: &str = "PORT_RULES";
+    /// Address rules: LPM trie of [`super::CidrRuleKey`].
+    pub const CIDR_RULES: &str = "CIDR_RULES";
+    /// [`super::OriginalDst`] keyed by the socket cookie of a redirected socket (LRU).
+    pub const ORIGINAL_DST_BY_COOKIE: &str = "ORIGINAL_DST_BY_COOKIE";
+    /// [`super::OriginalDst`] keyed by a socket's own [`super::SocketTuple`] (LRU).
+    pub const ORIGINAL_DST_BY_TUPLE: &str = "ORIGINAL_DST_BY_TUPLE";
+    /// Established local sockets keyed by their own [`super::SocketTuple`] (sockhash).
+    pub const SOCK_BY_TUPLE: &str = "SOCK_BY_TUPLE";
+    /// Per-CPU `u64` counters indexed by [`super::Counter`].
+    pub const COUNTERS: &str = "COUNTERS";
+}
+
+/// Names of the programs in the probe object (function names, as aya finds them).
+pub mod program_names {
+    /// cgroup/connect4.
+    pub const CONNECT4: &str = "mb_connect4";
+    /// cgroup/connect6.
+    pub const CONNECT6: &str = "mb_connect6";
+    /// cgroup/getsockopt.
+    pub const GETSOCKOPT: &str = "mb_getsockopt";
+    /// sockops.
+    pub const SOCKOPS: &str = "mb_sockops";
+    /// sk_msg.
+    pub const SK_MSG: &str = "mb_sk_msg";
+    /// cgroup/sendmsg4 (DNS capture).
+    pub const SENDMSG4: &str = "mb_sendmsg4";
+    /// cgroup/sendmsg6 (DNS capture).
+    pub const SENDMSG6: &str = "mb_sendmsg6";
+    /// cgroup/recvmsg4 (DNS capture).
+    pub const RECVMSG4: &str = "mb_recvmsg4";
+    /// cgroup/recvmsg6 (DNS capture).
+    pub const RECVMSG6: &str = "mb_recvmsg6";
+}
+
+/// Names of the global variables the agent sets at load time.
+pub mod global_names {
+    /// `u32`: 1 = record local socket pairs and let sk_msg redirect between them.
+    pub const ACCELERATE: &str = "ACCELERATE";
+}
+
+/// The pod redirects DNS (UDP and TCP port 53) to its sidecar's DNS port.
+pub const POD_DNS_CAPTURE: u32 = 1 << 0;
+/// Outbound: every destination address is redirected unless excluded
+/// (otherwise only addresses in the pod's include CIDRs are).
+pub const POD_OUT_ALL_ADDRS: u32 = 1 << 1;
+/// Inbound: every port is redirected unless excluded
+/// (otherwise only ports in the pod's inbound include rules are).
+pub const POD_IN_ALL_PORTS: u32 = 1 << 2;
+/// The sidecar's outbound listener is bound to loopback only (Linkerd): redirect to
+/// 127.0.0.1 and bind the app's socket to a per-pod loopback source address.
+pub const POD_OUT_VIA_LOOPBACK: u32 = 1 << 3;
+/// The pod has an IPv4 address ([`PodInfo::ip4`] is valid).
+pub const POD_HAS_IP4: u32 = 1 << 4;
+/// The pod has an IPv6 address ([`PodInfo::ip6`] is valid).
+pub const POD_HAS_IP6: u32 = 1 << 5;
+
+/// What the agent tells the kernel about the pod a container cgroup belongs to.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PodInfo {
+    /// The pod's IPv4 address, v4-mapped, network byte order (valid with [`POD_HAS_IP4`]).
+    pub ip4: [u32; 4],
+    /// The pod's IPv6 address, network byte order (valid with [`POD_HAS_IP6`]).
+    pub ip6: [u32; 4],
+    /// Node-unique pod number: the first part of every rule key of this pod.
+    pub pod_id: u32,
+    /// `POD_*` flags.
+    pub flags: u32,
+    /// uid the sidecar proxy runs as; its connections are never redirected outbound.
+    pub proxy_uid: u32,
+    /// The sidecar's outbound listener port (Istio 15001).
+    pub outbound_port: u16,
+    /// The sidecar's inbound listener port (Istio 15006).
+    pub inbound_port: u16,
+    /// The sidecar's DNS port (Istio 15053), used with [`POD_DNS_CAPTURE`].
+    pub dns_port: u16,
+    /// Padding; always zero.
+    pub _pad: [u16; 3],
+}
+
+/// What a proxy needs to know about a local meshed pod it connects to.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct LocalPod {
+    /// Node-unique pod number (see [`PodInfo::pod_id`]).
+    pub pod_id: u32,
+    /// `POD_*` flags of that pod.
+    pub flags: u32,
+    /// That pod's sidecar inbound port (Istio 15006).
+    pub inbound_port: u16,
+    /// Padding; always zero.
+    pub _pad: [u16; 3],
+}
+
+/// Kinds of port rules; part of [`PortRuleKey`].
+pub mod port_rule {
+    /// Outbound traffic to this port is never redirected.
+    pub const OUT_EXCLUDE: u8 = 0;
+    /// Outbound traffic to this port is redirected whatever its address.
+    pub const OUT_INCLUDE: u8 = 1;
+    /// Inbound traffic to this port goes straight to the app.
+    pub const IN_EXCLUDE: u8 = 2;
+    /// Inbound traffic to this port is redirected (when the pod lacks `POD_IN_ALL_PORTS`).
+    pub const IN_INCLUDE: u8 = 3;
+}
+
+/// Kinds of address rules; part of [`CidrRuleKey`].
+pub mod cidr_rule {
+    /// Outbound traffic to this range is never redirected.
+    pub const OUT_EXCLUDE: u8 = 0;
+    /// Outbound traffic to this range is redirected (when the pod lacks `POD_OUT_ALL_ADDRS`).
+    pub const OUT_INCLUDE: u8 = 1;
+}
+
+/// Bits of an LPM key that come before the port or address: pod id (32) + kind (8).
+pub const RULE_KEY_HEADER_BITS: u32 = 40;
+
+/// Data of a port-rule LPM key: pod id and kind are always matched in full, then the
+/// first `prefix_len - 40` bits of the port. A port range becomes a few prefixes.
+#[repr(C, packed)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PortRuleKey {
+    /// Pod id, big endian (LPM tries match bytes from the first one).
+    pub pod_id: [u8; 4],
+    /// One of [`port_rule`].
+    pub kind: u8,
+    /// Port, big endian.
+    pub port: [u8; 2],
+}
+
+/// Data of an address-rule LPM key: pod id and kind in full, then the first
+/// `prefix_len - 40` bits of the IPv6 (or v4-mapped) address.
+#[repr(C, packed)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct CidrRuleKey {
+    /// Pod id, big endian.
+    pub pod_id: [u8; 4],
+    /// One of [`cidr_rule`].
+    pub kind: u8,
+    /// Address, network byte order; IPv4 as `::ffff:a.b.c.d`.
+    pub addr: [u8; 16],
+}
+
+/// A destination the app asked for before the connect hook rewrote it.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct OriginalDst {
+    /// Address, network byte order; IPv4 as `::ffff:a.b.c.d`.
+    pub addr: [u32; 4],
+    /// Port, host byte order.
+    pub port: u16,
+    /// `ORIGINAL_*` flags.
+    pub flags: u16,
+    /// Pod id of the pod whose process made the connection.
+    pub pod_id: u32,
+}
+
+/// The connection was rewritten by a connect hook; `addr`/`port` are meaningful.
+pub const ORIGINAL_REDIRECTED: u16 = 1 << 0;
+/// The connection was not rewritten but is between local pod sockets and may be
+/// accelerated (a sidecar talking to its own app through the pod IP).
+pub const ORIGINAL_PAIR_ONLY: u16 = 1 << 1;
+/// DNS capture rewrote this UDP socket's destination (restore replies' source).
+pub const ORIGINAL_DNS: u16 = 1 << 2;
+
+/// A TCP connection as seen from one of its sockets.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct SocketTuple {
+    /// Local address, network byte order; IPv4 v4-mapped.
+    pub local_addr: [u32; 4],
+    /// Remote address, network byte order; IPv4 v4-mapped.
+    pub remote_addr: [u32; 4],
+    /// Local port, host byte order.
+    pub local_port: u32,
+    /// Remote port, host byte order.
+    pub remote_port: u32,
+}
+
+impl SocketTuple {
+    /// A tuple from its parts.
+    pub const fn new(local_addr: [u32; 4], remote_addr: [u32; 4], local_port: u32, remote_port: u32) -> Self {
+        Self { local_addr, remote_addr, local_port, remote_port }
+    }
+
+    /// The same connection as its peer socket sees it.
+    pub const fn reversed(&self) -> Self {
+        Self {
+            local_addr: self.remote_addr,
+            remote_addr: self.local_addr,
+            local_port: self.remote_port,
+            remote_port: self.local_port,
+        }
+    }
+}
+
+/// Indexes of the per-CPU counters array.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Counter {
+    /// App connections rewritten to their sidecar's outbound port.
+    RedirectOutbound = 0,
+    /// Proxy connections rewritten to a local pod's inbound port.
+    RedirectInbound = 1,
+    /// Connections from meshed pods left untouched by policy (excluded, loopback, own pod).
+    PassPolicy = 2,
+    /// `SO_ORIGINAL_DST` answered from our maps.
+    GetsockoptAnswered = 3,
+    /// Sockets added to the sockhash.
+    SockhashAdded = 4,
+    /// Messages moved straight to the peer socket by sk_msg.
+    SkMsgRedirected = 5,
+    /// Bytes moved straight to the peer socket by sk_msg.
+    SkMsgBytes = 6,
+    /// Map updates that failed (map full or no memory); the connection fell back.
+    MapFull = 7,
+    /// DNS packets or connections rewritten to the sidecar's DNS port.
+    DnsRedirected = 8,
+    /// DNS replies whose source was restored to the original server.
+    DnsRepliesRestored = 9,
+}
+
+/// Number of counters (size of the counters array).
+pub const COUNTER_COUNT: u32 = 10;
+
+impl Counter {
+    /// Every counter, in index order.
+    pub const ALL: [Counter; COUNTER_COUNT as usize] = [
+        Counter::RedirectOutbound,
+        Counter::RedirectInbound,
+        Counter::PassPolicy,
+        Counter::GetsockoptAnswered,
+        Counter::SockhashAdded,
+        Counter::SkMsgRedirected,
+        Counter::SkMsgBytes,
+        Counter::MapFull,
+        Counter::DnsRedirected,
+        Counter::DnsRepliesRestored,
+    ];
+
+    /// Metric-style name of the counter.
+    pub const fn name(self) -> &'static str {
+        match self {
+            Counter::RedirectOutbound => "redirect_outbound",
+            Counter::RedirectInbound => "redirect_inbound",
+            Counter::PassPolicy => "pass_policy",
+            Counter::GetsockoptAnswered => "getsockopt_answered",
+            Counter::SockhashAdded => "sockhash_added",
+            Counter::SkMsgRedirected => "sk_msg_redirected",
+            Counter::SkMsgBytes => "sk_msg_bytes",
+            Counter::MapFull => "map_full",
+            Counter::DnsRedirected => "dns_redirected",
+            Counter::DnsRepliesRestored => "dns_replies_restored",
+        }
+    }
+}
+
+/// Returns the v4-mapped IPv6 form (`::ffff:a.b.c.d`) of a network-order IPv4 address.
+pub const fn v4_mapped(ip4_be: u32) -> [u32; 4] {
+    [0, 0, u32::from_be(0x0000_ffff), ip4_be]
+}
+
+/// Returns the network-order IPv4 address if `addr` is v4-mapped.
+pub const fn as_v4(addr: &[u32; 4]) -> Option<u32> {
+    if addr[0] == 0 && addr[1] == 0 && addr[2] == u32::from_be(0x0000_ffff) {
+        Some(addr[3])
+    } else {
+        None
+    }
+}
+
+#[cfg(feature = "user")]
+mod user {
+    // SAFETY: all types are repr(C) plain data with explicit padding and no pointers.
+    unsafe impl aya::Pod for super::PodInfo {}
+    unsafe impl aya::Pod for super::LocalPod {}
+    unsafe impl aya::Pod for super::PortRuleKey {}
+    unsafe impl aya::Pod for super::CidrRuleKey {}
+    unsafe impl aya::Pod for super::OriginalDst {}
+    unsafe impl aya::Pod for super::SocketTuple {}
+}

@@ -1,0 +1,23 @@
+//! Merbridge Edge eBPF programs: one module per hook, maps in `maps`.
+#![no_std]
+#![no_main]
+
+mod addr;
+mod connect;
+mod dns;
+mod getsockopt;
+mod maps;
+mod rules;
+mod sk_msg;
+mod sockops;
+
+#[cfg(not(test))]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    loop {}
+}
+
+/// Licence section the kernel reads to allow GPL-only helpers (sockmap, cookies).
+#[unsafe(link_section = "license")]
+#[unsafe(no_mangle)]
+static LICENSE: [u8; 4] = *b"GPL\0";

@@ -1,0 +1,67 @@
+//! Per-pod include/exclude decisions, looked up in the LPM tries the agent fills.
+use aya_ebpf::maps::lpm_trie::Key;
+use merbridge_edge_probes_common::{
+    CidrRuleKey, LocalPod, POD_IN_ALL_PORTS, POD_OUT_ALL_ADDRS, PodInfo, PortRuleKey,
+    RULE_KEY_HEADER_BITS, cidr_rule, port_rule,
+};
+
+use crate::maps::{CIDR_RULES, PORT_RULES};
+
+#[inline(always)]
+fn has_port_rule(pod_id: u32, kind: u8, port: u16) -> bool {
+    let key = Key::new(
+        RULE_KEY_HEADER_BITS + 16,
+        PortRuleKey { pod_id: pod_id.to_be_bytes(), kind, port: port.to_be_bytes() },
+    );
+    PORT_RULES.get(&key).is_some()
+}
+
+#[inline(always)]
+fn has_cidr_rule(pod_id: u32, kind: u8, addr: &[u32; 4]) -> bool {
+    let mut bytes = [0u8; 16];
+    let mut i = 0;
+    while i < 4 {
+        let w = addr[i].to_ne_bytes();
+        bytes[i * 4] = w[0];
+        bytes[i * 4 + 1] = w[1];
+        bytes[i * 4 + 2] = w[2];
+        bytes[i * 4 + 3] = w[3];
+        i += 1;
+    }
+    let key = Key::new(
+        RULE_KEY_HEADER_BITS + 128,
+        CidrRuleKey { pod_id: pod_id.to_be_bytes(), kind, addr: bytes },
+    );
+    CIDR_RULES.get(&key).is_some()
+}
+
+/// Whether an app's connection to `addr:port` goes to its sidecar. Precedence follows
+/// Istio's rule order: excluded port, included port, excluded range, included range.
+#[inline(always)]
+pub fn outbound_redirected(pod: &PodInfo, addr: &[u32; 4], port: u16) -> bool {
+    if has_port_rule(pod.pod_id, port_rule::OUT_EXCLUDE, port) {
+        return false;
+    }
+    if has_port_rule(pod.pod_id, port_rule::OUT_INCLUDE, port) {
+        return true;
+    }
+    if has_cidr_rule(pod.pod_id, cidr_rule::OUT_EXCLUDE, addr) {
+        return false;
+    }
+    if pod.flags & POD_OUT_ALL_ADDRS != 0 {
+        return true;
+    }
+    has_cidr_rule(pod.pod_id, cidr_rule::OUT_INCLUDE, addr)
+}
+
+/// Whether a proxy's connection to a local meshed pod's `port` goes to that pod's sidecar.
+#[inline(always)]
+pub fn inbound_redirected(peer: &LocalPod, port: u16) -> bool {
+    if has_port_rule(peer.pod_id, port_rule::IN_EXCLUDE, port) {
+        return false;
+    }
+    if peer.flags & POD_IN_ALL_PORTS != 0 {
+        return true;
+    }
+    has_port_rule(peer.pod_id, port_rule::IN_INCLUDE, port)
+}

@@ -1,0 +1,89 @@
+//! sockops: when a connection the connect hooks remembered is established, key its
+//! original destination by each socket's own view of the connection (for getsockopt)
+//! and put both local sockets into the sockhash (for sk_msg).
+use aya_ebpf::{
+    bindings::{
+        BPF_ANY, BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB, BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB,
+        BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_STATE_CB_FLAG, BPF_TCP_CLOSE, bpf_sock_ops,
+    },
+    helpers::generated::bpf_get_socket_cookie,
+    macros::sock_ops,
+    programs::SockOpsContext,
+};
+use merbridge_edge_probes_common::{Counter, OriginalDst, SocketTuple};
+
+use crate::{
+    addr::{AF_INET, AF_INET6, both_loopback, normalise, read_words},
+    maps::{ORIGINAL_DST_BY_COOKIE, ORIGINAL_DST_BY_TUPLE, SOCK_BY_TUPLE, accelerate, count},
+};
+
+/// This socket's own view of its connection, or None for non-IP sockets.
+#[inline(always)]
+fn own_tuple(ops: *const bpf_sock_ops) -> Option<SocketTuple> {
+    // SAFETY: reads of readable sock_ops fields, IPv6 words one at a time.
+    unsafe {
+        let family = (*ops).family;
+        if family != AF_INET && family != AF_INET6 {
+            return None;
+        }
+        let local = normalise(family, (*ops).local_ip4, read_words(&raw const (*ops).local_ip6));
+        let remote = normalise(family, (*ops).remote_ip4, read_words(&raw const (*ops).remote_ip6));
+        // remote_port holds the network-order port in its upper half on little endian.
+        let remote_port = u16::from_be(((*ops).remote_port >> 16) as u16) as u32;
+        Some(SocketTuple::new(local, remote, (*ops).local_port, remote_port))
+    }
+}
+
+#[inline(always)]
+fn record(ctx: &SockOpsContext, tuple: &SocketTuple, original: &OriginalDst) {
+    if ORIGINAL_DST_BY_TUPLE.insert(tuple, original, BPF_ANY as u64).is_err() {
+        count(Counter::MapFull, 1);
+        return;
+    }
+    // Ask for state callbacks so the entry goes when the socket closes.
+    let _ = ctx.set_cb_flags((ctx.cb_flags() | BPF_SOCK_OPS_STATE_CB_FLAG) as i32);
+    if accelerate() {
+        // SAFETY: the sock_ops context is what the helper expects.
+        let ops = unsafe { &mut *ctx.ops };
+        if SOCK_BY_TUPLE.update(*tuple, ops, BPF_ANY as u64).is_ok() {
+            count(Counter::SockhashAdded, 1);
+        } else {
+            count(Counter::MapFull, 1);
+        }
+    }
+}
+
+/// sockops.
+#[sock_ops]
+pub fn mb_sockops(ctx: SockOpsContext) -> u32 {
+    let Some(tuple) = own_tuple(ctx.ops) else { return 1 };
+    match ctx.op() {
+        BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB => {
+            // SAFETY: the helper takes the sock_ops context.
+            let cookie = unsafe { bpf_get_socket_cookie(ctx.ops as *mut _) };
+            // SAFETY: copied out at once.
+            let Some(original) = (unsafe { ORIGINAL_DST_BY_COOKIE.get(&cookie).copied() }) else {
+                return 1;
+            };
+            let _ = ORIGINAL_DST_BY_COOKIE.remove(&cookie);
+            if both_loopback(&tuple.local_addr, &tuple.remote_addr) {
+                return 1;
+            }
+            record(&ctx, &tuple, &original);
+        }
+        BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB => {
+            // SAFETY: copied out at once.
+            let Some(original) = (unsafe { ORIGINAL_DST_BY_TUPLE.get(&tuple.reversed()).copied() }) else {
+                return 1;
+            };
+            record(&ctx, &tuple, &original);
+        }
+        BPF_SOCK_OPS_STATE_CB => {
+            if ctx.arg(1) == BPF_TCP_CLOSE {
+                let _ = ORIGINAL_DST_BY_TUPLE.remove(&tuple);
+            }
+        }
+        _ => {}
+    }
+    1
+}
