@@ -93,7 +93,9 @@ impl Datapath {
 
         let cgroup = File::open(&opts.cgroup_root)
             .with_context(|| format!("opening cgroup root {}", opts.cgroup_root.display()))?;
-        let mode = CgroupAttachMode::AllowMultiple;
+        // bpf_link attachments (5.7+) always coexist with other programs; the link API
+        // takes no attach flags, which is what `Single` maps to.
+        let mode = CgroupAttachMode::Single;
         for name in [progs::CONNECT4, progs::CONNECT6, progs::SENDMSG4, progs::SENDMSG6, progs::RECVMSG4, progs::RECVMSG6] {
             let p: &mut CgroupSockAddr = program(&mut ebpf, name)?;
             p.load().with_context(|| format!("verifier rejected {name}"))?;
