@@ -7,6 +7,7 @@ use std::{
 
 use anyhow::Result;
 use log::{error, info};
+use merbridge_edge_probes_common::Counter;
 
 use crate::{
     cgroups,
@@ -68,6 +69,7 @@ pub fn run(opts: RunOptions) -> Result<()> {
     let mut failing = false;
     let tick = Duration::from_millis(100);
     let mut next_sync = Instant::now();
+    let mut last_counters = None;
     while !STOP.load(Ordering::SeqCst) {
         match source.poll() {
             Ok(Some(new)) => {
@@ -95,6 +97,7 @@ pub fn run(opts: RunOptions) -> Result<()> {
                 let report = programmer.sync(&mut dp, &desired.pods);
                 log::debug!("sync: {report:?}");
             }
+            log_counters_if_changed(&dp, &mut last_counters);
             next_sync = Instant::now() + opts.interval;
         }
         std::thread::sleep(tick);
@@ -102,6 +105,18 @@ pub fn run(opts: RunOptions) -> Result<()> {
     info!("stopping: detaching probes");
     drop(dp);
     Ok(())
+}
+
+/// Logs the kernel counters (debug level) when they moved since the last call.
+fn log_counters_if_changed(dp: &Datapath, last: &mut Option<Vec<u64>>) {
+    let Ok(now) = dp.counters() else { return };
+    if last.as_deref() == Some(&now[..]) {
+        return;
+    }
+    let text: Vec<String> =
+        Counter::ALL.iter().zip(now.iter()).map(|(c, v)| format!("{}={v}", c.name())).collect();
+    log::debug!("counters: {}", text.join(" "));
+    *last = Some(now.to_vec());
 }
 
 /// Parses `2s`, `500ms`, `1m` or a plain number of seconds.

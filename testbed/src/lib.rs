@@ -1,1 +1,10 @@
+//! A Kubernetes node in miniature, for testing Merbridge Edge on the real kernel:
+//! pods are network namespaces on a bridge, containers are cgroups in the kubelet's
+//! layout, and processes are started inside both. Everything made is removed on drop,
+//! also when a test fails.
+pub mod agent;
+pub mod node;
+pub mod podlist;
+pub mod proc;
 
+pub use node::{Node, Pod, PodSpec};

@@ -1,0 +1,320 @@
+//! Stand-ins for what runs in a meshed pod, for the real-kernel tests:
+//! `echo` (an app), `sidecar` (a proxy honouring SO_ORIGINAL_DST), `client`,
+//! `sockopts` (getsockopt pass-through checks), `udp-echo` and `udp-query` (DNS).
+use std::{
+    io::{BufRead, BufReader, Read, Write},
+    mem::{size_of, zeroed},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, Shutdown, SocketAddr, TcpListener, TcpStream, UdpSocket},
+    os::fd::AsRawFd,
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+
+fn main() {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let a: Vec<&str> = args.iter().map(String::as_str).collect();
+    let result = match a.as_slice() {
+        ["echo", name, addrs @ ..] => echo(name, addrs),
+        ["sidecar", name, out_port, in_port, log] => sidecar(name, out_port.parse().unwrap(), in_port.parse().unwrap(), log),
+        ["client", addr, rest @ ..] => client(addr, rest),
+        ["sockopts"] => sockopts(),
+        ["udp-echo", name, addr] => udp_echo(name, addr),
+        ["udp-query", addr, rest @ ..] => udp_query(addr, rest.contains(&"--connected")),
+        _ => Err(format!("usage: mbe-testbed echo|sidecar|client|sockopts|udp-echo|udp-query …; got {a:?}")),
+    };
+    if let Err(e) = result {
+        eprintln!("mbe-testbed: {e}");
+        std::process::exit(1);
+    }
+}
+
+fn listen(addr: &str) -> Result<TcpListener, String> {
+    TcpListener::bind(addr).map_err(|e| format!("listen {addr}: {e}"))
+}
+
+/// An app: greets each connection with who it is and what it sees, then echoes.
+fn echo(name: &str, addrs: &[&str]) -> Result<(), String> {
+    let mut handles = vec![];
+    for addr in addrs {
+        let l = listen(addr)?;
+        let name = name.to_string();
+        handles.push(std::thread::spawn(move || {
+            for s in l.incoming().flatten() {
+                let name = name.clone();
+                std::thread::spawn(move || {
+                    let _ = serve_echo(&name, s);
+                });
+            }
+        }));
+    }
+    for h in handles {
+        let _ = h.join();
+    }
+    Ok(())
+}
+
+fn serve_echo(name: &str, mut s: TcpStream) -> std::io::Result<()> {
+    let hello = format!("hello who={name} local={} peer={}\n", s.local_addr()?, s.peer_addr()?);
+    s.write_all(hello.as_bytes())?;
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        let n = s.read(&mut buf)?;
+        if n == 0 {
+            let _ = s.shutdown(Shutdown::Write);
+            return Ok(());
+        }
+        s.write_all(&buf[..n])?;
+    }
+}
+
+/// SO_ORIGINAL_DST of an accepted socket, asked the way Envoy asks it.
+fn original_dst(s: &TcpStream) -> Result<SocketAddr, std::io::Error> {
+    let v4 = match s.local_addr()?.ip() {
+        IpAddr::V4(_) => true,
+        IpAddr::V6(a) => a.to_ipv4_mapped().is_some(),
+    };
+    let fd = s.as_raw_fd();
+    // SAFETY: getsockopt into properly sized zeroed sockaddr buffers.
+    unsafe {
+        if v4 {
+            let mut sa: libc::sockaddr_in = zeroed();
+            let mut len = size_of::<libc::sockaddr_in>() as libc::socklen_t;
+            if libc::getsockopt(fd, libc::SOL_IP, 80, &mut sa as *mut _ as *mut _, &mut len) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(SocketAddr::new(IpAddr::V4(Ipv4Addr::from(u32::from_be(sa.sin_addr.s_addr))), u16::from_be(sa.sin_port)))
+        } else {
+            let mut sa: libc::sockaddr_in6 = zeroed();
+            let mut len = size_of::<libc::sockaddr_in6>() as libc::socklen_t;
+            if libc::getsockopt(fd, libc::SOL_IPV6, 80, &mut sa as *mut _ as *mut _, &mut len) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(SocketAddr::new(IpAddr::V6(Ipv6Addr::from(sa.sin6_addr.s6_addr)), u16::from_be(sa.sin6_port)))
+        }
+    }
+}
+
+/// A sidecar: accepts on its outbound and inbound ports, asks SO_ORIGINAL_DST, logs
+/// one line per connection, then forwards to the original destination.
+fn sidecar(name: &str, out_port: u16, in_port: u16, log: &str) -> Result<(), String> {
+    let log = Arc::new(Mutex::new(
+        std::fs::OpenOptions::new().create(true).append(true).open(log).map_err(|e| format!("log {log}: {e}"))?,
+    ));
+    let mut handles = vec![];
+    for (port, which) in [(out_port, "outbound"), (in_port, "inbound")] {
+        let l = listen(&format!("[::]:{port}"))?;
+        let (name, log) = (name.to_string(), log.clone());
+        handles.push(std::thread::spawn(move || {
+            for s in l.incoming().flatten() {
+                let (name, log) = (name.clone(), log.clone());
+                std::thread::spawn(move || {
+                    let orig = original_dst(&s);
+                    let peer = s.peer_addr().map(|a| a.to_string()).unwrap_or_default();
+                    let local = s.local_addr().map(|a| a.to_string()).unwrap_or_default();
+                    let orig_text = match &orig {
+                        Ok(a) => canonical(*a).to_string(),
+                        Err(e) => format!("error:{}", e.raw_os_error().unwrap_or(0)),
+                    };
+                    let line = format!("accept sidecar={name} listener={which} peer={peer} local={local} orig={orig_text}\n");
+                    let _ = log.lock().unwrap().write_all(line.as_bytes());
+                    if let Ok(dst) = orig {
+                        if let Ok(up) = TcpStream::connect_timeout(&canonical(dst), Duration::from_secs(3)) {
+                            pipe(s, up);
+                        }
+                    }
+                });
+            }
+        }));
+    }
+    for h in handles {
+        let _ = h.join();
+    }
+    Ok(())
+}
+
+fn canonical(a: SocketAddr) -> SocketAddr {
+    match a.ip() {
+        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => SocketAddr::new(IpAddr::V4(v4), a.port()),
+            None => a,
+        },
+        _ => a,
+    }
+}
+
+/// Copies both ways with plain read/write until both sides are done.
+fn pipe(a: TcpStream, b: TcpStream) {
+    let (a2, b2) = (a.try_clone().unwrap(), b.try_clone().unwrap());
+    let t = std::thread::spawn(move || copy_then_shutdown(a2, b2));
+    copy_then_shutdown(b, a);
+    let _ = t.join();
+}
+
+fn copy_then_shutdown(mut from: TcpStream, mut to: TcpStream) {
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        match from.read(&mut buf) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => {
+                if to.write_all(&buf[..n]).is_err() {
+                    break;
+                }
+            }
+        }
+    }
+    let _ = to.shutdown(Shutdown::Write);
+}
+
+fn pattern(conn: usize, len: usize) -> Vec<u8> {
+    (0..len).map(|i| ((i * 31 + conn * 7) % 251) as u8).collect()
+}
+
+/// Connects (optionally many times at once), reads the greeting, sends bytes and
+/// checks the echo. Prints `hello …` lines (deduplicated) and `ok conns=… bytes=…`.
+fn client(addr: &str, rest: &[&str]) -> Result<(), String> {
+    let mut bytes = 1024usize;
+    let mut conns = 1usize;
+    let mut it = rest.iter();
+    while let Some(flag) = it.next() {
+        let v = it.next().ok_or(format!("{flag} needs a value"))?;
+        match *flag {
+            "--bytes" => bytes = v.parse().map_err(|_| "bad --bytes")?,
+            "--conns" => conns = v.parse().map_err(|_| "bad --conns")?,
+            _ => return Err(format!("unknown flag {flag}")),
+        }
+    }
+    let addr: SocketAddr = addr.parse().map_err(|_| format!("bad address {addr}"))?;
+    let results: Vec<Result<String, String>> = std::thread::scope(|sc| {
+        let hs: Vec<_> = (0..conns).map(|c| sc.spawn(move || one_client(addr, c, bytes))).collect();
+        hs.into_iter().map(|h| h.join().unwrap_or_else(|_| Err("thread panicked".into()))).collect()
+    });
+    let mut hellos = std::collections::BTreeSet::new();
+    for r in results {
+        let hello = r?;
+        // Ports differ per connection; keep who and the addresses without ports.
+        hellos.insert(hello);
+    }
+    for h in &hellos {
+        println!("{h}");
+    }
+    println!("ok conns={conns} bytes={bytes}");
+    Ok(())
+}
+
+fn one_client(addr: SocketAddr, conn: usize, bytes: usize) -> Result<String, String> {
+    let s = TcpStream::connect_timeout(&addr, Duration::from_secs(5)).map_err(|e| format!("connect {addr}: {e}"))?;
+    s.set_read_timeout(Some(Duration::from_secs(20))).ok();
+    let mut reader = BufReader::new(s.try_clone().map_err(|e| e.to_string())?);
+    let mut hello = String::new();
+    reader.read_line(&mut hello).map_err(|e| format!("conn {conn}: reading hello: {e}"))?;
+    let data = pattern(conn, bytes);
+    let mut w = s.try_clone().map_err(|e| e.to_string())?;
+    let writer = std::thread::spawn(move || {
+        let r = w.write_all(&data);
+        let _ = w.shutdown(Shutdown::Write);
+        r
+    });
+    let mut got = Vec::with_capacity(bytes);
+    reader.read_to_end(&mut got).map_err(|e| format!("conn {conn}: reading echo: {e}"))?;
+    writer.join().unwrap().map_err(|e| format!("conn {conn}: writing: {e}"))?;
+    if got != pattern(conn, bytes) {
+        return Err(format!("conn {conn}: echo differs: sent {bytes} bytes, got {} back", got.len()));
+    }
+    // Keep who= and the local address IP only (ports vary per connection).
+    let who = hello.trim().split(' ').filter(|p| p.starts_with("who=")).collect::<Vec<_>>().join(" ");
+    let local = hello.trim().split(' ').find_map(|p| p.strip_prefix("local=")).unwrap_or("");
+    Ok(format!("hello {who} local={local}"))
+}
+
+fn getsockopt_raw(fd: i32, level: i32, name: i32, buf: &mut [u8]) -> Result<usize, i32> {
+    let mut len = buf.len() as libc::socklen_t;
+    // SAFETY: buffer and length describe valid memory.
+    let r = unsafe { libc::getsockopt(fd, level, name, buf.as_mut_ptr().cast(), &mut len) };
+    if r != 0 { Err(std::io::Error::last_os_error().raw_os_error().unwrap_or(0)) } else { Ok(len as usize) }
+}
+
+/// Checks that options the datapath does not own come back exactly as the kernel gives them.
+fn sockopts() -> Result<(), String> {
+    let l = TcpListener::bind("127.0.0.1:0").map_err(|e| e.to_string())?;
+    let c = TcpStream::connect(l.local_addr().unwrap()).map_err(|e| e.to_string())?;
+    let (s, _) = l.accept().map_err(|e| e.to_string())?;
+    let fd = s.as_raw_fd();
+    // SO_RCVBUF: the kernel doubles what was set.
+    let want: i32 = 65536;
+    // SAFETY: setsockopt with an int.
+    unsafe { libc::setsockopt(fd, libc::SOL_SOCKET, libc::SO_RCVBUF, &want as *const i32 as *const _, 4) };
+    let mut buf = [0u8; 4];
+    let n = getsockopt_raw(fd, libc::SOL_SOCKET, libc::SO_RCVBUF, &mut buf).map_err(|e| format!("SO_RCVBUF errno {e}"))?;
+    let rcvbuf = i32::from_ne_bytes(buf);
+    if n != 4 || rcvbuf != 2 * want {
+        return Err(format!("SO_RCVBUF: got {rcvbuf} ({n} bytes), want {}", 2 * want));
+    }
+    // The same with a buffer far over a page: the length must still be 4.
+    let mut big = vec![0u8; 70000];
+    let n = getsockopt_raw(fd, libc::SOL_SOCKET, libc::SO_RCVBUF, &mut big).map_err(|e| format!("SO_RCVBUF (70000-byte buffer) errno {e}"))?;
+    if n != 4 || i32::from_ne_bytes(big[..4].try_into().unwrap()) != 2 * want {
+        return Err(format!("SO_RCVBUF with a 70000-byte buffer: {n} bytes"));
+    }
+    // TCP_INFO: established, full struct.
+    let mut info = vec![0u8; size_of::<libc::tcp_info>()];
+    let n = getsockopt_raw(fd, libc::IPPROTO_TCP, libc::TCP_INFO, &mut info).map_err(|e| format!("TCP_INFO errno {e}"))?;
+    if n < 104 || info[0] != 1 {
+        return Err(format!("TCP_INFO: {n} bytes, state {}", info[0]));
+    }
+    // SO_ORIGINAL_DST on a connection nobody redirected: an error, as without us.
+    let mut sa = [0u8; 16];
+    match getsockopt_raw(fd, libc::SOL_IP, 80, &mut sa) {
+        Ok(n) => return Err(format!("SO_ORIGINAL_DST on an unredirected socket answered {n} bytes")),
+        Err(e) if e == libc::EFAULT => return Err("SO_ORIGINAL_DST on an unredirected socket: EFAULT".into()),
+        Err(_) => {}
+    }
+    // An option value longer than a page: SO_PEERGROUPS with 3000 supplementary groups.
+    let groups: Vec<libc::gid_t> = (100_000..103_000).collect();
+    // SAFETY: setgroups with a valid list (we are root).
+    if unsafe { libc::setgroups(groups.len(), groups.as_ptr()) } != 0 {
+        return Err(format!("setgroups: {}", std::io::Error::last_os_error()));
+    }
+    let (u1, _u2) = std::os::unix::net::UnixStream::pair().map_err(|e| e.to_string())?;
+    let mut gbuf = vec![0u8; 64 * 1024];
+    let n = getsockopt_raw(u1.as_raw_fd(), libc::SOL_SOCKET, libc::SO_PEERGROUPS, &mut gbuf)
+        .map_err(|e| format!("SO_PEERGROUPS (12000-byte value) errno {e}"))?;
+    let got: Vec<u32> = gbuf[..n].chunks(4).map(|c| u32::from_ne_bytes(c.try_into().unwrap())).collect();
+    let mut want_groups = groups.clone();
+    want_groups.sort();
+    let mut got_sorted = got.clone();
+    got_sorted.sort();
+    if got_sorted != want_groups {
+        return Err(format!("SO_PEERGROUPS: {n} bytes, {} groups, want {}", got.len(), groups.len()));
+    }
+    drop(c);
+    println!("ok rcvbuf={rcvbuf} tcp_info={} peergroups_bytes={n}", info.len());
+    Ok(())
+}
+
+/// A DNS server stand-in: answers each datagram with `who=NAME`.
+fn udp_echo(name: &str, addr: &str) -> Result<(), String> {
+    let s = UdpSocket::bind(addr).map_err(|e| format!("bind {addr}: {e}"))?;
+    let mut buf = [0u8; 1500];
+    loop {
+        let (_, from) = s.recv_from(&mut buf).map_err(|e| e.to_string())?;
+        let _ = s.send_to(format!("who={name}").as_bytes(), from);
+    }
+}
+
+/// Sends one datagram to ADDR and prints `reply=<text> from=<addr>`.
+fn udp_query(addr: &str, connected: bool) -> Result<(), String> {
+    let target: SocketAddr = addr.parse().map_err(|_| format!("bad address {addr}"))?;
+    let bind = if target.is_ipv4() { "0.0.0.0:0" } else { "[::]:0" };
+    let s = UdpSocket::bind(bind).map_err(|e| e.to_string())?;
+    s.set_read_timeout(Some(Duration::from_secs(3))).ok();
+    if connected {
+        s.connect(target).map_err(|e| format!("connect {target}: {e}"))?;
+        s.send(b"q").map_err(|e| e.to_string())?;
+    } else {
+        s.send_to(b"q", target).map_err(|e| e.to_string())?;
+    }
+    let mut buf = [0u8; 1500];
+    let (n, from) = s.recv_from(&mut buf).map_err(|e| format!("no reply from {target}: {e}"))?;
+    println!("reply={} from={}", String::from_utf8_lossy(&buf[..n]), canonical(from));
+    Ok(())
+}

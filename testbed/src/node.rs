@@ -1,0 +1,347 @@
+//! The test node: a bridge in its own network namespace, pods around it.
+use std::{
+    fs,
+    net::{Ipv4Addr, Ipv6Addr},
+    path::{Path, PathBuf},
+    process::{Command, Stdio},
+    sync::atomic::{AtomicU32, Ordering},
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context, Result, bail};
+
+use crate::proc::{Guarded, Placement, ip, place};
+
+static NEXT: AtomicU32 = AtomicU32::new(0);
+
+/// What a pod should look like.
+#[derive(Clone, Debug)]
+pub struct PodSpec {
+    /// Pod name (namespace is `default`).
+    pub name: String,
+    /// Container names; a container named like a mesh's sidecar makes it meshed.
+    pub containers: Vec<String>,
+    /// Pod annotations.
+    pub annotations: Vec<(String, String)>,
+    /// Pod labels.
+    pub labels: Vec<(String, String)>,
+}
+
+impl PodSpec {
+    /// An Istio-injected pod: `app` plus `istio-proxy`.
+    pub fn istio(name: &str) -> Self {
+        Self {
+            name: name.into(),
+            containers: vec!["app".into(), "istio-proxy".into()],
+            annotations: vec![("sidecar.istio.io/status".into(), "{\"containers\":[\"istio-proxy\"]}".into())],
+            labels: vec![],
+        }
+    }
+
+    /// A pod without a sidecar.
+    pub fn plain(name: &str) -> Self {
+        Self { name: name.into(), containers: vec!["app".into()], annotations: vec![], labels: vec![] }
+    }
+
+    /// Adds an annotation.
+    pub fn annotate(mut self, key: &str, value: &str) -> Self {
+        self.annotations.push((key.into(), value.into()));
+        self
+    }
+}
+
+/// A container: its runtime id and cgroup.
+#[derive(Clone, Debug)]
+pub struct Container {
+    /// Container name.
+    pub name: String,
+    /// Runtime id (64 hex digits, as containerd makes them).
+    pub id: String,
+    /// Its cgroup directory.
+    pub cgroup: PathBuf,
+}
+
+/// A pod on the test node.
+#[derive(Clone, Debug)]
+pub struct Pod {
+    /// What it was made from.
+    pub spec: PodSpec,
+    /// Kubernetes uid.
+    pub uid: String,
+    /// Network namespace name.
+    pub netns: String,
+    /// IPv4 address.
+    pub ip4: Ipv4Addr,
+    /// IPv6 address.
+    pub ip6: Ipv6Addr,
+    /// Containers.
+    pub containers: Vec<Container>,
+}
+
+impl Pod {
+    /// The container called `name`.
+    pub fn container(&self, name: &str) -> &Container {
+        self.containers.iter().find(|c| c.name == name).unwrap_or_else(|| panic!("pod {} has no container {name}", self.spec.name))
+    }
+}
+
+/// The test node. Dropping it kills its processes and removes its namespaces and cgroups.
+pub struct Node {
+    /// Unique short tag in every name this node makes.
+    pub tag: String,
+    /// The cgroup the agent attaches to; pods' cgroups are below it in kubelet layout.
+    pub cgroup_root: PathBuf,
+    /// Third octet of 10.231.x.0/24 and fourth group of fd00:231:0:x::/64.
+    pub subnet: u8,
+    /// The stand-in helper binary.
+    pub helper: PathBuf,
+    /// Pods made so far.
+    pub pods: Vec<Pod>,
+    node_ns: String,
+    netns: Vec<String>,
+    cgroups: Vec<PathBuf>,
+    procs: Vec<Guarded>,
+    scratch: PathBuf,
+}
+
+/// The cgroup2 mount point of this machine.
+pub fn cgroup2_mount() -> Result<PathBuf> {
+    let text = fs::read_to_string("/proc/self/mountinfo")?;
+    for line in text.lines() {
+        if let Some((left, right)) = line.split_once(" - ") {
+            if right.split_whitespace().next() == Some("cgroup2") {
+                if let Some(mp) = left.split_whitespace().nth(4) {
+                    return Ok(PathBuf::from(mp));
+                }
+            }
+        }
+    }
+    bail!("no cgroup2 mount")
+}
+
+/// Why the real-kernel tests cannot run here, if they cannot.
+pub fn missing_prerequisite() -> Option<String> {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        return Some("needs root (creates network namespaces, cgroups and BPF programs)".into());
+    }
+    if cgroup2_mount().is_err() {
+        return Some("needs a cgroup v2 mount".into());
+    }
+    if Command::new("ip").arg("-V").stdout(Stdio::null()).status().is_err() {
+        return Some("needs iproute2 (`ip`)".into());
+    }
+    None
+}
+
+impl Node {
+    /// Makes an empty node: a bridge in its own namespace and a cgroup for the agent.
+    pub fn new(helper: &Path) -> Result<Self> {
+        let n = NEXT.fetch_add(1, Ordering::SeqCst);
+        let tag = format!("{:x}{n}", std::process::id() % 0xfff);
+        let subnet = ((std::process::id() * 7 + n) % 200 + 20) as u8;
+        let cgroup_root = cgroup2_mount()?.join(format!("mbe-test-{tag}"));
+        let scratch = std::env::temp_dir().join(format!("mbe-test-{tag}"));
+        fs::create_dir_all(&scratch)?;
+        let mut node = Self {
+            tag: tag.clone(),
+            cgroup_root: cgroup_root.clone(),
+            subnet,
+            helper: helper.to_path_buf(),
+            pods: vec![],
+            node_ns: format!("mbe-{tag}-node"),
+            netns: vec![],
+            cgroups: vec![],
+            procs: vec![],
+            scratch,
+        };
+        fs::create_dir(&cgroup_root).with_context(|| format!("creating cgroup {}", cgroup_root.display()))?;
+        node.cgroups.push(cgroup_root);
+        let ns = node.node_ns.clone();
+        ip(&["netns", "add", &ns])?;
+        node.netns.push(ns.clone());
+        ip(&["-n", &ns, "link", "set", "lo", "up"])?;
+        ip(&["-n", &ns, "link", "add", "br0", "type", "bridge"])?;
+        ip(&["-n", &ns, "link", "set", "br0", "up"])?;
+        Ok(node)
+    }
+
+    /// A scratch directory removed with the node.
+    pub fn scratch(&self) -> &Path {
+        &self.scratch
+    }
+
+    fn mkdir_cgroup(&mut self, path: &Path) -> Result<()> {
+        let mut missing = vec![];
+        let mut p = path.to_path_buf();
+        while !p.exists() {
+            missing.push(p.clone());
+            p = p.parent().context("cgroup path has no parent")?.to_path_buf();
+        }
+        for dir in missing.into_iter().rev() {
+            fs::create_dir(&dir).with_context(|| format!("creating cgroup {}", dir.display()))?;
+            self.cgroups.push(dir);
+        }
+        Ok(())
+    }
+
+    /// Adds a pod: its namespace on the bridge with the next addresses, and a cgroup
+    /// per container in the kubelet's cgroupfs layout (burstable QoS).
+    pub fn add_pod(&mut self, spec: PodSpec) -> Result<Pod> {
+        let index = self.pods.len() as u8 + 2;
+        let netns = format!("mbe-{}-{}", self.tag, spec.name);
+        ip(&["netns", "add", &netns])?;
+        self.netns.push(netns.clone());
+        let host_end = format!("mb{}p{index}", self.tag);
+        let pod_end = format!("mb{}q{index}", self.tag);
+        ip(&["link", "add", &host_end, "type", "veth", "peer", "name", &pod_end])?;
+        ip(&["link", "set", &host_end, "netns", &self.node_ns])?;
+        ip(&["link", "set", &pod_end, "netns", &netns])?;
+        ip(&["-n", &self.node_ns, "link", "set", &host_end, "master", "br0", "up"])?;
+        ip(&["-n", &netns, "link", "set", &pod_end, "name", "eth0"])?;
+        let ip4 = Ipv4Addr::new(10, 231, self.subnet, index);
+        let ip6: Ipv6Addr = format!("fd00:231:0:{:x}::{:x}", self.subnet, index).parse()?;
+        ip(&["-n", &netns, "addr", "add", &format!("{ip4}/24"), "dev", "eth0"])?;
+        ip(&["-n", &netns, "addr", "add", &format!("{ip6}/64"), "dev", "eth0", "nodad"])?;
+        ip(&["-n", &netns, "link", "set", "eth0", "up"])?;
+        ip(&["-n", &netns, "link", "set", "lo", "up"])?;
+        let uid = format!("{:08x}-{:04x}-4000-8000-{:012x}", std::process::id(), index, u64::from(self.subnet));
+        let pod_dir = self.cgroup_root.join(format!("kubepods/burstable/pod{uid}"));
+        let mut containers = vec![];
+        for (i, name) in spec.containers.iter().enumerate() {
+            let id = format!("{:0>56}{:02x}{:06x}", self.tag, index, i);
+            let cgroup = pod_dir.join(&id);
+            self.mkdir_cgroup(&cgroup)?;
+            containers.push(Container { name: name.clone(), id, cgroup });
+        }
+        let pod = Pod { spec, uid, netns, ip4, ip6, containers };
+        self.pods.push(pod.clone());
+        Ok(pod)
+    }
+
+    /// Adds a container cgroup to a pod (a restart under a new id).
+    pub fn restart_container(&mut self, pod: &str, container: &str) -> Result<Pod> {
+        let i = self.pods.iter().position(|p| p.spec.name == pod).context("no such pod")?;
+        let c = self.pods[i].containers.iter().position(|c| c.name == container).context("no such container")?;
+        let old = self.pods[i].containers[c].cgroup.clone();
+        let id = format!("{:0>56}{:08x}", "r", rand_u32());
+        let new = old.with_file_name(&id);
+        self.mkdir_cgroup(&new)?;
+        self.pods[i].containers[c] = Container { name: container.into(), id, cgroup: new };
+        Ok(self.pods[i].clone())
+    }
+
+    /// Starts the stand-in helper with `args`, placed in a pod's container (or just in
+    /// the pod's network namespace when `container` is None), as `uid`.
+    pub fn spawn(&mut self, pod: &Pod, container: Option<&str>, uid: Option<u32>, args: &[&str]) -> Result<usize> {
+        let placement = Placement {
+            netns: Some(pod.netns.clone()),
+            cgroup: container.map(|c| pod.container(c).cgroup.clone()),
+            uid,
+        };
+        self.spawn_placed(&placement, args)
+    }
+
+    /// Starts the helper at an explicit placement; returns a handle index.
+    pub fn spawn_placed(&mut self, placement: &Placement, args: &[&str]) -> Result<usize> {
+        let mut cmd = Command::new(&self.helper);
+        cmd.args(args).stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::inherit());
+        place(&mut cmd, placement)?;
+        let child = cmd.spawn().with_context(|| format!("starting helper {args:?}"))?;
+        self.procs.push(Guarded { child, what: format!("{args:?}") });
+        Ok(self.procs.len() - 1)
+    }
+
+    /// Runs the helper to completion at a placement and returns its stdout.
+    pub fn run_in(&self, pod: &Pod, container: Option<&str>, uid: Option<u32>, args: &[&str]) -> Result<String> {
+        let placement = Placement {
+            netns: Some(pod.netns.clone()),
+            cgroup: container.map(|c| pod.container(c).cgroup.clone()),
+            uid,
+        };
+        self.run_placed(&placement, args)
+    }
+
+    /// Runs the helper to completion at an explicit placement.
+    pub fn run_placed(&self, placement: &Placement, args: &[&str]) -> Result<String> {
+        let mut cmd = Command::new(&self.helper);
+        cmd.args(args);
+        place(&mut cmd, placement)?;
+        crate::proc::run(&mut cmd)
+    }
+
+    /// A placement in the node's cgroup root (not a pod's) inside a pod's namespace:
+    /// a host process as far as the datapath can tell.
+    pub fn host_placement(&self, pod: &Pod) -> Placement {
+        Placement { netns: Some(pod.netns.clone()), cgroup: Some(self.cgroup_root.clone()), uid: None }
+    }
+
+    /// Stops a spawned helper.
+    pub fn stop(&mut self, handle: usize) {
+        let p = &mut self.procs[handle];
+        let _ = p.child.kill();
+        let _ = p.child.wait();
+    }
+
+    /// Waits until something listens on `port` (TCP) inside the pod.
+    pub fn wait_listening(&self, pod: &Pod, port: u16) -> Result<()> {
+        let end = Instant::now() + Duration::from_secs(5);
+        loop {
+            let out = crate::proc::run(Command::new("ip").args(["netns", "exec", &pod.netns, "ss", "-Hltn", &format!("sport = :{port}")]))?;
+            if !out.trim().is_empty() {
+                return Ok(());
+            }
+            if Instant::now() > end {
+                bail!("nothing listens on port {port} in pod {}", pod.spec.name);
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Removes a container's cgroup (a container exit); its processes must be gone.
+    pub fn remove_cgroup(&mut self, path: &Path) -> Result<()> {
+        remove_cgroup(path)?;
+        self.cgroups.retain(|c| c != path);
+        Ok(())
+    }
+}
+
+fn rand_u32() -> u32 {
+    let t = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+    t.subsec_nanos() ^ std::process::id()
+}
+
+fn remove_cgroup(path: &Path) -> Result<()> {
+    let end = Instant::now() + Duration::from_secs(5);
+    loop {
+        match fs::remove_dir(path) {
+            Ok(()) => return Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+            Err(e) => {
+                if Instant::now() > end {
+                    bail!("removing cgroup {}: {e}", path.display());
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+    }
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        for p in &mut self.procs {
+            let _ = p.child.kill();
+            let _ = p.child.wait();
+        }
+        self.procs.clear();
+        for ns in self.netns.drain(..).rev() {
+            let _ = ip(&["netns", "del", &ns]);
+        }
+        for cg in self.cgroups.drain(..).rev() {
+            if let Err(e) = remove_cgroup(&cg) {
+                eprintln!("testbed cleanup: {e:#}");
+            }
+        }
+        let _ = fs::remove_dir_all(&self.scratch);
+    }
+}
