@@ -1,7 +1,7 @@
 //! sk_msg: moves each message of a recorded local socket straight into its peer's
 //! receive queue, skipping the TCP/IP stack. Unknown peers pass normally.
 use aya_ebpf::{
-    bindings::{BPF_F_INGRESS, sk_action::SK_PASS},
+    bindings::{BPF_F_INGRESS, BPF_TCP_ESTABLISHED, sk_action::SK_PASS},
     macros::sk_msg,
     programs::SkMsgContext,
 };
@@ -16,6 +16,16 @@ use crate::{
 #[sk_msg]
 pub fn mb_sk_msg(ctx: SkMsgContext) -> u32 {
     let msg = ctx.msg;
+    // When the peer has already shut down its sending side (we are in CLOSE_WAIT), its
+    // socket closes as soon as our FIN reaches it, and the kernel drops whatever still
+    // waits in its sockmap queue. Such data must take the TCP path, which keeps it.
+    // SAFETY: sk is a readable pointer field of sk_msg_md; checked for null.
+    unsafe {
+        let sk = (*msg).__bindgen_anon_3.sk;
+        if !sk.is_null() && (*sk).state != BPF_TCP_ESTABLISHED {
+            return SK_PASS;
+        }
+    }
     // SAFETY: reads of readable sk_msg_md fields, IPv6 words one at a time.
     let peer = unsafe {
         let family = (*msg).family;

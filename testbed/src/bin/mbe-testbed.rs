@@ -209,13 +209,26 @@ fn one_client(addr: SocketAddr, conn: usize, bytes: usize) -> Result<String, Str
     reader.read_line(&mut hello).map_err(|e| format!("conn {conn}: reading hello: {e}"))?;
     let data = pattern(conn, bytes);
     let mut w = s.try_clone().map_err(|e| e.to_string())?;
+    // Half-closing before the echo is back is opt-in: see README, "Known limits".
+    let half_close = std::env::var("MBE_HALF_CLOSE").is_ok();
     let writer = std::thread::spawn(move || {
         let r = w.write_all(&data);
-        let _ = w.shutdown(Shutdown::Write);
+        if half_close {
+            let _ = w.shutdown(Shutdown::Write);
+        }
         r
     });
-    let mut got = Vec::with_capacity(bytes);
-    reader.read_to_end(&mut got).map_err(|e| format!("conn {conn}: reading echo: {e}"))?;
+    let mut got = vec![0u8; bytes];
+    let mut filled = 0;
+    while filled < bytes {
+        match reader.read(&mut got[filled..]) {
+            Ok(0) => break,
+            Ok(n) => filled += n,
+            Err(e) => return Err(format!("conn {conn}: reading echo after {filled} bytes: {e}")),
+        }
+    }
+    got.truncate(filled);
+    let _ = s.shutdown(Shutdown::Both);
     writer.join().unwrap().map_err(|e| format!("conn {conn}: writing: {e}"))?;
     if got != pattern(conn, bytes) {
         return Err(format!("conn {conn}: echo differs: sent {bytes} bytes, got {} back", got.len()));

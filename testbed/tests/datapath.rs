@@ -1,0 +1,443 @@
+//! The datapath on the real kernel: pods as network namespaces, containers as cgroups,
+//! the agent attached below a test cgroup and fed a pods file.
+//!
+//! Needs root, cgroup v2, iproute2 and bpftool, and the agent built in release mode
+//! (`scripts/test` does all of that). Without root every test says so and passes,
+//! unless MBE_REQUIRE_KERNEL_TESTS=1 (set by CI), where that is a failure.
+use std::{
+    collections::BTreeMap,
+    fs,
+    path::PathBuf,
+    process::Command,
+    sync::Mutex,
+    time::{Duration, Instant},
+};
+
+use merbridge_edge_testbed::{
+    Node, Pod, PodSpec,
+    agent::Agent,
+    node::missing_prerequisite,
+    podlist::{pod_list, write_pod_list},
+};
+
+const HELPER: &str = env!("CARGO_BIN_EXE_mbe-testbed");
+const APP_UID: u32 = 1000;
+const PROXY_UID: u32 = 1337;
+/// One topology at a time: the tests share the machine's two cores.
+static SERIAL: Mutex<()> = Mutex::new(());
+
+fn prerequisites_met(test: &str) -> bool {
+    match missing_prerequisite() {
+        None => true,
+        Some(why) => {
+            if std::env::var("MBE_REQUIRE_KERNEL_TESTS").as_deref() == Ok("1") {
+                panic!("{test}: {why}");
+            }
+            eprintln!("SKIPPED {test}: {why}");
+            false
+        }
+    }
+}
+
+/// A node with meshed pods a, b (Istio) and a plain pod c, each running an echo app on
+/// 8080 (and 8081, 9002); meshed pods run a sidecar stand-in as uid 1337.
+struct Fixture {
+    node: Node,
+    pods: BTreeMap<String, Pod>,
+    pods_file: PathBuf,
+}
+
+impl Fixture {
+    fn new(specs: Vec<PodSpec>) -> Self {
+        let mut node = Node::new(HELPER.as_ref()).expect("test node");
+        let mut pods = BTreeMap::new();
+        for spec in specs {
+            let meshed = spec.containers.iter().any(|c| c == "istio-proxy");
+            let name = spec.name.clone();
+            let pod = node.add_pod(spec).expect("pod");
+            let app = format!("{name}-app");
+            node.spawn(&pod, Some("app"), Some(APP_UID), &["echo", &app, "[::]:8080", "[::]:8081", "[::]:9002"]).unwrap();
+            if meshed {
+                let log = node.scratch().join(format!("sidecar-{name}.log"));
+                fs::write(&log, "").unwrap();
+                // The sidecar runs as the proxy uid and appends to it.
+                fs::set_permissions(&log, std::os::unix::fs::PermissionsExt::from_mode(0o666)).unwrap();
+                node.spawn(&pod, Some("istio-proxy"), Some(PROXY_UID), &["sidecar", &name, "15001", "15006", log.to_str().unwrap()])
+                    .unwrap();
+                node.wait_listening(&pod, 15006).unwrap();
+            }
+            node.wait_listening(&pod, 8080).unwrap();
+            pods.insert(name, pod);
+        }
+        let pods_file = node.scratch().join("pods.json");
+        write_pod_list(&pods_file, &pod_list(pods.values(), "edge-1")).unwrap();
+        Self { node, pods, pods_file }
+    }
+
+    fn pod(&self, name: &str) -> &Pod {
+        &self.pods[name]
+    }
+
+    fn start_agent(&self, extra: &[&str]) -> Agent {
+        let log = self.node.scratch().join(format!("agent-{}.log", self.node.tag));
+        let root = self.node.cgroup_root.to_str().unwrap().to_string();
+        let mut args = vec!["run", "--pods-file", self.pods_file.to_str().unwrap(), "--cgroup-root", &root];
+        args.extend(["--interval", "200ms", "--log-level", "debug", "--node-name", "edge-1"]);
+        args.extend(extra);
+        let mut agent = Agent::start(&args, &log).expect("agent starts");
+        let meshed = self.pods.values().filter(|p| p.spec.containers.iter().any(|c| c == "istio-proxy")).count();
+        agent.wait_log_count("added: mesh istio", meshed, Duration::from_secs(10)).unwrap();
+        agent
+    }
+
+    fn sidecar_log(&self, pod: &str) -> Vec<String> {
+        let path = self.node.scratch().join(format!("sidecar-{pod}.log"));
+        fs::read_to_string(path).unwrap_or_default().lines().map(String::from).collect()
+    }
+
+    /// Runs the client in `pod`'s app container as the app uid.
+    fn client(&self, pod: &str, target: &str, extra: &[&str]) -> String {
+        let mut args = vec!["client", target];
+        args.extend(extra);
+        self.node.run_in(self.pod(pod), Some("app"), Some(APP_UID), &args).unwrap_or_else(|e| panic!("client {pod} → {target}: {e:#}"))
+    }
+}
+
+fn istio_abc() -> Vec<PodSpec> {
+    vec![PodSpec::istio("a"), PodSpec::istio("b"), PodSpec::plain("c")]
+}
+
+fn who(out: &str) -> String {
+    out.lines().find_map(|l| l.split(' ').find_map(|p| p.strip_prefix("who="))).unwrap_or("").to_string()
+}
+
+/// Waits for the sidecar log of `pod` to grow past `before` lines.
+fn wait_sidecar_lines(f: &Fixture, pod: &str, before: usize, want: usize) -> Vec<String> {
+    let end = Instant::now() + Duration::from_secs(5);
+    loop {
+        let lines = f.sidecar_log(pod);
+        if lines.len() >= before + want || Instant::now() > end {
+            return lines[before.min(lines.len())..].to_vec();
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn counters(agent: &mut Agent) -> BTreeMap<String, u64> {
+    std::thread::sleep(Duration::from_millis(500));
+    let log = agent.log();
+    let line = log.lines().rev().find(|l| l.contains("counters: ")).unwrap_or("");
+    line.split("counters: ")
+        .nth(1)
+        .unwrap_or("")
+        .split(' ')
+        .filter_map(|kv| kv.split_once('='))
+        .map(|(k, v)| (k.to_string(), v.parse().unwrap_or(0)))
+        .collect()
+}
+
+fn programs_attached_below(path: &std::path::Path) -> String {
+    let out = Command::new("bpftool").args(["cgroup", "tree", path.to_str().unwrap()]).output().expect("bpftool");
+    String::from_utf8_lossy(&out.stdout).lines().filter(|l| l.contains("mb_")).collect::<Vec<_>>().join("\n")
+}
+
+#[test]
+fn outbound_ipv4_goes_through_both_sidecars_with_the_original_destination() {
+    if !prerequisites_met("outbound_ipv4") {
+        return;
+    }
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let f = Fixture::new(istio_abc());
+    let _agent = f.start_agent(&[]);
+    let (a, b, c) = (f.pod("a").clone(), f.pod("b").clone(), f.pod("c").clone());
+
+    let out = f.client("a", &format!("{}:8080", b.ip4), &[]);
+    assert_eq!(who(&out), "b-app", "{out}");
+    let la = wait_sidecar_lines(&f, "a", 0, 1);
+    assert_eq!(la.len(), 1, "sidecar a saw one connection: {la:?}");
+    assert!(la[0].contains("listener=outbound"), "{la:?}");
+    assert!(la[0].contains(&format!("orig={}:8080", b.ip4)), "original destination: {la:?}");
+    // The redirect target is the pod's own IP, so the tuple names the pod.
+    assert!(la[0].contains(&format!("peer={}:", a.ip4)) || la[0].contains(&format!("peer=[::ffff:{}]:", a.ip4)), "{la:?}");
+    let lb = wait_sidecar_lines(&f, "b", 0, 1);
+    assert_eq!(lb.len(), 1, "sidecar b saw one connection: {lb:?}");
+    assert!(lb[0].contains("listener=inbound"), "{lb:?}");
+    assert!(lb[0].contains(&format!("orig={}:8080", b.ip4)), "{lb:?}");
+
+    // A plain pod as the destination: outbound through sidecar a, no inbound sidecar.
+    let out = f.client("a", &format!("{}:8080", c.ip4), &[]);
+    assert_eq!(who(&out), "c-app");
+    let la = wait_sidecar_lines(&f, "a", 1, 1);
+    assert!(la.len() == 1 && la[0].contains(&format!("orig={}:8080", c.ip4)), "{la:?}");
+    assert_eq!(f.sidecar_log("b").len(), 1, "sidecar b is not involved");
+    // Loopback inside the pod is never redirected.
+    let out = f.client("a", "127.0.0.1:8080", &[]);
+    assert_eq!(who(&out), "a-app");
+    assert_eq!(f.sidecar_log("a").len(), 2);
+}
+
+#[test]
+fn outbound_ipv6_goes_through_both_sidecars_with_the_original_destination() {
+    if !prerequisites_met("outbound_ipv6") {
+        return;
+    }
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let f = Fixture::new(istio_abc());
+    let _agent = f.start_agent(&[]);
+    let b = f.pod("b").clone();
+    let out = f.client("a", &format!("[{}]:8080", b.ip6), &[]);
+    assert_eq!(who(&out), "b-app", "{out}");
+    let la = wait_sidecar_lines(&f, "a", 0, 1);
+    assert!(la.len() == 1 && la[0].contains("listener=outbound") && la[0].contains(&format!("orig=[{}]:8080", b.ip6)), "{la:?}");
+    let lb = wait_sidecar_lines(&f, "b", 0, 1);
+    assert!(lb.len() == 1 && lb[0].contains("listener=inbound") && lb[0].contains(&format!("orig=[{}]:8080", b.ip6)), "{lb:?}");
+}
+
+#[test]
+fn proxy_to_its_own_pod_is_untouched_and_never_fails() {
+    if !prerequisites_met("proxy_own_pod") {
+        return;
+    }
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let f = Fixture::new(istio_abc());
+    let _agent = f.start_agent(&[]);
+    let b = f.pod("b").clone();
+    for target in [format!("{}:8080", b.ip4), format!("[{}]:8080", b.ip6), "127.0.0.1:8080".to_string()] {
+        let out = f.node.run_in(&b, Some("istio-proxy"), Some(PROXY_UID), &["client", &target, "--conns", "20"]).unwrap();
+        assert_eq!(who(&out), "b-app", "{target}: {out}");
+        assert!(out.contains("ok conns=20"), "{out}");
+    }
+    assert!(f.sidecar_log("b").is_empty(), "no connection looped into sidecar b: {:?}", f.sidecar_log("b"));
+    // Through the full path, every inbound connection reached the app at the first try.
+    let out = f.client("a", &format!("{}:8080", b.ip4), &["--conns", "30"]);
+    assert!(out.contains("ok conns=30"), "{out}");
+    let lb = wait_sidecar_lines(&f, "b", 0, 30);
+    assert_eq!(lb.len(), 30);
+    assert!(lb.iter().all(|l| !l.contains("orig=error")), "{lb:?}");
+}
+
+#[test]
+fn exclusions_and_inclusions_of_ports_and_ranges() {
+    if !prerequisites_met("exclusions") {
+        return;
+    }
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    // Addresses are known only once the node exists: add annotated pods in two steps.
+    let mut node_specs = istio_abc();
+    node_specs.push(PodSpec::istio("d"));
+    let mut f = Fixture::new(node_specs);
+    let (b, c) = (f.pod("b").clone(), f.pod("c").clone());
+    let annotate = |f: &mut Fixture, pod: &str, kv: &[(&str, String)]| {
+        let p = f.pods.get_mut(pod).unwrap();
+        for (k, v) in kv {
+            p.spec.annotations.push((k.to_string(), v.clone()));
+        }
+    };
+    annotate(&mut f, "a", &[
+        ("traffic.sidecar.istio.io/excludeOutboundPorts", "9001-9003".into()),
+        ("traffic.sidecar.istio.io/excludeOutboundIPRanges", format!("{}/32", c.ip4)),
+    ]);
+    annotate(&mut f, "b", &[("traffic.sidecar.istio.io/excludeInboundPorts", "8081, bogus".into())]);
+    annotate(&mut f, "d", &[
+        ("traffic.sidecar.istio.io/includeOutboundIPRanges", format!("{}/32", b.ip4)),
+        ("traffic.sidecar.istio.io/includeOutboundPorts", "8081".into()),
+    ]);
+    write_pod_list(&f.pods_file, &pod_list(f.pods.values(), "edge-1")).unwrap();
+    let agent = f.start_agent(&[]);
+
+    // a: excluded port → straight to b's app, neither sidecar sees it.
+    assert_eq!(who(&f.client("a", &format!("{}:9002", b.ip4), &[])), "b-app");
+    // a: excluded range → straight to c.
+    assert_eq!(who(&f.client("a", &format!("{}:8080", c.ip4), &[])), "c-app");
+    std::thread::sleep(Duration::from_millis(200));
+    assert!(f.sidecar_log("a").is_empty(), "{:?}", f.sidecar_log("a"));
+    assert!(f.sidecar_log("b").is_empty(), "{:?}", f.sidecar_log("b"));
+    // b: inbound 8081 excluded → sidecar a forwards, sidecar b is skipped. The bad
+    // list item is reported and the rest of the annotation still applies.
+    assert_eq!(who(&f.client("a", &format!("{}:8081", b.ip4), &[])), "b-app");
+    let la = wait_sidecar_lines(&f, "a", 0, 1);
+    assert!(la.len() == 1 && la[0].contains(&format!("orig={}:8081", b.ip4)), "{la:?}");
+    assert!(f.sidecar_log("b").is_empty(), "{:?}", f.sidecar_log("b"));
+    assert!(agent.log().contains("excludeInboundPorts"), "invalid annotation is logged:\n{}", agent.log());
+    // d: only b's address is included → to b via sidecar d, to c directly; port 8081
+    // is included whatever the address.
+    assert_eq!(who(&f.client("d", &format!("{}:8080", b.ip4), &[])), "b-app");
+    assert_eq!(who(&f.client("d", &format!("{}:8080", c.ip4), &[])), "c-app");
+    assert_eq!(who(&f.client("d", &format!("{}:8081", c.ip4), &[])), "c-app");
+    let ld = wait_sidecar_lines(&f, "d", 0, 2);
+    assert_eq!(ld.len(), 2, "{ld:?}");
+    assert!(ld[0].contains(&format!("orig={}:8080", b.ip4)), "{ld:?}");
+    assert!(ld[1].contains(&format!("orig={}:8081", c.ip4)), "{ld:?}");
+}
+
+#[test]
+fn plain_pods_and_host_processes_are_untouched() {
+    if !prerequisites_met("untouched") {
+        return;
+    }
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let f = Fixture::new(istio_abc());
+    let _agent = f.start_agent(&[]);
+    let (a, b) = (f.pod("a").clone(), f.pod("b").clone());
+    assert_eq!(who(&f.client("c", &format!("{}:8080", b.ip4), &[])), "b-app");
+    let host = f.node.host_placement(&a);
+    let out = f.node.run_placed(&host, &["client", &format!("{}:8080", b.ip4)]).unwrap();
+    assert_eq!(who(&out), "b-app");
+    // A process of a meshed pod's netns but in no known cgroup: also untouched.
+    std::thread::sleep(Duration::from_millis(200));
+    assert!(f.sidecar_log("a").is_empty() && f.sidecar_log("b").is_empty());
+}
+
+#[test]
+fn dns_capture_on_and_off() {
+    if !prerequisites_met("dns") {
+        return;
+    }
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let mut specs = istio_abc();
+    specs.push(PodSpec::istio("e").annotate("proxy.istio.io/dns-capture", "true"));
+    let mut f = Fixture::new(specs);
+    let (c, e) = (f.pod("c").clone(), f.pod("e").clone());
+    f.node.spawn(&c, Some("app"), None, &["udp-echo", "c-dns", "[::]:53"]).unwrap();
+    f.node.spawn(&e, Some("istio-proxy"), Some(PROXY_UID), &["udp-echo", "e-dns-proxy", "127.0.0.1:15053"]).unwrap();
+    f.node.spawn(&e, Some("istio-proxy"), Some(PROXY_UID), &["udp-echo", "e-dns-proxy6", "[::1]:15053"]).unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    let _agent = f.start_agent(&[]);
+    let query = |pod: &Pod, target: String, connected: bool| {
+        let mut args = vec!["udp-query".to_string(), target];
+        if connected {
+            args.push("--connected".into());
+        }
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        f.node.run_in(pod, Some("app"), Some(APP_UID), &args).unwrap()
+    };
+    for connected in [false, true] {
+        let out = query(&e, format!("{}:53", c.ip4), connected);
+        assert_eq!(out.trim(), format!("reply=who=e-dns-proxy from={}:53", c.ip4), "capture on (connected={connected})");
+        let out = query(&e, format!("[{}]:53", c.ip6), connected);
+        assert_eq!(out.trim(), format!("reply=who=e-dns-proxy6 from=[{}]:53", c.ip6), "capture on, IPv6 (connected={connected})");
+        let out = query(f.pod("a"), format!("{}:53", c.ip4), connected);
+        assert_eq!(out.trim(), format!("reply=who=c-dns from={}:53", c.ip4), "capture off (connected={connected})");
+    }
+    // The proxy's own DNS queries go to the real server.
+    let out = f.node.run_in(&e, Some("istio-proxy"), Some(PROXY_UID), &["udp-query", &format!("{}:53", c.ip4)]).unwrap();
+    assert_eq!(out.trim(), format!("reply=who=c-dns from={}:53", c.ip4));
+}
+
+#[test]
+fn sk_msg_moves_large_and_concurrent_streams_intact() {
+    if !prerequisites_met("sk_msg") {
+        return;
+    }
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let f = Fixture::new(istio_abc());
+    let mut agent = f.start_agent(&[]);
+    let b = f.pod("b").clone();
+    let out = f.client("a", &format!("{}:8080", b.ip4), &["--bytes", "1048576"]);
+    assert!(out.contains("ok conns=1 bytes=1048576"), "{out}");
+    let out = f.client("a", &format!("[{}]:8080", b.ip6), &["--conns", "64", "--bytes", "65536"]);
+    assert!(out.contains("ok conns=64 bytes=65536"), "{out}");
+    let k = counters(&mut agent);
+    assert!(k["sockhash_added"] >= 65 * 4, "both ends of both redirected legs of each connection: {k:?}");
+    assert!(k["sk_msg_bytes"] >= 2 * 2 * 1048576, "1 MiB each way over two accelerated legs: {k:?}");
+    assert!(k["sk_msg_redirected"] > 0, "{k:?}");
+}
+
+#[test]
+fn acceleration_off_keeps_redirects_and_moves_nothing_through_sk_msg() {
+    if !prerequisites_met("no_accelerate") {
+        return;
+    }
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let f = Fixture::new(istio_abc());
+    let mut agent = f.start_agent(&["--no-accelerate"]);
+    let b = f.pod("b").clone();
+    let out = f.client("a", &format!("{}:8080", b.ip4), &["--bytes", "1048576", "--conns", "4"]);
+    assert!(out.contains("ok conns=4"), "{out}");
+    assert_eq!(wait_sidecar_lines(&f, "b", 0, 4).len(), 4);
+    let k = counters(&mut agent);
+    assert_eq!(k["sk_msg_bytes"], 0, "{k:?}");
+    assert_eq!(k["sockhash_added"], 0, "{k:?}");
+    assert!(k["redirect_outbound"] >= 4 && k["redirect_inbound"] >= 4, "{k:?}");
+    assert!(k["getsockopt_answered"] >= 8, "{k:?}");
+}
+
+#[test]
+fn unrelated_socket_options_pass_through_unchanged() {
+    if !prerequisites_met("sockopts") {
+        return;
+    }
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let f = Fixture::new(istio_abc());
+    let a = f.pod("a").clone();
+    let before = f.node.run_in(&a, Some("app"), None, &["sockopts"]).expect("sockopts without the agent");
+    let _agent = f.start_agent(&[]);
+    let after = f.node.run_in(&a, Some("app"), None, &["sockopts"]).expect("sockopts with the agent");
+    assert_eq!(before, after);
+    assert!(after.starts_with("ok rcvbuf=131072"), "{after}");
+    assert!(after.contains("peergroups_bytes=12000"), "{after}");
+}
+
+fn assert_detached_and_direct(f: &Fixture) {
+    let b = f.pod("b").clone();
+    assert_eq!(programs_attached_below(&f.node.cgroup_root), "", "nothing of the agent stays attached");
+    let before = f.sidecar_log("a").len();
+    assert_eq!(who(&f.client("a", &format!("{}:8080", b.ip4), &[])), "b-app");
+    std::thread::sleep(Duration::from_millis(200));
+    assert_eq!(f.sidecar_log("a").len(), before, "traffic flows directly again");
+}
+
+#[test]
+fn after_sigterm_nothing_stays_attached() {
+    if !prerequisites_met("sigterm") {
+        return;
+    }
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let f = Fixture::new(istio_abc());
+    let mut agent = f.start_agent(&[]);
+    assert_ne!(programs_attached_below(&f.node.cgroup_root), "");
+    assert_eq!(who(&f.client("a", &format!("{}:8080", f.pod("b").ip4), &[])), "b-app");
+    assert_eq!(wait_sidecar_lines(&f, "a", 0, 1).len(), 1);
+    let t = Instant::now();
+    agent.proc.signal(libc::SIGTERM);
+    let status = agent.proc.wait_for(Duration::from_secs(2)).expect("agent exits within 2 s of SIGTERM");
+    assert!(status.success(), "{status}");
+    eprintln!("SIGTERM → exit in {:?}", t.elapsed());
+    assert_detached_and_direct(&f);
+}
+
+#[test]
+fn after_sigkill_nothing_stays_attached() {
+    if !prerequisites_met("sigkill") {
+        return;
+    }
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let f = Fixture::new(istio_abc());
+    let mut agent = f.start_agent(&[]);
+    assert_eq!(who(&f.client("a", &format!("{}:8080", f.pod("b").ip4), &[])), "b-app");
+    agent.proc.signal(libc::SIGKILL);
+    agent.proc.wait_for(Duration::from_secs(2)).expect("killed");
+    // Link release is asynchronous in the kernel; give it a moment.
+    let end = Instant::now() + Duration::from_secs(3);
+    while !programs_attached_below(&f.node.cgroup_root).is_empty() && Instant::now() < end {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_detached_and_direct(&f);
+}
+
+#[test]
+fn agent_finds_the_cgroup2_mount_by_itself() {
+    if !prerequisites_met("cgroup2_detection") {
+        return;
+    }
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let node = Node::new(HELPER.as_ref()).unwrap();
+    let empty = node.scratch().join("empty.json");
+    fs::write(&empty, r#"{"kind":"PodList","apiVersion":"v1","items":[]}"#).unwrap();
+    let mount = merbridge_edge_testbed::node::cgroup2_mount().unwrap();
+    let mut agent = Agent::start(&["run", "--pods-file", empty.to_str().unwrap()], &node.scratch().join("agent.log")).unwrap();
+    agent.wait_log(&format!("probes attached to {} ", mount.display()), Duration::from_secs(10)).unwrap();
+    agent.proc.signal(libc::SIGTERM);
+    assert!(agent.proc.wait_for(Duration::from_secs(2)).is_some());
+}
+
