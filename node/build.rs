@@ -6,7 +6,10 @@ use std::{env, path::PathBuf, process::Command};
 
 fn main() {
     let manifest_dir = PathBuf::from(env::var("CARGO_MANIFEST_DIR").unwrap());
-    let probes = manifest_dir.join("../probes/ebpf").canonicalize().expect("probes/ebpf exists");
+    let probes = manifest_dir
+        .join("../probes/ebpf")
+        .canonicalize()
+        .expect("probes/ebpf exists");
     let common = manifest_dir.join("../probes/common");
     for dir in [probes.join("src"), common.join("src")] {
         println!("cargo:rerun-if-changed={}", dir.display());
@@ -32,13 +35,24 @@ fn main() {
     cmd.current_dir(&probes)
         .env("RUSTC", &rustc)
         .env("RUSTC_BOOTSTRAP", "1")
-        .args(["build", "--release", "--locked", "--target", "bpfel-unknown-none", "-Z", "build-std=core"])
+        .args([
+            "build",
+            "--release",
+            "--locked",
+            "--target",
+            "bpfel-unknown-none",
+            "-Z",
+            "build-std=core",
+        ])
         .arg("--target-dir")
         .arg(&target_dir);
     let status = cmd.status().unwrap_or_else(|e| {
         panic!("running {cargo} to build the eBPF probes: {e}; run scripts/bootstrap to install the toolchain")
     });
-    assert!(status.success(), "building the eBPF probes failed; see the output above (scripts/bootstrap installs the toolchain)");
+    assert!(
+        status.success(),
+        "building the eBPF probes failed; see the output above (scripts/bootstrap installs the toolchain)"
+    );
     let object = target_dir.join("bpfel-unknown-none/release/merbridge-edge-probes");
     std::fs::copy(&object, out_dir.join("merbridge-edge-probes.o"))
         .unwrap_or_else(|e| panic!("copying {}: {e}", object.display()));

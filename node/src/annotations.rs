@@ -77,7 +77,9 @@ pub fn parse_cidrs(value: &str) -> Result<Listed<Cidr>, String> {
             Some((a, l)) => (a.trim(), Some(l.trim())),
             None => (item, None),
         };
-        let addr: IpAddr = addr.parse().map_err(|_| format!("{item:?} is not an IP address or CIDR"))?;
+        let addr: IpAddr = addr
+            .parse()
+            .map_err(|_| format!("{item:?} is not an IP address or CIDR"))?;
         let max = if addr.is_ipv4() { 32 } else { 128 };
         let len = match len {
             None => max,
@@ -86,7 +88,10 @@ pub fn parse_cidrs(value: &str) -> Result<Listed<Cidr>, String> {
                 _ => return Err(format!("{item:?} has a prefix length outside 0-{max}")),
             },
         };
-        out.push(Cidr { addr: mask(addr, len), len });
+        out.push(Cidr {
+            addr: mask(addr, len),
+            len,
+        });
     }
     Ok(Listed::Some(out))
 }
@@ -96,12 +101,20 @@ fn mask(addr: IpAddr, len: u8) -> IpAddr {
     match addr {
         IpAddr::V4(a) => {
             let bits = u32::from(a);
-            let m = if len == 0 { 0 } else { u32::MAX << (32 - u32::from(len)) };
+            let m = if len == 0 {
+                0
+            } else {
+                u32::MAX << (32 - u32::from(len))
+            };
             IpAddr::V4((bits & m).into())
         }
         IpAddr::V6(a) => {
             let bits = u128::from(a);
-            let m = if len == 0 { 0 } else { u128::MAX << (128 - u32::from(len)) };
+            let m = if len == 0 {
+                0
+            } else {
+                u128::MAX << (128 - u32::from(len))
+            };
             IpAddr::V6((bits & m).into())
         }
     }
@@ -115,7 +128,11 @@ pub fn port_prefixes(range: PortRange) -> Vec<(u16, u8)> {
     let end = u32::from(range.last);
     while start <= end {
         // Largest aligned block starting at `start` that does not pass `end`.
-        let mut size = if start == 0 { 1 << 16 } else { 1u32 << start.trailing_zeros() };
+        let mut size = if start == 0 {
+            1 << 16
+        } else {
+            1u32 << start.trailing_zeros()
+        };
         while start + size - 1 > end {
             size >>= 1;
         }
@@ -135,7 +152,10 @@ mod tests {
 
     #[test]
     fn ports_lists_ranges_and_star() {
-        assert_eq!(parse_ports("80, 443,8080-8090").unwrap(), Listed::Some(vec![r(80, 80), r(443, 443), r(8080, 8090)]));
+        assert_eq!(
+            parse_ports("80, 443,8080-8090").unwrap(),
+            Listed::Some(vec![r(80, 80), r(443, 443), r(8080, 8090)])
+        );
         assert_eq!(parse_ports("80,*").unwrap(), Listed::All);
         assert_eq!(parse_ports("").unwrap(), Listed::Some(vec![]));
         assert_eq!(parse_ports(" , ").unwrap(), Listed::Some(vec![]));
@@ -143,10 +163,17 @@ mod tests {
 
     #[test]
     fn ports_errors_name_the_item() {
-        assert_eq!(parse_ports("80,x").unwrap_err(), "\"x\" is not a port (1-65535)");
+        assert_eq!(
+            parse_ports("80,x").unwrap_err(),
+            "\"x\" is not a port (1-65535)"
+        );
         assert!(parse_ports("0").unwrap_err().contains("\"0\""));
         assert!(parse_ports("70000").unwrap_err().contains("70000"));
-        assert!(parse_ports("90-80").unwrap_err().contains("start is after its end"));
+        assert!(
+            parse_ports("90-80")
+                .unwrap_err()
+                .contains("start is after its end")
+        );
         assert!(parse_ports("80-").is_err());
     }
 
@@ -154,11 +181,35 @@ mod tests {
     fn cidrs_v4_v6_hosts_and_masking() {
         let got = parse_cidrs("10.1.2.3/8, fd00::1/64, 192.168.1.7").unwrap();
         let Listed::Some(v) = got else { panic!() };
-        assert_eq!(v[0], Cidr { addr: "10.0.0.0".parse().unwrap(), len: 8 });
-        assert_eq!(v[1], Cidr { addr: "fd00::".parse().unwrap(), len: 64 });
-        assert_eq!(v[2], Cidr { addr: "192.168.1.7".parse().unwrap(), len: 32 });
+        assert_eq!(
+            v[0],
+            Cidr {
+                addr: "10.0.0.0".parse().unwrap(),
+                len: 8
+            }
+        );
+        assert_eq!(
+            v[1],
+            Cidr {
+                addr: "fd00::".parse().unwrap(),
+                len: 64
+            }
+        );
+        assert_eq!(
+            v[2],
+            Cidr {
+                addr: "192.168.1.7".parse().unwrap(),
+                len: 32
+            }
+        );
         assert_eq!(parse_cidrs("*").unwrap(), Listed::All);
-        assert_eq!(parse_cidrs("0.0.0.0/0").unwrap(), Listed::Some(vec![Cidr { addr: "0.0.0.0".parse().unwrap(), len: 0 }]));
+        assert_eq!(
+            parse_cidrs("0.0.0.0/0").unwrap(),
+            Listed::Some(vec![Cidr {
+                addr: "0.0.0.0".parse().unwrap(),
+                len: 0
+            }])
+        );
     }
 
     #[test]
@@ -170,7 +221,15 @@ mod tests {
 
     #[test]
     fn port_prefixes_cover_exactly() {
-        for (first, last) in [(1, 1), (80, 80), (4567, 4569), (1, 65535), (1000, 2000), (65535, 65535), (0, 65535)] {
+        for (first, last) in [
+            (1, 1),
+            (80, 80),
+            (4567, 4569),
+            (1, 65535),
+            (1000, 2000),
+            (65535, 65535),
+            (0, 65535),
+        ] {
             let ps = port_prefixes(r(first, last));
             let mut covered = Vec::new();
             for (v, len) in &ps {

@@ -10,7 +10,8 @@ use anyhow::{Context, Result, bail};
 /// Finds where cgroup2 is mounted by reading `/proc/self/mountinfo`. On hybrid systems
 /// that is `/sys/fs/cgroup/unified`; on unified ones `/sys/fs/cgroup`.
 pub fn detect_cgroup2_mount() -> Result<PathBuf> {
-    let text = fs::read_to_string("/proc/self/mountinfo").context("reading /proc/self/mountinfo")?;
+    let text =
+        fs::read_to_string("/proc/self/mountinfo").context("reading /proc/self/mountinfo")?;
     cgroup2_mount_in(&text).context(
         "no cgroup2 filesystem is mounted (see /proc/self/mountinfo); \
          mount one or pass --cgroup-root",
@@ -34,17 +35,26 @@ pub fn check_cgroup2(path: &Path) -> Result<()> {
     let mut st: libc::statfs = unsafe { std::mem::zeroed() };
     let c = std::ffi::CString::new(path.as_os_str().as_encoded_bytes())?;
     if unsafe { libc::statfs(c.as_ptr(), &mut st) } != 0 {
-        bail!("cgroup root {}: {}", path.display(), std::io::Error::last_os_error());
+        bail!(
+            "cgroup root {}: {}",
+            path.display(),
+            std::io::Error::last_os_error()
+        );
     }
     if st.f_type != libc::CGROUP2_SUPER_MAGIC {
-        bail!("cgroup root {} is not a cgroup v2 filesystem", path.display());
+        bail!(
+            "cgroup root {} is not a cgroup v2 filesystem",
+            path.display()
+        );
     }
     Ok(())
 }
 
 /// The id the kernel reports for a cgroup (`bpf_get_current_cgroup_id`): its inode number.
 pub fn cgroup_id(path: &Path) -> Result<u64> {
-    Ok(fs::metadata(path).with_context(|| format!("cgroup {}", path.display()))?.ino())
+    Ok(fs::metadata(path)
+        .with_context(|| format!("cgroup {}", path.display()))?
+        .ino())
 }
 
 /// Where the kubelet puts pods, relative to the cgroup2 root, for both cgroup drivers
@@ -55,7 +65,11 @@ fn pod_dir_candidates(pod_uid: &str, qos: &str) -> Vec<PathBuf> {
     let mut out = Vec::new();
     for prefix in ["", "k3s/", "kubelet/"] {
         // cgroupfs driver
-        let cgfs = if qos == "guaranteed" { format!("{prefix}kubepods") } else { format!("{prefix}kubepods/{qos}") };
+        let cgfs = if qos == "guaranteed" {
+            format!("{prefix}kubepods")
+        } else {
+            format!("{prefix}kubepods/{qos}")
+        };
         out.push(PathBuf::from(format!("{cgfs}/pod{pod_uid}")));
         // systemd driver
         let sd = if qos == "guaranteed" {
@@ -70,18 +84,34 @@ fn pod_dir_candidates(pod_uid: &str, qos: &str) -> Vec<PathBuf> {
 
 /// The cgroup directory of each container of a pod that exists now. Containers whose
 /// cgroup is not there (yet, or any more) are left out; the next poll looks again.
-pub fn container_cgroups(root: &Path, pod_uid: &str, qos: &str, container_ids: &[&str]) -> Vec<(String, PathBuf)> {
-    let Some(pod_dir) = pod_dir_candidates(pod_uid, qos).into_iter().map(|p| root.join(p)).find(|p| p.is_dir())
+pub fn container_cgroups(
+    root: &Path,
+    pod_uid: &str,
+    qos: &str,
+    container_ids: &[&str],
+) -> Vec<(String, PathBuf)> {
+    let Some(pod_dir) = pod_dir_candidates(pod_uid, qos)
+        .into_iter()
+        .map(|p| root.join(p))
+        .find(|p| p.is_dir())
     else {
         return Vec::new();
     };
-    let Ok(entries) = fs::read_dir(&pod_dir) else { return Vec::new() };
-    let children: Vec<String> = entries.flatten().filter_map(|e| e.file_name().into_string().ok()).collect();
+    let Ok(entries) = fs::read_dir(&pod_dir) else {
+        return Vec::new();
+    };
+    let children: Vec<String> = entries
+        .flatten()
+        .filter_map(|e| e.file_name().into_string().ok())
+        .collect();
     let mut out = Vec::new();
     for id in container_ids {
         let found = children.iter().find(|name| {
             name.as_str() == *id
-                || name.strip_suffix(".scope").and_then(|n| n.rsplit_once('-')).is_some_and(|(_, tail)| tail == *id)
+                || name
+                    .strip_suffix(".scope")
+                    .and_then(|n| n.rsplit_once('-'))
+                    .is_some_and(|(_, tail)| tail == *id)
         });
         if let Some(name) = found {
             out.push((id.to_string(), pod_dir.join(name)));
@@ -100,7 +130,10 @@ mod tests {
 25 30 0:22 / /sys/fs/cgroup ro,nosuid - tmpfs tmpfs ro,mode=755
 26 25 0:23 / /sys/fs/cgroup/unified rw,nosuid,nodev - cgroup2 cgroup2 rw,nsdelegate
 27 25 0:24 / /sys/fs/cgroup/systemd rw - cgroup cgroup rw,name=systemd";
-        assert_eq!(cgroup2_mount_in(text), Some(PathBuf::from("/sys/fs/cgroup/unified")));
+        assert_eq!(
+            cgroup2_mount_in(text),
+            Some(PathBuf::from("/sys/fs/cgroup/unified"))
+        );
         assert_eq!(cgroup2_mount_in("1 0 0:1 / / rw - ext4 /dev/sda rw"), None);
     }
 

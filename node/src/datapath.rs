@@ -9,12 +9,13 @@ use aya::{
 };
 use log::info;
 use merbridge_edge_probes_common::{
-    COUNTER_COUNT, CidrRuleKey, LocalPod, PodInfo, PortRuleKey, SocketTuple, global_names, map_names as maps,
-    program_names as progs,
+    COUNTER_COUNT, CidrRuleKey, LocalPod, PodInfo, PortRuleKey, SocketTuple, global_names,
+    map_names as maps, program_names as progs,
 };
 
 /// The compiled probe object, embedded at build time.
-static PROBES: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/merbridge-edge-probes.o"));
+static PROBES: &[u8] =
+    aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/merbridge-edge-probes.o"));
 
 /// Map sizes, chosen by the agent at load time.
 #[derive(Clone, Copy, Debug)]
@@ -31,7 +32,12 @@ pub struct MapSizes {
 
 impl Default for MapSizes {
     fn default() -> Self {
-        Self { cgroups: 4096, pod_ips: 2048, rules: 65536, connections: 65536 }
+        Self {
+            cgroups: 4096,
+            pod_ips: 2048,
+            rules: 65536,
+            connections: 65536,
+        }
     }
 }
 
@@ -59,18 +65,17 @@ pub struct Datapath {
     pub port_rules: LpmTrie<MapData, PortRuleKey, u8>,
     /// Address rules.
     pub cidr_rules: LpmTrie<MapData, CidrRuleKey, u8>,
-    /// Original destination by socket tuple (read-only for the agent).
-    pub original_dst_by_tuple: HashMap<MapData, SocketTuple, merbridge_edge_probes_common::OriginalDst>,
     counters: PerCpuArray<MapData, u64>,
     _sockhash: SockHash<MapData, SocketTuple>,
-    /// Sizes the maps were created with.
-    pub sizes: MapSizes,
-    /// Where the programs are attached.
-    pub attached_to: std::path::PathBuf,
 }
 
-fn take<T: TryFrom<aya::maps::Map, Error = aya::maps::MapError>>(ebpf: &mut Ebpf, name: &str) -> Result<T> {
-    let map = ebpf.take_map(name).ok_or_else(|| anyhow!("probe object has no map {name}"))?;
+fn take<T: TryFrom<aya::maps::Map, Error = aya::maps::MapError>>(
+    ebpf: &mut Ebpf,
+    name: &str,
+) -> Result<T> {
+    let map = ebpf
+        .take_map(name)
+        .ok_or_else(|| anyhow!("probe object has no map {name}"))?;
     T::try_from(map).with_context(|| format!("map {name}"))
 }
 
@@ -89,21 +94,34 @@ impl Datapath {
             .map_max_entries(maps::SOCK_BY_TUPLE, s.connections)
             .override_global(global_names::ACCELERATE, &accelerate, true)
             .load(PROBES)
-            .context("loading the eBPF probes (is this kernel 5.7+ with BPF, cgroup-bpf and sockmap?)")?;
+            .context(
+                "loading the eBPF probes (is this kernel 5.7+ with BPF, cgroup-bpf and sockmap?)",
+            )?;
 
         let cgroup = File::open(&opts.cgroup_root)
             .with_context(|| format!("opening cgroup root {}", opts.cgroup_root.display()))?;
         // bpf_link attachments (5.7+) always coexist with other programs; the link API
         // takes no attach flags, which is what `Single` maps to.
         let mode = CgroupAttachMode::Single;
-        for name in [progs::CONNECT4, progs::CONNECT6, progs::SENDMSG4, progs::SENDMSG6, progs::RECVMSG4, progs::RECVMSG6] {
+        for name in [
+            progs::CONNECT4,
+            progs::CONNECT6,
+            progs::SENDMSG4,
+            progs::SENDMSG6,
+            progs::RECVMSG4,
+            progs::RECVMSG6,
+        ] {
             let p: &mut CgroupSockAddr = program(&mut ebpf, name)?;
-            p.load().with_context(|| format!("verifier rejected {name}"))?;
-            p.attach(&cgroup, mode).with_context(|| format!("attaching {name} to {}", opts.cgroup_root.display()))?;
+            p.load()
+                .with_context(|| format!("verifier rejected {name}"))?;
+            p.attach(&cgroup, mode)
+                .with_context(|| format!("attaching {name} to {}", opts.cgroup_root.display()))?;
         }
         let p: &mut CgroupSockopt = program(&mut ebpf, progs::GETSOCKOPT)?;
-        p.load().context("verifier rejected the getsockopt program")?;
-        p.attach(&cgroup, mode).context("attaching cgroup/getsockopt")?;
+        p.load()
+            .context("verifier rejected the getsockopt program")?;
+        p.attach(&cgroup, mode)
+            .context("attaching cgroup/getsockopt")?;
         let p: &mut SockOps = program(&mut ebpf, progs::SOCKOPS)?;
         p.load().context("verifier rejected the sockops program")?;
         p.attach(&cgroup, mode).context("attaching sockops")?;
@@ -112,24 +130,26 @@ impl Datapath {
         let p: &mut SkMsg = program(&mut ebpf, progs::SK_MSG)?;
         p.load().context("verifier rejected the sk_msg program")?;
         if opts.accelerate {
-            p.attach(sockhash.fd()).context("attaching sk_msg to the sockhash")?;
+            p.attach(sockhash.fd())
+                .context("attaching sk_msg to the sockhash")?;
         }
         info!(
             "probes attached to {} (connect4/6, sendmsg/recvmsg4/6, getsockopt, sockops{})",
             opts.cgroup_root.display(),
-            if opts.accelerate { ", sk_msg" } else { "; sk_msg acceleration off" }
+            if opts.accelerate {
+                ", sk_msg"
+            } else {
+                "; sk_msg acceleration off"
+            }
         );
         Ok(Self {
             pod_by_cgroup: take(&mut ebpf, maps::POD_BY_CGROUP)?,
             pod_by_ip: take(&mut ebpf, maps::POD_BY_IP)?,
             port_rules: take(&mut ebpf, maps::PORT_RULES)?,
             cidr_rules: take(&mut ebpf, maps::CIDR_RULES)?,
-            original_dst_by_tuple: take(&mut ebpf, maps::ORIGINAL_DST_BY_TUPLE)?,
             counters: take(&mut ebpf, maps::COUNTERS)?,
             _sockhash: sockhash,
             _ebpf: ebpf,
-            sizes: s,
-            attached_to: opts.cgroup_root.clone(),
         })
     }
 
@@ -137,7 +157,10 @@ impl Datapath {
     pub fn counters(&self) -> Result<[u64; COUNTER_COUNT as usize]> {
         let mut out = [0u64; COUNTER_COUNT as usize];
         for (i, slot) in out.iter_mut().enumerate() {
-            let values = self.counters.get(&(i as u32), 0).context("reading counters")?;
+            let values = self
+                .counters
+                .get(&(i as u32), 0)
+                .context("reading counters")?;
             *slot = values.iter().sum();
         }
         Ok(out)
@@ -148,15 +171,22 @@ fn program<'a, T>(ebpf: &'a mut Ebpf, name: &str) -> Result<&'a mut T>
 where
     &'a mut T: TryFrom<&'a mut aya::programs::Program, Error = aya::programs::ProgramError>,
 {
-    let p = ebpf.program_mut(name).ok_or_else(|| anyhow!("probe object has no program {name}"))?;
-    p.try_into().with_context(|| format!("program {name} has an unexpected type"))
+    let p = ebpf
+        .program_mut(name)
+        .ok_or_else(|| anyhow!("probe object has no program {name}"))?;
+    p.try_into()
+        .with_context(|| format!("program {name} has an unexpected type"))
 }
 
 /// An LPM key for a port rule.
 pub fn port_rule_key(pod_id: u32, kind: u8, port: u16, port_prefix: u8) -> Key<PortRuleKey> {
     Key::new(
         merbridge_edge_probes_common::RULE_KEY_HEADER_BITS + u32::from(port_prefix),
-        PortRuleKey { pod_id: pod_id.to_be_bytes(), kind, port: port.to_be_bytes() },
+        PortRuleKey {
+            pod_id: pod_id.to_be_bytes(),
+            kind,
+            port: port.to_be_bytes(),
+        },
     )
 }
 
@@ -168,7 +198,11 @@ pub fn cidr_rule_key(pod_id: u32, kind: u8, cidr: &crate::annotations::Cidr) -> 
     };
     Key::new(
         merbridge_edge_probes_common::RULE_KEY_HEADER_BITS + len,
-        CidrRuleKey { pod_id: pod_id.to_be_bytes(), kind, addr },
+        CidrRuleKey {
+            pod_id: pod_id.to_be_bytes(),
+            kind,
+            addr,
+        },
     )
 }
 

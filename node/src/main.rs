@@ -41,7 +41,11 @@ struct RunArgs {
     #[argh(option)]
     cgroup_root: Option<PathBuf>,
     /// time between polls, like 2s or 500ms (default 2s)
-    #[argh(option, default = "std::time::Duration::from_secs(2)", from_str_fn(run::parse_duration))]
+    #[argh(
+        option,
+        default = "std::time::Duration::from_secs(2)",
+        from_str_fn(run::parse_duration)
+    )]
     interval: std::time::Duration,
     /// only program pods bound to this node (default: $NODE_NAME, else every pod listed)
     #[argh(option)]
@@ -64,11 +68,14 @@ fn parse_mesh(s: &str) -> Result<MeshSelection, String> {
     if s == "auto" {
         return Ok(MeshSelection::Auto);
     }
-    Mesh::from_name(s).map(MeshSelection::Only).ok_or_else(|| format!("unknown mesh {s:?}: use auto, istio, linkerd, kuma or osm"))
+    Mesh::from_name(s)
+        .map(MeshSelection::Only)
+        .ok_or_else(|| format!("unknown mesh {s:?}: use auto, istio, linkerd, kuma or osm"))
 }
 
 fn parse_level(s: &str) -> Result<log::LevelFilter, String> {
-    s.parse().map_err(|_| format!("unknown log level {s:?}: use error, warn, info, debug or trace"))
+    s.parse()
+        .map_err(|_| format!("unknown log level {s:?}: use error, warn, info, debug or trace"))
 }
 
 fn main() {
@@ -81,15 +88,23 @@ fn main() {
         eprintln!("merbridge-edge: no command given; see merbridge-edge --help");
         std::process::exit(2);
     };
-    simple_logger::SimpleLogger::new().with_level(args.log_level).init().expect("logger set once");
+    simple_logger::SimpleLogger::new()
+        .with_level(args.log_level)
+        .init()
+        .expect("logger set once");
     let opts = run::RunOptions {
         pods_file: args.pods_file,
         cgroup_root: args.cgroup_root,
         interval: args.interval,
-        node_name: args.node_name.or_else(|| std::env::var("NODE_NAME").ok().filter(|s| !s.is_empty())),
+        node_name: args
+            .node_name
+            .or_else(|| std::env::var("NODE_NAME").ok().filter(|s| !s.is_empty())),
         meshes: args.mesh,
         accelerate: !args.no_accelerate,
-        sizes: MapSizes { connections: args.max_connections, ..MapSizes::default() },
+        sizes: MapSizes {
+            connections: args.max_connections,
+            ..MapSizes::default()
+        },
     };
     if let Err(e) = run::run(opts) {
         log::error!("{e:#}");

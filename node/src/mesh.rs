@@ -101,12 +101,30 @@ pub static MESHES: [MeshSpec; 4] = [
         opt_out: Some("sidecar.istio.io/inject"),
         required_annotation: Some("sidecar.istio.io/status"),
         annotations: &[
-            ("traffic.sidecar.istio.io/excludeOutboundPorts", ExcludeOutboundPorts),
-            ("traffic.sidecar.istio.io/includeOutboundPorts", IncludeOutboundPorts),
-            ("traffic.sidecar.istio.io/excludeInboundPorts", ExcludeInboundPorts),
-            ("traffic.sidecar.istio.io/includeInboundPorts", IncludeInboundPorts),
-            ("traffic.sidecar.istio.io/excludeOutboundIPRanges", ExcludeOutboundRanges),
-            ("traffic.sidecar.istio.io/includeOutboundIPRanges", IncludeOutboundRanges),
+            (
+                "traffic.sidecar.istio.io/excludeOutboundPorts",
+                ExcludeOutboundPorts,
+            ),
+            (
+                "traffic.sidecar.istio.io/includeOutboundPorts",
+                IncludeOutboundPorts,
+            ),
+            (
+                "traffic.sidecar.istio.io/excludeInboundPorts",
+                ExcludeInboundPorts,
+            ),
+            (
+                "traffic.sidecar.istio.io/includeInboundPorts",
+                IncludeInboundPorts,
+            ),
+            (
+                "traffic.sidecar.istio.io/excludeOutboundIPRanges",
+                ExcludeOutboundRanges,
+            ),
+            (
+                "traffic.sidecar.istio.io/includeOutboundIPRanges",
+                IncludeOutboundRanges,
+            ),
         ],
     },
     MeshSpec {
@@ -124,7 +142,10 @@ pub static MESHES: [MeshSpec; 4] = [
         opt_out: Some("linkerd.io/inject"),
         required_annotation: None,
         annotations: &[
-            ("config.linkerd.io/skip-outbound-ports", ExcludeOutboundPorts),
+            (
+                "config.linkerd.io/skip-outbound-ports",
+                ExcludeOutboundPorts,
+            ),
             ("config.linkerd.io/skip-inbound-ports", ExcludeInboundPorts),
             ("config.linkerd.io/skip-subnets", ExcludeOutboundRanges),
         ],
@@ -144,7 +165,10 @@ pub static MESHES: [MeshSpec; 4] = [
         opt_out: Some("kuma.io/sidecar-injection"),
         required_annotation: None,
         annotations: &[
-            ("traffic.kuma.io/exclude-outbound-ports", ExcludeOutboundPorts),
+            (
+                "traffic.kuma.io/exclude-outbound-ports",
+                ExcludeOutboundPorts,
+            ),
             ("traffic.kuma.io/exclude-inbound-ports", ExcludeInboundPorts),
         ],
     },
@@ -163,10 +187,22 @@ pub static MESHES: [MeshSpec; 4] = [
         opt_out: Some("openservicemesh.io/sidecar-injection"),
         required_annotation: None,
         annotations: &[
-            ("openservicemesh.io/outbound-port-exclusion-list", ExcludeOutboundPorts),
-            ("openservicemesh.io/inbound-port-exclusion-list", ExcludeInboundPorts),
-            ("openservicemesh.io/outbound-ip-range-exclusion-list", ExcludeOutboundRanges),
-            ("openservicemesh.io/outbound-ip-range-inclusion-list", IncludeOutboundRanges),
+            (
+                "openservicemesh.io/outbound-port-exclusion-list",
+                ExcludeOutboundPorts,
+            ),
+            (
+                "openservicemesh.io/inbound-port-exclusion-list",
+                ExcludeInboundPorts,
+            ),
+            (
+                "openservicemesh.io/outbound-ip-range-exclusion-list",
+                ExcludeOutboundRanges,
+            ),
+            (
+                "openservicemesh.io/outbound-ip-range-inclusion-list",
+                IncludeOutboundRanges,
+            ),
         ],
     },
 ];
@@ -174,7 +210,10 @@ pub static MESHES: [MeshSpec; 4] = [
 impl Mesh {
     /// The table entry of this mesh.
     pub fn spec(self) -> &'static MeshSpec {
-        MESHES.iter().find(|s| s.mesh == self).expect("every mesh has a table entry")
+        MESHES
+            .iter()
+            .find(|s| s.mesh == self)
+            .expect("every mesh has a table entry")
     }
 
     /// The mesh called `name` (as in `--mesh`).

@@ -109,8 +109,12 @@ pub fn desired_state(pods: &[Pod], node_name: Option<&str>, meshes: MeshSelectio
         out.pods_seen += 1;
         match pod_policy(pod, meshes, &mut out.warnings) {
             Some(p) => {
-                let ips: Vec<IpAddr> =
-                    p.ip4.map(IpAddr::V4).into_iter().chain(p.ip6.map(IpAddr::V6)).collect();
+                let ips: Vec<IpAddr> = p
+                    .ip4
+                    .map(IpAddr::V4)
+                    .into_iter()
+                    .chain(p.ip6.map(IpAddr::V6))
+                    .collect();
                 if let Some(dup) = ips.iter().find(|ip| seen_ips.contains(ip)) {
                     out.warnings.push(Warning(format!(
                         "pod {}: IP {dup} is already used by another meshed pod on this node; pod skipped",
@@ -155,9 +159,10 @@ fn detect_mesh(pod: &Pod, meshes: MeshSelection) -> Option<&'static MeshSpec> {
         }
         let (present, sidecar) = match m.marker {
             Marker::Container(c) => (has_container(c), c),
-            Marker::LabelAndContainer(l, c) => {
-                (labels.is_some_and(|ls| ls.contains_key(l)) && has_container(c), c)
-            }
+            Marker::LabelAndContainer(l, c) => (
+                labels.is_some_and(|ls| ls.contains_key(l)) && has_container(c),
+                c,
+            ),
         };
         if !present {
             return false;
@@ -167,7 +172,9 @@ fn detect_mesh(pod: &Pod, meshes: MeshSelection) -> Option<&'static MeshSpec> {
             return false;
         }
         if let Some(key) = m.opt_out {
-            let v = annotations.and_then(|a| a.get(key)).map(|s| s.trim().to_ascii_lowercase());
+            let v = annotations
+                .and_then(|a| a.get(key))
+                .map(|s| s.trim().to_ascii_lowercase());
             if matches!(v.as_deref(), Some("false" | "disabled")) {
                 return false;
             }
@@ -203,7 +210,12 @@ fn pod_policy(pod: &Pod, meshes: MeshSelection, warnings: &mut Vec<Warning>) -> 
 
     let mut ip4 = None;
     let mut ip6 = None;
-    let listed = status.pod_ips.iter().flatten().map(|p| p.ip.as_str()).chain(status.pod_ip.as_deref());
+    let listed = status
+        .pod_ips
+        .iter()
+        .flatten()
+        .map(|p| p.ip.as_str())
+        .chain(status.pod_ip.as_deref());
     for raw in listed {
         match raw.trim().parse::<IpAddr>() {
             Ok(IpAddr::V4(a)) => {
@@ -212,7 +224,9 @@ fn pod_policy(pod: &Pod, meshes: MeshSelection, warnings: &mut Vec<Warning>) -> 
             Ok(IpAddr::V6(a)) => {
                 ip6.get_or_insert(a);
             }
-            Err(_) => warnings.push(Warning(format!("pod {name}: pod IP {raw:?} is not an IP address; ignored"))),
+            Err(_) => warnings.push(Warning(format!(
+                "pod {name}: pod IP {raw:?} is not an IP address; ignored"
+            ))),
         }
     }
     if ip4.is_none() && ip6.is_none() {
@@ -237,15 +251,28 @@ fn pod_policy(pod: &Pod, meshes: MeshSelection, warnings: &mut Vec<Warning>) -> 
         port_rules: BTreeSet::new(),
         cidr_rules: BTreeSet::new(),
         container_ids: BTreeSet::new(),
-        qos_class: status.qos_class.clone().unwrap_or_else(|| "BestEffort".into()),
+        qos_class: status
+            .qos_class
+            .clone()
+            .unwrap_or_else(|| "BestEffort".into()),
     };
     for &port in mesh.own_ports {
-        p.port_rules.insert((PortRuleKind::InExclude, PortRange { first: port, last: port }));
+        p.port_rules.insert((
+            PortRuleKind::InExclude,
+            PortRange {
+                first: port,
+                last: port,
+            },
+        ));
     }
     for (key, role) in mesh.annotations {
-        let Some(value) = annotations.get(*key) else { continue };
+        let Some(value) = annotations.get(*key) else {
+            continue;
+        };
         if let Err(e) = apply_annotation(&mut p, *role, value) {
-            warnings.push(Warning(format!("pod {name}: annotation {key}={value:?}: {e}; annotation ignored")));
+            warnings.push(Warning(format!(
+                "pod {name}: annotation {key}={value:?}: {e}; annotation ignored"
+            )));
         }
     }
     if let (Some(port), Some(key)) = (mesh.dns_port, mesh.dns_annotation) {
@@ -264,14 +291,26 @@ fn pod_policy(pod: &Pod, meshes: MeshSelection, warnings: &mut Vec<Warning>) -> 
             p.dns_port = Some(port);
         }
     }
-    let statuses = status.container_statuses.iter().flatten().chain(status.init_container_statuses.iter().flatten());
+    let statuses = status
+        .container_statuses
+        .iter()
+        .flatten()
+        .chain(status.init_container_statuses.iter().flatten());
     for cs in statuses {
-        let Some(id) = cs.container_id.as_deref() else { continue };
+        let Some(id) = cs.container_id.as_deref() else {
+            continue;
+        };
         let id = id.split_once("://").map_or(id, |(_, rest)| rest);
-        if !id.is_empty() && id.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_') {
+        if !id.is_empty()
+            && id
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+        {
             p.container_ids.insert(id.to_string());
         } else {
-            warnings.push(Warning(format!("pod {name}: container id {id:?} is malformed; ignored")));
+            warnings.push(Warning(format!(
+                "pod {name}: container id {id:?} is malformed; ignored"
+            )));
         }
     }
     Some(p)
@@ -294,13 +333,23 @@ fn apply_annotation(p: &mut PodPolicy, role: AnnotationRole, value: &str) -> Res
                 p.port_rules.extend(list.into_iter().map(|r| (kind, r)));
             }
             (Listed::All, kind) => {
-                p.port_rules.insert((kind, PortRange { first: 1, last: 65535 }));
+                p.port_rules.insert((
+                    kind,
+                    PortRange {
+                        first: 1,
+                        last: 65535,
+                    },
+                ));
             }
             (Listed::Some(list), kind) => p.port_rules.extend(list.into_iter().map(|r| (kind, r))),
         }
         return Ok(());
     }
-    let kind = if role == ExcludeOutboundRanges { CidrRuleKind::OutExclude } else { CidrRuleKind::OutInclude };
+    let kind = if role == ExcludeOutboundRanges {
+        CidrRuleKind::OutExclude
+    } else {
+        CidrRuleKind::OutInclude
+    };
     match (parse_cidrs(value)?, kind) {
         (Listed::All, CidrRuleKind::OutInclude) => p.out_all_addrs = true,
         (Listed::Some(list), CidrRuleKind::OutInclude) => {

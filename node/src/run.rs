@@ -113,8 +113,11 @@ fn log_counters_if_changed(dp: &Datapath, last: &mut Option<Vec<u64>>) {
     if last.as_deref() == Some(&now[..]) {
         return;
     }
-    let text: Vec<String> =
-        Counter::ALL.iter().zip(now.iter()).map(|(c, v)| format!("{}={v}", c.name())).collect();
+    let text: Vec<String> = Counter::ALL
+        .iter()
+        .zip(now.iter())
+        .map(|(c, v)| format!("{}={v}", c.name()))
+        .collect();
     log::debug!("counters: {}", text.join(" "));
     *last = Some(now.to_vec());
 }
@@ -126,7 +129,9 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
         Some(i) => s.split_at(i),
         None => (s, "s"),
     };
-    let n: f64 = num.parse().map_err(|_| format!("{s:?} is not a duration (like 2s or 500ms)"))?;
+    let n: f64 = num
+        .parse()
+        .map_err(|_| format!("{s:?} is not a duration (like 2s or 500ms)"))?;
     let secs = match unit {
         "ms" => n / 1000.0,
         "s" => n,

@@ -19,8 +19,8 @@ pub fn parse_pod_list(origin: &str, body: &[u8]) -> Result<Vec<Pod>> {
     if kind != "PodList" {
         bail!("{origin}: expected a v1 PodList, got kind {kind:?}");
     }
-    let list: List<Pod> =
-        serde_json::from_value(value).with_context(|| format!("{origin}: JSON is not a valid v1 PodList"))?;
+    let list: List<Pod> = serde_json::from_value(value)
+        .with_context(|| format!("{origin}: JSON is not a valid v1 PodList"))?;
     Ok(list.items)
 }
 
@@ -33,20 +33,33 @@ pub struct PodsFile {
 impl PodsFile {
     /// Watches `path`.
     pub fn new(path: &Path) -> Self {
-        Self { path: path.to_path_buf(), last: None }
+        Self {
+            path: path.to_path_buf(),
+            last: None,
+        }
     }
 
     /// The pods, if the file changed since the last successful read.
     pub fn poll(&mut self) -> Result<Option<Vec<Pod>>> {
-        let meta = fs::metadata(&self.path).with_context(|| format!("pods file {}", self.path.display()))?;
-        let stamp = (meta.modified().unwrap_or(SystemTime::UNIX_EPOCH), meta.len());
+        let meta = fs::metadata(&self.path)
+            .with_context(|| format!("pods file {}", self.path.display()))?;
+        let stamp = (
+            meta.modified().unwrap_or(SystemTime::UNIX_EPOCH),
+            meta.len(),
+        );
         if self.last == Some(stamp) {
             return Ok(None);
         }
         if meta.len() > MAX_PODLIST_BYTES {
-            bail!("pods file {}: {} bytes is over the {} byte limit", self.path.display(), meta.len(), MAX_PODLIST_BYTES);
+            bail!(
+                "pods file {}: {} bytes is over the {} byte limit",
+                self.path.display(),
+                meta.len(),
+                MAX_PODLIST_BYTES
+            );
         }
-        let body = fs::read(&self.path).with_context(|| format!("pods file {}", self.path.display()))?;
+        let body =
+            fs::read(&self.path).with_context(|| format!("pods file {}", self.path.display()))?;
         let pods = parse_pod_list(&format!("pods file {}", self.path.display()), &body);
         // Remember the stamp even on error, so a bad file is reported once, not every tick.
         self.last = Some(stamp);

@@ -11,8 +11,8 @@ use std::{
 use aya::maps::MapError;
 use log::{info, warn};
 use merbridge_edge_probes_common::{
-    LocalPod, POD_DNS_CAPTURE, POD_HAS_IP4, POD_HAS_IP6, POD_IN_ALL_PORTS, POD_OUT_ALL_ADDRS, POD_OUT_VIA_LOOPBACK,
-    PodInfo, cidr_rule, port_rule,
+    LocalPod, POD_DNS_CAPTURE, POD_HAS_IP4, POD_HAS_IP6, POD_IN_ALL_PORTS, POD_OUT_ALL_ADDRS,
+    POD_OUT_VIA_LOOPBACK, PodInfo, cidr_rule, port_rule,
 };
 
 use crate::{
@@ -63,8 +63,14 @@ impl PodEntries {
             flags |= POD_HAS_IP6;
         }
         let info = PodInfo {
-            ip4: policy.ip4.map(|a| kernel_addr(IpAddr::V4(a))).unwrap_or_default(),
-            ip6: policy.ip6.map(|a| kernel_addr(IpAddr::V6(a))).unwrap_or_default(),
+            ip4: policy
+                .ip4
+                .map(|a| kernel_addr(IpAddr::V4(a)))
+                .unwrap_or_default(),
+            ip6: policy
+                .ip6
+                .map(|a| kernel_addr(IpAddr::V6(a)))
+                .unwrap_or_default(),
             pod_id,
             flags,
             proxy_uid: policy.proxy_uid,
@@ -73,7 +79,12 @@ impl PodEntries {
             dns_port: policy.dns_port.unwrap_or(0),
             _pad: [0; 3],
         };
-        let local = LocalPod { pod_id, flags, inbound_port: policy.inbound_port, _pad: [0; 3] };
+        let local = LocalPod {
+            pod_id,
+            flags,
+            inbound_port: policy.inbound_port,
+            _pad: [0; 3],
+        };
         let ips = policy
             .ip4
             .map(IpAddr::V4)
@@ -89,7 +100,11 @@ impl PodEntries {
                 PortRuleKind::InExclude => port_rule::IN_EXCLUDE,
                 PortRuleKind::InInclude => port_rule::IN_INCLUDE,
             };
-            ports.extend(port_prefixes(*range).into_iter().map(|(v, len)| (kind, v, len)));
+            ports.extend(
+                port_prefixes(*range)
+                    .into_iter()
+                    .map(|(v, len)| (kind, v, len)),
+            );
         }
         let cidrs = policy
             .cidr_rules
@@ -102,11 +117,21 @@ impl PodEntries {
                 (k, *c)
             })
             .collect();
-        Self { cgroups: cgroup_ids.iter().map(|id| (*id, info)).collect(), ips, ports, cidrs }
+        Self {
+            cgroups: cgroup_ids.iter().map(|id| (*id, info)).collect(),
+            ips,
+            ports,
+            cidrs,
+        }
     }
 
     fn describe(&self, policy: &PodPolicy) -> String {
-        let ips: Vec<String> = policy.ip4.map(|a| a.to_string()).into_iter().chain(policy.ip6.map(|a| a.to_string())).collect();
+        let ips: Vec<String> = policy
+            .ip4
+            .map(|a| a.to_string())
+            .into_iter()
+            .chain(policy.ip6.map(|a| a.to_string()))
+            .collect();
         format!(
             "mesh {}, IPs [{}], {} container cgroup(s), {} port rule(s), {} address rule(s), out {}/{}, in {}{}",
             policy.mesh.name(),
@@ -115,9 +140,16 @@ impl PodEntries {
             self.ports.len(),
             self.cidrs.len(),
             policy.outbound_port,
-            if policy.out_all_addrs { "all addresses" } else { "listed ranges" },
+            if policy.out_all_addrs {
+                "all addresses"
+            } else {
+                "listed ranges"
+            },
             policy.inbound_port,
-            policy.dns_port.map(|p| format!(", DNS → {p}")).unwrap_or_default(),
+            policy
+                .dns_port
+                .map(|p| format!(", DNS → {p}"))
+                .unwrap_or_default(),
         )
     }
 }
@@ -155,7 +187,11 @@ pub struct Programmer {
 impl Programmer {
     /// A programmer for pods whose cgroups live below `cgroup_root`.
     pub fn new(cgroup_root: PathBuf) -> Self {
-        Self { cgroup_root, pods: BTreeMap::new(), warned: HashSet::new() }
+        Self {
+            cgroup_root,
+            pods: BTreeMap::new(),
+            warned: HashSet::new(),
+        }
     }
 
     /// Logs a warning the first time it is seen.
@@ -167,14 +203,21 @@ impl Programmer {
 
     fn allocate_pod_id(&self) -> u32 {
         let used: BTreeSet<u32> = self.pods.values().map(|p| p.pod_id).collect();
-        (1..).find(|id| !used.contains(id)).expect("fewer than 2^32 pods")
+        (1..)
+            .find(|id| !used.contains(id))
+            .expect("fewer than 2^32 pods")
     }
 
     /// Brings the maps in step with `desired`.
     pub fn sync(&mut self, dp: &mut Datapath, desired: &[PodPolicy]) -> SyncReport {
         let mut report = SyncReport::default();
         let wanted: BTreeSet<&str> = desired.iter().map(|p| p.uid.as_str()).collect();
-        let gone: Vec<String> = self.pods.keys().filter(|uid| !wanted.contains(uid.as_str())).cloned().collect();
+        let gone: Vec<String> = self
+            .pods
+            .keys()
+            .filter(|uid| !wanted.contains(uid.as_str()))
+            .cloned()
+            .collect();
         for uid in gone {
             let old = self.pods.remove(&uid).expect("listed above");
             let errors = apply(dp, &old.entries, &PodEntries::default(), old.pod_id);
@@ -195,11 +238,16 @@ impl Programmer {
             };
             let ids: Vec<&str> = policy.container_ids.iter().map(String::as_str).collect();
             let mut cgroup_ids = Vec::new();
-            for (container, path) in cgroups::container_cgroups(&self.cgroup_root, &policy.uid, &policy.qos_class, &ids) {
+            for (container, path) in
+                cgroups::container_cgroups(&self.cgroup_root, &policy.uid, &policy.qos_class, &ids)
+            {
                 match cgroups::cgroup_id(&path) {
                     Ok(id) => cgroup_ids.push(id),
                     // The container exited between listing and stat: next poll.
-                    Err(e) => self.warn_once(&format!("pod {}: container {container}: {e:#}", policy.name)),
+                    Err(e) => self.warn_once(&format!(
+                        "pod {}: container {container}: {e:#}",
+                        policy.name
+                    )),
                 }
             }
             if cgroup_ids.is_empty() {
@@ -216,7 +264,12 @@ impl Programmer {
                 report.programmed += 1;
                 continue;
             }
-            let errors = apply(dp, old.as_ref().unwrap_or(&PodEntries::default()), &new, pod_id);
+            let errors = apply(
+                dp,
+                old.as_ref().unwrap_or(&PodEntries::default()),
+                &new,
+                pod_id,
+            );
             let verb = if old.is_some() { "changed" } else { "added" };
             if errors.is_empty() {
                 info!("pod {} {verb}: {}", policy.name, new.describe(policy));
@@ -226,11 +279,21 @@ impl Programmer {
                     report.added += 1;
                 }
                 report.programmed += 1;
-                self.pods.insert(policy.uid.clone(), Programmed { pod_id, name: policy.name.clone(), entries: new });
+                self.pods.insert(
+                    policy.uid.clone(),
+                    Programmed {
+                        pod_id,
+                        name: policy.name.clone(),
+                        entries: new,
+                    },
+                );
             } else {
                 report.write_errors += errors.len();
                 for e in &errors {
-                    self.warn_once(&format!("pod {}: {e}; the pod is left unredirected and retried next poll", policy.name));
+                    self.warn_once(&format!(
+                        "pod {}: {e}; the pod is left unredirected and retried next poll",
+                        policy.name
+                    ));
                 }
                 // Fail open: take out whatever of the pod made it in, retry next poll.
                 let _ = apply(dp, &new, &PodEntries::default(), pod_id);
@@ -242,10 +305,6 @@ impl Programmer {
         report
     }
 
-    /// The pods currently programmed: (pod name, entries).
-    pub fn programmed(&self) -> impl Iterator<Item = (&str, &PodEntries)> {
-        self.pods.values().map(|p| (p.name.as_str(), &p.entries))
-    }
 }
 
 /// A failed map write, naming the map and the entry.
@@ -260,7 +319,9 @@ impl std::fmt::Display for WriteError {
 
 fn describe_map_error(e: &MapError) -> String {
     match e {
-        MapError::SyscallError(s) if s.io_error.raw_os_error() == Some(libc::E2BIG) => "map full".into(),
+        MapError::SyscallError(s) if s.io_error.raw_os_error() == Some(libc::E2BIG) => {
+            "map full".into()
+        }
         other => other.to_string(),
     }
 }
@@ -277,29 +338,57 @@ fn apply(dp: &mut Datapath, old: &PodEntries, new: &PodEntries, pod_id: u32) -> 
     };
     // Removals, cgroups first: the pod stops being redirected before its rules go.
     for id in old.cgroups.keys().filter(|k| !new.cgroups.contains_key(*k)) {
-        check(format!("POD_BY_CGROUP delete {id}"), dp.pod_by_cgroup.remove(id));
+        check(
+            format!("POD_BY_CGROUP delete {id}"),
+            dp.pod_by_cgroup.remove(id),
+        );
     }
     for ip in old.ips.keys().filter(|k| !new.ips.contains_key(*k)) {
         check(format!("POD_BY_IP delete {ip:?}"), dp.pod_by_ip.remove(ip));
     }
     for &(kind, port, len) in old.ports.difference(&new.ports) {
-        check(format!("PORT_RULES delete {port}/{len}"), dp.port_rules.remove(&port_rule_key(pod_id, kind, port, len)));
+        check(
+            format!("PORT_RULES delete {port}/{len}"),
+            dp.port_rules
+                .remove(&port_rule_key(pod_id, kind, port, len)),
+        );
     }
     for (kind, cidr) in old.cidrs.difference(&new.cidrs) {
-        check(format!("CIDR_RULES delete {}/{}", cidr.addr, cidr.len), dp.cidr_rules.remove(&cidr_rule_key(pod_id, *kind, cidr)));
+        check(
+            format!("CIDR_RULES delete {}/{}", cidr.addr, cidr.len),
+            dp.cidr_rules.remove(&cidr_rule_key(pod_id, *kind, cidr)),
+        );
     }
     // Additions, rules first.
     for &(kind, port, len) in new.ports.difference(&old.ports) {
-        check(format!("PORT_RULES insert {port}/{len}"), dp.port_rules.insert(&port_rule_key(pod_id, kind, port, len), 1, 0));
+        check(
+            format!("PORT_RULES insert {port}/{len}"),
+            dp.port_rules
+                .insert(&port_rule_key(pod_id, kind, port, len), 1, 0),
+        );
     }
     for (kind, cidr) in new.cidrs.difference(&old.cidrs) {
-        check(format!("CIDR_RULES insert {}/{}", cidr.addr, cidr.len), dp.cidr_rules.insert(&cidr_rule_key(pod_id, *kind, cidr), 1, 0));
+        check(
+            format!("CIDR_RULES insert {}/{}", cidr.addr, cidr.len),
+            dp.cidr_rules
+                .insert(&cidr_rule_key(pod_id, *kind, cidr), 1, 0),
+        );
     }
     for (ip, local) in new.ips.iter().filter(|(k, v)| old.ips.get(*k) != Some(*v)) {
-        check(format!("POD_BY_IP insert {ip:?}"), dp.pod_by_ip.insert(ip, local, 0));
+        check(
+            format!("POD_BY_IP insert {ip:?}"),
+            dp.pod_by_ip.insert(ip, local, 0),
+        );
     }
-    for (id, info) in new.cgroups.iter().filter(|(k, v)| old.cgroups.get(*k) != Some(*v)) {
-        check(format!("POD_BY_CGROUP insert {id}"), dp.pod_by_cgroup.insert(id, info, 0));
+    for (id, info) in new
+        .cgroups
+        .iter()
+        .filter(|(k, v)| old.cgroups.get(*k) != Some(*v))
+    {
+        check(
+            format!("POD_BY_CGROUP insert {id}"),
+            dp.pod_by_cgroup.insert(id, info, 0),
+        );
     }
     errors
 }

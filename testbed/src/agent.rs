@@ -32,7 +32,10 @@ impl Agent {
     pub fn start(args: &[&str], log_path: &Path) -> Result<Self> {
         let bin = agent_binary();
         if !bin.exists() {
-            bail!("agent binary {} not found: build it first (cargo build --release)", bin.display());
+            bail!(
+                "agent binary {} not found: build it first (cargo build --release)",
+                bin.display()
+            );
         }
         let log = fs::File::create(log_path)?;
         let child = Command::new(&bin)
@@ -42,7 +45,13 @@ impl Agent {
             .stderr(log)
             .spawn()
             .with_context(|| format!("starting {}", bin.display()))?;
-        Ok(Self { proc: Guarded { child, what: "agent".into() }, log_path: log_path.to_path_buf() })
+        Ok(Self {
+            proc: Guarded {
+                child,
+                what: "agent".into(),
+            },
+            log_path: log_path.to_path_buf(),
+        })
     }
 
     /// Everything logged so far.

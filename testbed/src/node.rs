@@ -33,14 +33,22 @@ impl PodSpec {
         Self {
             name: name.into(),
             containers: vec!["app".into(), "istio-proxy".into()],
-            annotations: vec![("sidecar.istio.io/status".into(), "{\"containers\":[\"istio-proxy\"]}".into())],
+            annotations: vec![(
+                "sidecar.istio.io/status".into(),
+                "{\"containers\":[\"istio-proxy\"]}".into(),
+            )],
             labels: vec![],
         }
     }
 
     /// A pod without a sidecar.
     pub fn plain(name: &str) -> Self {
-        Self { name: name.into(), containers: vec!["app".into()], annotations: vec![], labels: vec![] }
+        Self {
+            name: name.into(),
+            containers: vec!["app".into()],
+            annotations: vec![],
+            labels: vec![],
+        }
     }
 
     /// Adds an annotation.
@@ -81,7 +89,10 @@ pub struct Pod {
 impl Pod {
     /// The container called `name`.
     pub fn container(&self, name: &str) -> &Container {
-        self.containers.iter().find(|c| c.name == name).unwrap_or_else(|| panic!("pod {} has no container {name}", self.spec.name))
+        self.containers
+            .iter()
+            .find(|c| c.name == name)
+            .unwrap_or_else(|| panic!("pod {} has no container {name}", self.spec.name))
     }
 }
 
@@ -128,7 +139,12 @@ pub fn missing_prerequisite() -> Option<String> {
     if cgroup2_mount().is_err() {
         return Some("needs a cgroup v2 mount".into());
     }
-    if Command::new("ip").arg("-V").stdout(Stdio::null()).status().is_err() {
+    if Command::new("ip")
+        .arg("-V")
+        .stdout(Stdio::null())
+        .status()
+        .is_err()
+    {
         return Some("needs iproute2 (`ip`)".into());
     }
     None
@@ -155,7 +171,8 @@ impl Node {
             procs: vec![],
             scratch,
         };
-        fs::create_dir(&cgroup_root).with_context(|| format!("creating cgroup {}", cgroup_root.display()))?;
+        fs::create_dir(&cgroup_root)
+            .with_context(|| format!("creating cgroup {}", cgroup_root.display()))?;
         node.cgroups.push(cgroup_root);
         let ns = node.node_ns.clone();
         ip(&["netns", "add", &ns])?;
@@ -176,7 +193,10 @@ impl Node {
         let mut p = path.to_path_buf();
         while !p.exists() {
             missing.push(p.clone());
-            p = p.parent().context("cgroup path has no parent")?.to_path_buf();
+            p = p
+                .parent()
+                .context("cgroup path has no parent")?
+                .to_path_buf();
         }
         for dir in missing.into_iter().rev() {
             fs::create_dir(&dir).with_context(|| format!("creating cgroup {}", dir.display()))?;
@@ -194,46 +214,110 @@ impl Node {
         self.netns.push(netns.clone());
         let host_end = format!("mb{}p{index}", self.tag);
         let pod_end = format!("mb{}q{index}", self.tag);
-        ip(&["link", "add", &host_end, "type", "veth", "peer", "name", &pod_end])?;
+        ip(&[
+            "link", "add", &host_end, "type", "veth", "peer", "name", &pod_end,
+        ])?;
         ip(&["link", "set", &host_end, "netns", &self.node_ns])?;
         ip(&["link", "set", &pod_end, "netns", &netns])?;
-        ip(&["-n", &self.node_ns, "link", "set", &host_end, "master", "br0", "up"])?;
+        ip(&[
+            "-n",
+            &self.node_ns,
+            "link",
+            "set",
+            &host_end,
+            "master",
+            "br0",
+            "up",
+        ])?;
         ip(&["-n", &netns, "link", "set", &pod_end, "name", "eth0"])?;
         let ip4 = Ipv4Addr::new(10, 231, self.subnet, index);
         let ip6: Ipv6Addr = format!("fd00:231:0:{:x}::{:x}", self.subnet, index).parse()?;
-        ip(&["-n", &netns, "addr", "add", &format!("{ip4}/24"), "dev", "eth0"])?;
-        ip(&["-n", &netns, "addr", "add", &format!("{ip6}/64"), "dev", "eth0", "nodad"])?;
+        ip(&[
+            "-n",
+            &netns,
+            "addr",
+            "add",
+            &format!("{ip4}/24"),
+            "dev",
+            "eth0",
+        ])?;
+        ip(&[
+            "-n",
+            &netns,
+            "addr",
+            "add",
+            &format!("{ip6}/64"),
+            "dev",
+            "eth0",
+            "nodad",
+        ])?;
         ip(&["-n", &netns, "link", "set", "eth0", "up"])?;
         ip(&["-n", &netns, "link", "set", "lo", "up"])?;
-        let uid = format!("{:08x}-{:04x}-4000-8000-{:012x}", std::process::id(), index, u64::from(self.subnet));
-        let pod_dir = self.cgroup_root.join(format!("kubepods/burstable/pod{uid}"));
+        let uid = format!(
+            "{:08x}-{:04x}-4000-8000-{:012x}",
+            std::process::id(),
+            index,
+            u64::from(self.subnet)
+        );
+        let pod_dir = self
+            .cgroup_root
+            .join(format!("kubepods/burstable/pod{uid}"));
         let mut containers = vec![];
         for (i, name) in spec.containers.iter().enumerate() {
             let id = format!("{:0>56}{:02x}{:06x}", self.tag, index, i);
             let cgroup = pod_dir.join(&id);
             self.mkdir_cgroup(&cgroup)?;
-            containers.push(Container { name: name.clone(), id, cgroup });
+            containers.push(Container {
+                name: name.clone(),
+                id,
+                cgroup,
+            });
         }
-        let pod = Pod { spec, uid, netns, ip4, ip6, containers };
+        let pod = Pod {
+            spec,
+            uid,
+            netns,
+            ip4,
+            ip6,
+            containers,
+        };
         self.pods.push(pod.clone());
         Ok(pod)
     }
 
     /// Adds a container cgroup to a pod (a restart under a new id).
     pub fn restart_container(&mut self, pod: &str, container: &str) -> Result<Pod> {
-        let i = self.pods.iter().position(|p| p.spec.name == pod).context("no such pod")?;
-        let c = self.pods[i].containers.iter().position(|c| c.name == container).context("no such container")?;
+        let i = self
+            .pods
+            .iter()
+            .position(|p| p.spec.name == pod)
+            .context("no such pod")?;
+        let c = self.pods[i]
+            .containers
+            .iter()
+            .position(|c| c.name == container)
+            .context("no such container")?;
         let old = self.pods[i].containers[c].cgroup.clone();
         let id = format!("{:0>56}{:08x}", "r", rand_u32());
         let new = old.with_file_name(&id);
         self.mkdir_cgroup(&new)?;
-        self.pods[i].containers[c] = Container { name: container.into(), id, cgroup: new };
+        self.pods[i].containers[c] = Container {
+            name: container.into(),
+            id,
+            cgroup: new,
+        };
         Ok(self.pods[i].clone())
     }
 
     /// Starts the stand-in helper with `args`, placed in a pod's container (or just in
     /// the pod's network namespace when `container` is None), as `uid`.
-    pub fn spawn(&mut self, pod: &Pod, container: Option<&str>, uid: Option<u32>, args: &[&str]) -> Result<usize> {
+    pub fn spawn(
+        &mut self,
+        pod: &Pod,
+        container: Option<&str>,
+        uid: Option<u32>,
+        args: &[&str],
+    ) -> Result<usize> {
         let placement = Placement {
             netns: Some(pod.netns.clone()),
             cgroup: container.map(|c| pod.container(c).cgroup.clone()),
@@ -245,15 +329,29 @@ impl Node {
     /// Starts the helper at an explicit placement; returns a handle index.
     pub fn spawn_placed(&mut self, placement: &Placement, args: &[&str]) -> Result<usize> {
         let mut cmd = Command::new(&self.helper);
-        cmd.args(args).stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::inherit());
+        cmd.args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit());
         place(&mut cmd, placement)?;
-        let child = cmd.spawn().with_context(|| format!("starting helper {args:?}"))?;
-        self.procs.push(Guarded { child, what: format!("{args:?}") });
+        let child = cmd
+            .spawn()
+            .with_context(|| format!("starting helper {args:?}"))?;
+        self.procs.push(Guarded {
+            child,
+            what: format!("{args:?}"),
+        });
         Ok(self.procs.len() - 1)
     }
 
     /// Runs the helper to completion at a placement and returns its stdout.
-    pub fn run_in(&self, pod: &Pod, container: Option<&str>, uid: Option<u32>, args: &[&str]) -> Result<String> {
+    pub fn run_in(
+        &self,
+        pod: &Pod,
+        container: Option<&str>,
+        uid: Option<u32>,
+        args: &[&str],
+    ) -> Result<String> {
         let placement = Placement {
             netns: Some(pod.netns.clone()),
             cgroup: container.map(|c| pod.container(c).cgroup.clone()),
@@ -273,7 +371,11 @@ impl Node {
     /// A placement in the node's cgroup root (not a pod's) inside a pod's namespace:
     /// a host process as far as the datapath can tell.
     pub fn host_placement(&self, pod: &Pod) -> Placement {
-        Placement { netns: Some(pod.netns.clone()), cgroup: Some(self.cgroup_root.clone()), uid: None }
+        Placement {
+            netns: Some(pod.netns.clone()),
+            cgroup: Some(self.cgroup_root.clone()),
+            uid: None,
+        }
     }
 
     /// Stops a spawned helper.
@@ -287,7 +389,14 @@ impl Node {
     pub fn wait_listening(&self, pod: &Pod, port: u16) -> Result<()> {
         let end = Instant::now() + Duration::from_secs(5);
         loop {
-            let out = crate::proc::run(Command::new("ip").args(["netns", "exec", &pod.netns, "ss", "-Hltn", &format!("sport = :{port}")]))?;
+            let out = crate::proc::run(Command::new("ip").args([
+                "netns",
+                "exec",
+                &pod.netns,
+                "ss",
+                "-Hltn",
+                &format!("sport = :{port}"),
+            ]))?;
             if !out.trim().is_empty() {
                 return Ok(());
             }
@@ -307,7 +416,9 @@ impl Node {
 }
 
 fn rand_u32() -> u32 {
-    let t = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+    let t = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default();
     t.subsec_nanos() ^ std::process::id()
 }
 

@@ -5,10 +5,18 @@ use crate::node::Pod;
 
 /// The PodList entry of one pod, as the kubelet reports a running pod.
 pub fn pod_json(pod: &Pod, node_name: &str) -> Value {
-    let annotations: serde_json::Map<String, Value> =
-        pod.spec.annotations.iter().map(|(k, v)| (k.clone(), Value::String(v.clone()))).collect();
-    let labels: serde_json::Map<String, Value> =
-        pod.spec.labels.iter().map(|(k, v)| (k.clone(), Value::String(v.clone()))).collect();
+    let annotations: serde_json::Map<String, Value> = pod
+        .spec
+        .annotations
+        .iter()
+        .map(|(k, v)| (k.clone(), Value::String(v.clone())))
+        .collect();
+    let labels: serde_json::Map<String, Value> = pod
+        .spec
+        .labels
+        .iter()
+        .map(|(k, v)| (k.clone(), Value::String(v.clone())))
+        .collect();
     let containers: Vec<Value> = pod
         .containers
         .iter()

@@ -24,7 +24,9 @@ pub struct Placement {
 /// Makes `cmd` start inside `place`.
 pub fn place(cmd: &mut Command, place: &Placement) -> Result<()> {
     let netns = match &place.netns {
-        Some(n) => Some(File::open(format!("/run/netns/{n}")).with_context(|| format!("netns {n}"))?),
+        Some(n) => {
+            Some(File::open(format!("/run/netns/{n}")).with_context(|| format!("netns {n}"))?)
+        }
         None => None,
     };
     let procs = match &place.cgroup {
@@ -104,7 +106,10 @@ impl Drop for Guarded {
 
 /// Runs a command to completion, failing with its output if it fails.
 pub fn run(cmd: &mut Command) -> Result<String> {
-    let out = cmd.stdin(Stdio::null()).output().with_context(|| format!("running {cmd:?}"))?;
+    let out = cmd
+        .stdin(Stdio::null())
+        .output()
+        .with_context(|| format!("running {cmd:?}"))?;
     if !out.status.success() {
         anyhow::bail!(
             "{cmd:?} failed ({}): {}{}",

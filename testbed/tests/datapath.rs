@@ -56,14 +56,26 @@ impl Fixture {
             let name = spec.name.clone();
             let pod = node.add_pod(spec).expect("pod");
             let app = format!("{name}-app");
-            node.spawn(&pod, Some("app"), Some(APP_UID), &["echo", &app, "[::]:8080", "[::]:8081", "[::]:9002"]).unwrap();
+            node.spawn(
+                &pod,
+                Some("app"),
+                Some(APP_UID),
+                &["echo", &app, "[::]:8080", "[::]:8081", "[::]:9002"],
+            )
+            .unwrap();
             if meshed {
                 let log = node.scratch().join(format!("sidecar-{name}.log"));
                 fs::write(&log, "").unwrap();
                 // The sidecar runs as the proxy uid and appends to it.
-                fs::set_permissions(&log, std::os::unix::fs::PermissionsExt::from_mode(0o666)).unwrap();
-                node.spawn(&pod, Some("istio-proxy"), Some(PROXY_UID), &["sidecar", &name, "15001", "15006", log.to_str().unwrap()])
+                fs::set_permissions(&log, std::os::unix::fs::PermissionsExt::from_mode(0o666))
                     .unwrap();
+                node.spawn(
+                    &pod,
+                    Some("istio-proxy"),
+                    Some(PROXY_UID),
+                    &["sidecar", &name, "15001", "15006", log.to_str().unwrap()],
+                )
+                .unwrap();
                 node.wait_listening(&pod, 15006).unwrap();
             }
             node.wait_listening(&pod, 8080).unwrap();
@@ -71,7 +83,11 @@ impl Fixture {
         }
         let pods_file = node.scratch().join("pods.json");
         write_pod_list(&pods_file, &pod_list(pods.values(), "edge-1")).unwrap();
-        Self { node, pods, pods_file }
+        Self {
+            node,
+            pods,
+            pods_file,
+        }
     }
 
     fn pod(&self, name: &str) -> &Pod {
@@ -79,36 +95,71 @@ impl Fixture {
     }
 
     fn start_agent(&self, extra: &[&str]) -> Agent {
-        let log = self.node.scratch().join(format!("agent-{}.log", self.node.tag));
+        let log = self
+            .node
+            .scratch()
+            .join(format!("agent-{}.log", self.node.tag));
         let root = self.node.cgroup_root.to_str().unwrap().to_string();
-        let mut args = vec!["run", "--pods-file", self.pods_file.to_str().unwrap(), "--cgroup-root", &root];
-        args.extend(["--interval", "200ms", "--log-level", "debug", "--node-name", "edge-1"]);
+        let mut args = vec![
+            "run",
+            "--pods-file",
+            self.pods_file.to_str().unwrap(),
+            "--cgroup-root",
+            &root,
+        ];
+        args.extend([
+            "--interval",
+            "200ms",
+            "--log-level",
+            "debug",
+            "--node-name",
+            "edge-1",
+        ]);
         args.extend(extra);
         let mut agent = Agent::start(&args, &log).expect("agent starts");
-        let meshed = self.pods.values().filter(|p| p.spec.containers.iter().any(|c| c == "istio-proxy")).count();
-        agent.wait_log_count("added: mesh istio", meshed, Duration::from_secs(10)).unwrap();
+        let meshed = self
+            .pods
+            .values()
+            .filter(|p| p.spec.containers.iter().any(|c| c == "istio-proxy"))
+            .count();
+        agent
+            .wait_log_count("added: mesh istio", meshed, Duration::from_secs(10))
+            .unwrap();
         agent
     }
 
     fn sidecar_log(&self, pod: &str) -> Vec<String> {
         let path = self.node.scratch().join(format!("sidecar-{pod}.log"));
-        fs::read_to_string(path).unwrap_or_default().lines().map(String::from).collect()
+        fs::read_to_string(path)
+            .unwrap_or_default()
+            .lines()
+            .map(String::from)
+            .collect()
     }
 
     /// Runs the client in `pod`'s app container as the app uid.
     fn client(&self, pod: &str, target: &str, extra: &[&str]) -> String {
         let mut args = vec!["client", target];
         args.extend(extra);
-        self.node.run_in(self.pod(pod), Some("app"), Some(APP_UID), &args).unwrap_or_else(|e| panic!("client {pod} → {target}: {e:#}"))
+        self.node
+            .run_in(self.pod(pod), Some("app"), Some(APP_UID), &args)
+            .unwrap_or_else(|e| panic!("client {pod} → {target}: {e:#}"))
     }
 }
 
 fn istio_abc() -> Vec<PodSpec> {
-    vec![PodSpec::istio("a"), PodSpec::istio("b"), PodSpec::plain("c")]
+    vec![
+        PodSpec::istio("a"),
+        PodSpec::istio("b"),
+        PodSpec::plain("c"),
+    ]
 }
 
 fn who(out: &str) -> String {
-    out.lines().find_map(|l| l.split(' ').find_map(|p| p.strip_prefix("who="))).unwrap_or("").to_string()
+    out.lines()
+        .find_map(|l| l.split(' ').find_map(|p| p.strip_prefix("who=")))
+        .unwrap_or("")
+        .to_string()
 }
 
 /// Waits for the sidecar log of `pod` to grow past `before` lines.
@@ -126,7 +177,11 @@ fn wait_sidecar_lines(f: &Fixture, pod: &str, before: usize, want: usize) -> Vec
 fn counters(agent: &mut Agent) -> BTreeMap<String, u64> {
     std::thread::sleep(Duration::from_millis(500));
     let log = agent.log();
-    let line = log.lines().rev().find(|l| l.contains("counters: ")).unwrap_or("");
+    let line = log
+        .lines()
+        .rev()
+        .find(|l| l.contains("counters: "))
+        .unwrap_or("");
     line.split("counters: ")
         .nth(1)
         .unwrap_or("")
@@ -137,8 +192,15 @@ fn counters(agent: &mut Agent) -> BTreeMap<String, u64> {
 }
 
 fn programs_attached_below(path: &std::path::Path) -> String {
-    let out = Command::new("bpftool").args(["cgroup", "tree", path.to_str().unwrap()]).output().expect("bpftool");
-    String::from_utf8_lossy(&out.stdout).lines().filter(|l| l.contains("mb_")).collect::<Vec<_>>().join("\n")
+    let out = Command::new("bpftool")
+        .args(["cgroup", "tree", path.to_str().unwrap()])
+        .output()
+        .expect("bpftool");
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter(|l| l.contains("mb_"))
+        .collect::<Vec<_>>()
+        .join("\n")
 }
 
 #[test]
@@ -156,9 +218,16 @@ fn outbound_ipv4_goes_through_both_sidecars_with_the_original_destination() {
     let la = wait_sidecar_lines(&f, "a", 0, 1);
     assert_eq!(la.len(), 1, "sidecar a saw one connection: {la:?}");
     assert!(la[0].contains("listener=outbound"), "{la:?}");
-    assert!(la[0].contains(&format!("orig={}:8080", b.ip4)), "original destination: {la:?}");
+    assert!(
+        la[0].contains(&format!("orig={}:8080", b.ip4)),
+        "original destination: {la:?}"
+    );
     // The redirect target is the pod's own IP, so the tuple names the pod.
-    assert!(la[0].contains(&format!("peer={}:", a.ip4)) || la[0].contains(&format!("peer=[::ffff:{}]:", a.ip4)), "{la:?}");
+    assert!(
+        la[0].contains(&format!("peer={}:", a.ip4))
+            || la[0].contains(&format!("peer=[::ffff:{}]:", a.ip4)),
+        "{la:?}"
+    );
     let lb = wait_sidecar_lines(&f, "b", 0, 1);
     assert_eq!(lb.len(), 1, "sidecar b saw one connection: {lb:?}");
     assert!(lb[0].contains("listener=inbound"), "{lb:?}");
@@ -168,7 +237,10 @@ fn outbound_ipv4_goes_through_both_sidecars_with_the_original_destination() {
     let out = f.client("a", &format!("{}:8080", c.ip4), &[]);
     assert_eq!(who(&out), "c-app");
     let la = wait_sidecar_lines(&f, "a", 1, 1);
-    assert!(la.len() == 1 && la[0].contains(&format!("orig={}:8080", c.ip4)), "{la:?}");
+    assert!(
+        la.len() == 1 && la[0].contains(&format!("orig={}:8080", c.ip4)),
+        "{la:?}"
+    );
     assert_eq!(f.sidecar_log("b").len(), 1, "sidecar b is not involved");
     // Loopback inside the pod is never redirected.
     let out = f.client("a", "127.0.0.1:8080", &[]);
@@ -188,9 +260,19 @@ fn outbound_ipv6_goes_through_both_sidecars_with_the_original_destination() {
     let out = f.client("a", &format!("[{}]:8080", b.ip6), &[]);
     assert_eq!(who(&out), "b-app", "{out}");
     let la = wait_sidecar_lines(&f, "a", 0, 1);
-    assert!(la.len() == 1 && la[0].contains("listener=outbound") && la[0].contains(&format!("orig=[{}]:8080", b.ip6)), "{la:?}");
+    assert!(
+        la.len() == 1
+            && la[0].contains("listener=outbound")
+            && la[0].contains(&format!("orig=[{}]:8080", b.ip6)),
+        "{la:?}"
+    );
     let lb = wait_sidecar_lines(&f, "b", 0, 1);
-    assert!(lb.len() == 1 && lb[0].contains("listener=inbound") && lb[0].contains(&format!("orig=[{}]:8080", b.ip6)), "{lb:?}");
+    assert!(
+        lb.len() == 1
+            && lb[0].contains("listener=inbound")
+            && lb[0].contains(&format!("orig=[{}]:8080", b.ip6)),
+        "{lb:?}"
+    );
 }
 
 #[test]
@@ -202,12 +284,28 @@ fn proxy_to_its_own_pod_is_untouched_and_never_fails() {
     let f = Fixture::new(istio_abc());
     let _agent = f.start_agent(&[]);
     let b = f.pod("b").clone();
-    for target in [format!("{}:8080", b.ip4), format!("[{}]:8080", b.ip6), "127.0.0.1:8080".to_string()] {
-        let out = f.node.run_in(&b, Some("istio-proxy"), Some(PROXY_UID), &["client", &target, "--conns", "20"]).unwrap();
+    for target in [
+        format!("{}:8080", b.ip4),
+        format!("[{}]:8080", b.ip6),
+        "127.0.0.1:8080".to_string(),
+    ] {
+        let out = f
+            .node
+            .run_in(
+                &b,
+                Some("istio-proxy"),
+                Some(PROXY_UID),
+                &["client", &target, "--conns", "20"],
+            )
+            .unwrap();
         assert_eq!(who(&out), "b-app", "{target}: {out}");
         assert!(out.contains("ok conns=20"), "{out}");
     }
-    assert!(f.sidecar_log("b").is_empty(), "no connection looped into sidecar b: {:?}", f.sidecar_log("b"));
+    assert!(
+        f.sidecar_log("b").is_empty(),
+        "no connection looped into sidecar b: {:?}",
+        f.sidecar_log("b")
+    );
     // Through the full path, every inbound connection reached the app at the first try.
     let out = f.client("a", &format!("{}:8080", b.ip4), &["--conns", "30"]);
     assert!(out.contains("ok conns=30"), "{out}");
@@ -233,43 +331,100 @@ fn exclusions_and_inclusions_of_ports_and_ranges() {
             p.spec.annotations.push((k.to_string(), v.clone()));
         }
     };
-    annotate(&mut f, "a", &[
-        ("traffic.sidecar.istio.io/excludeOutboundPorts", "9001-9003".into()),
-        ("traffic.sidecar.istio.io/excludeOutboundIPRanges", format!("{}/32", c.ip4)),
-    ]);
-    annotate(&mut f, "b", &[
-        ("traffic.sidecar.istio.io/excludeInboundPorts", "8081".into()),
-        ("traffic.sidecar.istio.io/excludeOutboundPorts", "80,bogus".into()),
-    ]);
-    annotate(&mut f, "d", &[
-        ("traffic.sidecar.istio.io/includeOutboundIPRanges", format!("{}/32", b.ip4)),
-        ("traffic.sidecar.istio.io/includeOutboundPorts", "8081".into()),
-    ]);
+    annotate(
+        &mut f,
+        "a",
+        &[
+            (
+                "traffic.sidecar.istio.io/excludeOutboundPorts",
+                "9001-9003".into(),
+            ),
+            (
+                "traffic.sidecar.istio.io/excludeOutboundIPRanges",
+                format!("{}/32", c.ip4),
+            ),
+        ],
+    );
+    annotate(
+        &mut f,
+        "b",
+        &[
+            (
+                "traffic.sidecar.istio.io/excludeInboundPorts",
+                "8081".into(),
+            ),
+            (
+                "traffic.sidecar.istio.io/excludeOutboundPorts",
+                "80,bogus".into(),
+            ),
+        ],
+    );
+    annotate(
+        &mut f,
+        "d",
+        &[
+            (
+                "traffic.sidecar.istio.io/includeOutboundIPRanges",
+                format!("{}/32", b.ip4),
+            ),
+            (
+                "traffic.sidecar.istio.io/includeOutboundPorts",
+                "8081".into(),
+            ),
+        ],
+    );
     write_pod_list(&f.pods_file, &pod_list(f.pods.values(), "edge-1")).unwrap();
     let agent = f.start_agent(&[]);
 
     // a: excluded port → straight to b's app, neither sidecar sees it.
-    assert_eq!(who(&f.client("a", &format!("{}:9002", b.ip4), &[])), "b-app");
+    assert_eq!(
+        who(&f.client("a", &format!("{}:9002", b.ip4), &[])),
+        "b-app"
+    );
     // a: excluded range → straight to c.
-    assert_eq!(who(&f.client("a", &format!("{}:8080", c.ip4), &[])), "c-app");
+    assert_eq!(
+        who(&f.client("a", &format!("{}:8080", c.ip4), &[])),
+        "c-app"
+    );
     std::thread::sleep(Duration::from_millis(200));
     assert!(f.sidecar_log("a").is_empty(), "{:?}", f.sidecar_log("a"));
     assert!(f.sidecar_log("b").is_empty(), "{:?}", f.sidecar_log("b"));
     // b: inbound 8081 excluded → sidecar a forwards, sidecar b is skipped. b's invalid
     // annotation is reported by name and ignored; the rest of the pod still applies.
-    assert_eq!(who(&f.client("a", &format!("{}:8081", b.ip4), &[])), "b-app");
+    assert_eq!(
+        who(&f.client("a", &format!("{}:8081", b.ip4), &[])),
+        "b-app"
+    );
     let la = wait_sidecar_lines(&f, "a", 0, 1);
-    assert!(la.len() == 1 && la[0].contains(&format!("orig={}:8081", b.ip4)), "{la:?}");
+    assert!(
+        la.len() == 1 && la[0].contains(&format!("orig={}:8081", b.ip4)),
+        "{la:?}"
+    );
     assert!(f.sidecar_log("b").is_empty(), "{:?}", f.sidecar_log("b"));
     let log = agent.log();
-    let warning: Vec<&str> = log.lines().filter(|l| l.contains("excludeOutboundPorts=\"80,bogus\"")).collect();
+    let warning: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("excludeOutboundPorts=\"80,bogus\""))
+        .collect();
     assert_eq!(warning.len(), 1, "invalid annotation logged once:\n{log}");
-    assert!(warning[0].contains("pod default/b") && warning[0].contains("\"bogus\" is not a port"), "{warning:?}");
+    assert!(
+        warning[0].contains("pod default/b") && warning[0].contains("\"bogus\" is not a port"),
+        "{warning:?}"
+    );
     // d: only b's address is included → to b via sidecar d, to c directly; port 8081
     // is included whatever the address.
-    assert_eq!(who(&f.client("d", &format!("{}:8080", b.ip4), &[])), "b-app");
-    assert_eq!(who(&f.client("d", &format!("{}:8080", c.ip4), &[])), "c-app");
-    assert_eq!(who(&f.client("d", &format!("{}:8081", c.ip4), &[])), "c-app");
+    assert_eq!(
+        who(&f.client("d", &format!("{}:8080", b.ip4), &[])),
+        "b-app"
+    );
+    assert_eq!(
+        who(&f.client("d", &format!("{}:8080", c.ip4), &[])),
+        "c-app"
+    );
+    assert_eq!(
+        who(&f.client("d", &format!("{}:8081", c.ip4), &[])),
+        "c-app"
+    );
     let ld = wait_sidecar_lines(&f, "d", 0, 2);
     assert_eq!(ld.len(), 2, "{ld:?}");
     assert!(ld[0].contains(&format!("orig={}:8080", b.ip4)), "{ld:?}");
@@ -285,9 +440,15 @@ fn plain_pods_and_host_processes_are_untouched() {
     let f = Fixture::new(istio_abc());
     let _agent = f.start_agent(&[]);
     let (a, b) = (f.pod("a").clone(), f.pod("b").clone());
-    assert_eq!(who(&f.client("c", &format!("{}:8080", b.ip4), &[])), "b-app");
+    assert_eq!(
+        who(&f.client("c", &format!("{}:8080", b.ip4), &[])),
+        "b-app"
+    );
     let host = f.node.host_placement(&a);
-    let out = f.node.run_placed(&host, &["client", &format!("{}:8080", b.ip4)]).unwrap();
+    let out = f
+        .node
+        .run_placed(&host, &["client", &format!("{}:8080", b.ip4)])
+        .unwrap();
     assert_eq!(who(&out), "b-app");
     // A process of a meshed pod's netns but in no known cgroup: also untouched.
     std::thread::sleep(Duration::from_millis(200));
@@ -304,9 +465,25 @@ fn dns_capture_on_and_off() {
     specs.push(PodSpec::istio("e").annotate("proxy.istio.io/dns-capture", "true"));
     let mut f = Fixture::new(specs);
     let (c, e) = (f.pod("c").clone(), f.pod("e").clone());
-    f.node.spawn(&c, Some("app"), None, &["udp-echo", "c-dns", "[::]:53"]).unwrap();
-    f.node.spawn(&e, Some("istio-proxy"), Some(PROXY_UID), &["udp-echo", "e-dns-proxy", "127.0.0.1:15053"]).unwrap();
-    f.node.spawn(&e, Some("istio-proxy"), Some(PROXY_UID), &["udp-echo", "e-dns-proxy6", "[::1]:15053"]).unwrap();
+    f.node
+        .spawn(&c, Some("app"), None, &["udp-echo", "c-dns", "[::]:53"])
+        .unwrap();
+    f.node
+        .spawn(
+            &e,
+            Some("istio-proxy"),
+            Some(PROXY_UID),
+            &["udp-echo", "e-dns-proxy", "127.0.0.1:15053"],
+        )
+        .unwrap();
+    f.node
+        .spawn(
+            &e,
+            Some("istio-proxy"),
+            Some(PROXY_UID),
+            &["udp-echo", "e-dns-proxy6", "[::1]:15053"],
+        )
+        .unwrap();
     std::thread::sleep(Duration::from_millis(300));
     let _agent = f.start_agent(&[]);
     let query = |pod: &Pod, target: String, connected: bool| {
@@ -315,18 +492,40 @@ fn dns_capture_on_and_off() {
             args.push("--connected".into());
         }
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
-        f.node.run_in(pod, Some("app"), Some(APP_UID), &args).unwrap()
+        f.node
+            .run_in(pod, Some("app"), Some(APP_UID), &args)
+            .unwrap()
     };
     for connected in [false, true] {
         let out = query(&e, format!("{}:53", c.ip4), connected);
-        assert_eq!(out.trim(), format!("reply=who=e-dns-proxy from={}:53", c.ip4), "capture on (connected={connected})");
+        assert_eq!(
+            out.trim(),
+            format!("reply=who=e-dns-proxy from={}:53", c.ip4),
+            "capture on (connected={connected})"
+        );
         let out = query(&e, format!("[{}]:53", c.ip6), connected);
-        assert_eq!(out.trim(), format!("reply=who=e-dns-proxy6 from=[{}]:53", c.ip6), "capture on, IPv6 (connected={connected})");
+        assert_eq!(
+            out.trim(),
+            format!("reply=who=e-dns-proxy6 from=[{}]:53", c.ip6),
+            "capture on, IPv6 (connected={connected})"
+        );
         let out = query(f.pod("a"), format!("{}:53", c.ip4), connected);
-        assert_eq!(out.trim(), format!("reply=who=c-dns from={}:53", c.ip4), "capture off (connected={connected})");
+        assert_eq!(
+            out.trim(),
+            format!("reply=who=c-dns from={}:53", c.ip4),
+            "capture off (connected={connected})"
+        );
     }
     // The proxy's own DNS queries go to the real server.
-    let out = f.node.run_in(&e, Some("istio-proxy"), Some(PROXY_UID), &["udp-query", &format!("{}:53", c.ip4)]).unwrap();
+    let out = f
+        .node
+        .run_in(
+            &e,
+            Some("istio-proxy"),
+            Some(PROXY_UID),
+            &["udp-query", &format!("{}:53", c.ip4)],
+        )
+        .unwrap();
     assert_eq!(out.trim(), format!("reply=who=c-dns from={}:53", c.ip4));
 }
 
@@ -341,11 +540,21 @@ fn sk_msg_moves_large_and_concurrent_streams_intact() {
     let b = f.pod("b").clone();
     let out = f.client("a", &format!("{}:8080", b.ip4), &["--bytes", "1048576"]);
     assert!(out.contains("ok conns=1 bytes=1048576"), "{out}");
-    let out = f.client("a", &format!("[{}]:8080", b.ip6), &["--conns", "64", "--bytes", "65536"]);
+    let out = f.client(
+        "a",
+        &format!("[{}]:8080", b.ip6),
+        &["--conns", "64", "--bytes", "65536"],
+    );
     assert!(out.contains("ok conns=64 bytes=65536"), "{out}");
     let k = counters(&mut agent);
-    assert!(k["sockhash_added"] >= 65 * 4, "both ends of both redirected legs of each connection: {k:?}");
-    assert!(k["sk_msg_bytes"] >= 2 * 2 * 1048576, "1 MiB each way over two accelerated legs: {k:?}");
+    assert!(
+        k["sockhash_added"] >= 65 * 4,
+        "both ends of both redirected legs of each connection: {k:?}"
+    );
+    assert!(
+        k["sk_msg_bytes"] >= 2 * 2 * 1048576,
+        "1 MiB each way over two accelerated legs: {k:?}"
+    );
     assert!(k["sk_msg_redirected"] > 0, "{k:?}");
 }
 
@@ -358,13 +567,20 @@ fn acceleration_off_keeps_redirects_and_moves_nothing_through_sk_msg() {
     let f = Fixture::new(istio_abc());
     let mut agent = f.start_agent(&["--no-accelerate"]);
     let b = f.pod("b").clone();
-    let out = f.client("a", &format!("{}:8080", b.ip4), &["--bytes", "1048576", "--conns", "4"]);
+    let out = f.client(
+        "a",
+        &format!("{}:8080", b.ip4),
+        &["--bytes", "1048576", "--conns", "4"],
+    );
     assert!(out.contains("ok conns=4"), "{out}");
     assert_eq!(wait_sidecar_lines(&f, "b", 0, 4).len(), 4);
     let k = counters(&mut agent);
     assert_eq!(k["sk_msg_bytes"], 0, "{k:?}");
     assert_eq!(k["sockhash_added"], 0, "{k:?}");
-    assert!(k["redirect_outbound"] >= 4 && k["redirect_inbound"] >= 4, "{k:?}");
+    assert!(
+        k["redirect_outbound"] >= 4 && k["redirect_inbound"] >= 4,
+        "{k:?}"
+    );
     assert!(k["getsockopt_answered"] >= 8, "{k:?}");
 }
 
@@ -376,9 +592,15 @@ fn unrelated_socket_options_pass_through_unchanged() {
     let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let f = Fixture::new(istio_abc());
     let a = f.pod("a").clone();
-    let before = f.node.run_in(&a, Some("app"), None, &["sockopts"]).expect("sockopts without the agent");
+    let before = f
+        .node
+        .run_in(&a, Some("app"), None, &["sockopts"])
+        .expect("sockopts without the agent");
     let _agent = f.start_agent(&[]);
-    let after = f.node.run_in(&a, Some("app"), None, &["sockopts"]).expect("sockopts with the agent");
+    let after = f
+        .node
+        .run_in(&a, Some("app"), None, &["sockopts"])
+        .expect("sockopts with the agent");
     assert_eq!(before, after);
     assert!(after.starts_with("ok rcvbuf=131072"), "{after}");
     assert!(after.contains("peergroups_bytes=12000"), "{after}");
@@ -386,11 +608,22 @@ fn unrelated_socket_options_pass_through_unchanged() {
 
 fn assert_detached_and_direct(f: &Fixture) {
     let b = f.pod("b").clone();
-    assert_eq!(programs_attached_below(&f.node.cgroup_root), "", "nothing of the agent stays attached");
+    assert_eq!(
+        programs_attached_below(&f.node.cgroup_root),
+        "",
+        "nothing of the agent stays attached"
+    );
     let before = f.sidecar_log("a").len();
-    assert_eq!(who(&f.client("a", &format!("{}:8080", b.ip4), &[])), "b-app");
+    assert_eq!(
+        who(&f.client("a", &format!("{}:8080", b.ip4), &[])),
+        "b-app"
+    );
     std::thread::sleep(Duration::from_millis(200));
-    assert_eq!(f.sidecar_log("a").len(), before, "traffic flows directly again");
+    assert_eq!(
+        f.sidecar_log("a").len(),
+        before,
+        "traffic flows directly again"
+    );
 }
 
 #[test]
@@ -402,11 +635,17 @@ fn after_sigterm_nothing_stays_attached() {
     let f = Fixture::new(istio_abc());
     let mut agent = f.start_agent(&[]);
     assert_ne!(programs_attached_below(&f.node.cgroup_root), "");
-    assert_eq!(who(&f.client("a", &format!("{}:8080", f.pod("b").ip4), &[])), "b-app");
+    assert_eq!(
+        who(&f.client("a", &format!("{}:8080", f.pod("b").ip4), &[])),
+        "b-app"
+    );
     assert_eq!(wait_sidecar_lines(&f, "a", 0, 1).len(), 1);
     let t = Instant::now();
     agent.proc.signal(libc::SIGTERM);
-    let status = agent.proc.wait_for(Duration::from_secs(2)).expect("agent exits within 2 s of SIGTERM");
+    let status = agent
+        .proc
+        .wait_for(Duration::from_secs(2))
+        .expect("agent exits within 2 s of SIGTERM");
     assert!(status.success(), "{status}");
     eprintln!("SIGTERM → exit in {:?}", t.elapsed());
     assert_detached_and_direct(&f);
@@ -420,7 +659,10 @@ fn after_sigkill_nothing_stays_attached() {
     let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let f = Fixture::new(istio_abc());
     let mut agent = f.start_agent(&[]);
-    assert_eq!(who(&f.client("a", &format!("{}:8080", f.pod("b").ip4), &[])), "b-app");
+    assert_eq!(
+        who(&f.client("a", &format!("{}:8080", f.pod("b").ip4), &[])),
+        "b-app"
+    );
     agent.proc.signal(libc::SIGKILL);
     agent.proc.wait_for(Duration::from_secs(2)).expect("killed");
     // Link release is asynchronous in the kernel; give it a moment.
@@ -441,9 +683,17 @@ fn agent_finds_the_cgroup2_mount_by_itself() {
     let empty = node.scratch().join("empty.json");
     fs::write(&empty, r#"{"kind":"PodList","apiVersion":"v1","items":[]}"#).unwrap();
     let mount = merbridge_edge_testbed::node::cgroup2_mount().unwrap();
-    let mut agent = Agent::start(&["run", "--pods-file", empty.to_str().unwrap()], &node.scratch().join("agent.log")).unwrap();
-    agent.wait_log(&format!("probes attached to {} ", mount.display()), Duration::from_secs(10)).unwrap();
+    let mut agent = Agent::start(
+        &["run", "--pods-file", empty.to_str().unwrap()],
+        &node.scratch().join("agent.log"),
+    )
+    .unwrap();
+    agent
+        .wait_log(
+            &format!("probes attached to {} ", mount.display()),
+            Duration::from_secs(10),
+        )
+        .unwrap();
     agent.proc.signal(libc::SIGTERM);
     assert!(agent.proc.wait_for(Duration::from_secs(2)).is_some());
 }
-

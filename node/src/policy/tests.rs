@@ -26,7 +26,9 @@ fn istio(name: &str, extra: Value) -> Value {
 }
 
 fn parse(pods: Vec<Value>) -> Vec<Pod> {
-    pods.into_iter().map(|p| serde_json::from_value(p).unwrap()).collect()
+    pods.into_iter()
+        .map(|p| serde_json::from_value(p).unwrap())
+        .collect()
 }
 
 fn one(p: Value) -> (Option<PodPolicy>, Vec<Warning>) {
@@ -46,15 +48,25 @@ fn istio_pod_gets_istio_ports_uid_ips_and_containers() {
     let p = p.expect("meshed");
     assert!(w.is_empty(), "{w:?}");
     assert_eq!(p.mesh, Mesh::Istio);
-    assert_eq!((p.outbound_port, p.inbound_port, p.proxy_uid), (15001, 15006, 1337));
+    assert_eq!(
+        (p.outbound_port, p.inbound_port, p.proxy_uid),
+        (15001, 15006, 1337)
+    );
     assert_eq!(p.ip4, Some("10.0.0.5".parse().unwrap()));
     assert_eq!(p.ip6, Some("fd00::5".parse().unwrap()));
-    assert_eq!(p.container_ids.iter().cloned().collect::<Vec<_>>(), vec!["web0", "web1"]);
+    assert_eq!(
+        p.container_ids.iter().cloned().collect::<Vec<_>>(),
+        vec!["web0", "web1"]
+    );
     assert!(p.out_all_addrs && p.in_all_ports && !p.out_via_loopback);
     assert_eq!(p.dns_port, None);
     // Istio's own ports are never redirected inbound.
     for port in [15000, 15001, 15006, 15008, 15020, 15021, 15090] {
-        assert!(p.port_rules.contains(&(PortRuleKind::InExclude, range(port, port))), "{port}");
+        assert!(
+            p.port_rules
+                .contains(&(PortRuleKind::InExclude, range(port, port))),
+            "{port}"
+        );
     }
 }
 
@@ -65,8 +77,19 @@ fn each_mesh_is_recognised_by_its_marker() {
     let mut osm = pod("o", &["app", "envoy"], json!({}));
     osm["metadata"]["labels"] = json!({"osm-proxy-uuid": "x"});
     let d = desired_state(&parse(vec![linkerd, kuma, osm]), None, MeshSelection::Auto);
-    let got: Vec<(Mesh, u16, u16, u32, bool)> =
-        d.pods.iter().map(|p| (p.mesh, p.outbound_port, p.inbound_port, p.proxy_uid, p.out_via_loopback)).collect();
+    let got: Vec<(Mesh, u16, u16, u32, bool)> = d
+        .pods
+        .iter()
+        .map(|p| {
+            (
+                p.mesh,
+                p.outbound_port,
+                p.inbound_port,
+                p.proxy_uid,
+                p.out_via_loopback,
+            )
+        })
+        .collect();
     assert_eq!(
         got,
         vec![
@@ -80,11 +103,27 @@ fn each_mesh_is_recognised_by_its_marker() {
 #[test]
 fn not_meshed_pods() {
     // Sidecar alone, no app container.
-    assert!(one(pod("s", &["istio-proxy"], json!({"sidecar.istio.io/status": "{}"}))).0.is_none());
+    assert!(
+        one(pod(
+            "s",
+            &["istio-proxy"],
+            json!({"sidecar.istio.io/status": "{}"})
+        ))
+        .0
+        .is_none()
+    );
     // Istio container without the injection status annotation.
-    assert!(one(pod("n", &["app", "istio-proxy"], json!({}))).0.is_none());
+    assert!(
+        one(pod("n", &["app", "istio-proxy"], json!({})))
+            .0
+            .is_none()
+    );
     // Opted out.
-    assert!(one(istio("o", json!({"sidecar.istio.io/inject": "false"}))).0.is_none());
+    assert!(
+        one(istio("o", json!({"sidecar.istio.io/inject": "false"})))
+            .0
+            .is_none()
+    );
     // No sidecar.
     assert!(one(pod("p", &["app"], json!({}))).0.is_none());
     // OSM's envoy without the label.
@@ -101,8 +140,15 @@ fn host_network_terminating_pending_and_other_nodes_are_skipped() {
     pending["status"]["phase"] = json!("Pending");
     let mut elsewhere = istio("x", json!({}));
     elsewhere["spec"]["nodeName"] = json!("n2");
-    let d = desired_state(&parse(vec![host, term, pending, elsewhere, istio("ok", json!({}))]), Some("n1"), MeshSelection::Auto);
-    assert_eq!(d.pods.iter().map(|p| p.name.as_str()).collect::<Vec<_>>(), vec!["ns/ok"]);
+    let d = desired_state(
+        &parse(vec![host, term, pending, elsewhere, istio("ok", json!({}))]),
+        Some("n1"),
+        MeshSelection::Auto,
+    );
+    assert_eq!(
+        d.pods.iter().map(|p| p.name.as_str()).collect::<Vec<_>>(),
+        vec!["ns/ok"]
+    );
     assert_eq!(d.pods_seen, 4, "the pod bound to n2 is not counted");
 }
 
@@ -115,7 +161,10 @@ fn native_sidecar_init_container_counts() {
 
 #[test]
 fn mesh_selection_only_programs_that_mesh() {
-    let pods = parse(vec![istio("i", json!({})), pod("l", &["app", "linkerd-proxy"], json!({}))]);
+    let pods = parse(vec![
+        istio("i", json!({})),
+        pod("l", &["app", "linkerd-proxy"], json!({})),
+    ]);
     let d = desired_state(&pods, None, MeshSelection::Only(Mesh::Linkerd));
     assert_eq!(d.pods.len(), 1);
     assert_eq!(d.pods[0].mesh, Mesh::Linkerd);
@@ -136,26 +185,64 @@ fn istio_annotations_lists_ranges_star_and_v6() {
     ));
     assert!(w.is_empty(), "{w:?}");
     let p = p.unwrap();
-    assert!(p.port_rules.contains(&(PortRuleKind::OutExclude, range(9000, 9010))));
-    assert!(p.port_rules.contains(&(PortRuleKind::OutExclude, range(22, 22))));
-    assert!(p.port_rules.contains(&(PortRuleKind::OutInclude, range(8443, 8443))));
-    assert!(p.port_rules.contains(&(PortRuleKind::InExclude, range(1, 65535))), "* = every port");
-    assert!(p.port_rules.contains(&(PortRuleKind::InInclude, range(8080, 8080))));
+    assert!(
+        p.port_rules
+            .contains(&(PortRuleKind::OutExclude, range(9000, 9010)))
+    );
+    assert!(
+        p.port_rules
+            .contains(&(PortRuleKind::OutExclude, range(22, 22)))
+    );
+    assert!(
+        p.port_rules
+            .contains(&(PortRuleKind::OutInclude, range(8443, 8443)))
+    );
+    assert!(
+        p.port_rules
+            .contains(&(PortRuleKind::InExclude, range(1, 65535))),
+        "* = every port"
+    );
+    assert!(
+        p.port_rules
+            .contains(&(PortRuleKind::InInclude, range(8080, 8080)))
+    );
     assert!(!p.in_all_ports, "an include list replaces the default *");
     assert!(!p.out_all_addrs);
-    let cidrs: Vec<String> = p.cidr_rules.iter().map(|(k, c)| format!("{k:?} {}/{}", c.addr, c.len)).collect();
+    let cidrs: Vec<String> = p
+        .cidr_rules
+        .iter()
+        .map(|(k, c)| format!("{k:?} {}/{}", c.addr, c.len))
+        .collect();
     assert_eq!(
         cidrs,
-        vec!["OutExclude 169.254.169.254/32", "OutExclude fd00:1::/64", "OutInclude 10.0.0.0/8", "OutInclude fd00::/16"]
+        vec![
+            "OutExclude 169.254.169.254/32",
+            "OutExclude fd00:1::/64",
+            "OutInclude 10.0.0.0/8",
+            "OutInclude fd00::/16"
+        ]
     );
 }
 
 #[test]
 fn include_star_keeps_all_and_empty_include_means_none() {
-    let p = one(istio("a", json!({"traffic.sidecar.istio.io/includeOutboundIPRanges": "*"}))).0.unwrap();
+    let p = one(istio(
+        "a",
+        json!({"traffic.sidecar.istio.io/includeOutboundIPRanges": "*"}),
+    ))
+    .0
+    .unwrap();
     assert!(p.out_all_addrs);
-    let p = one(istio("b", json!({"traffic.sidecar.istio.io/includeOutboundIPRanges": ""}))).0.unwrap();
-    assert!(!p.out_all_addrs && p.cidr_rules.is_empty(), "empty include list: nothing is redirected outbound");
+    let p = one(istio(
+        "b",
+        json!({"traffic.sidecar.istio.io/includeOutboundIPRanges": ""}),
+    ))
+    .0
+    .unwrap();
+    assert!(
+        !p.out_all_addrs && p.cidr_rules.is_empty(),
+        "empty include list: nothing is redirected outbound"
+    );
 }
 
 #[test]
@@ -170,38 +257,88 @@ fn invalid_annotation_is_reported_by_name_and_the_rest_applies() {
         }),
     ));
     let p = p.expect("the pod is still meshed");
-    assert!(p.port_rules.contains(&(PortRuleKind::InExclude, range(8081, 8081))));
-    assert!(!p.port_rules.iter().any(|(k, _)| *k == PortRuleKind::OutExclude), "the whole bad annotation is ignored");
+    assert!(
+        p.port_rules
+            .contains(&(PortRuleKind::InExclude, range(8081, 8081)))
+    );
+    assert!(
+        !p.port_rules
+            .iter()
+            .any(|(k, _)| *k == PortRuleKind::OutExclude),
+        "the whole bad annotation is ignored"
+    );
     assert!(p.cidr_rules.is_empty());
     assert_eq!(p.dns_port, None);
     let w: Vec<String> = w.into_iter().map(|w| w.0).collect();
     assert_eq!(w.len(), 3, "{w:?}");
-    assert!(w[0].contains("pod ns/bad") && w[0].contains("excludeOutboundPorts") && w[0].contains("\"x\" is not a port"), "{w:?}");
+    assert!(
+        w[0].contains("pod ns/bad")
+            && w[0].contains("excludeOutboundPorts")
+            && w[0].contains("\"x\" is not a port"),
+        "{w:?}"
+    );
     assert!(w.iter().any(|m| m.contains("0-32")), "{w:?}");
-    assert!(w.iter().any(|m| m.contains("dns-capture") && m.contains("expected true or false")), "{w:?}");
+    assert!(
+        w.iter()
+            .any(|m| m.contains("dns-capture") && m.contains("expected true or false")),
+        "{w:?}"
+    );
 }
 
 #[test]
 fn dns_capture_follows_the_annotation() {
-    let p = one(istio("d", json!({"proxy.istio.io/dns-capture": "true"}))).0.unwrap();
+    let p = one(istio("d", json!({"proxy.istio.io/dns-capture": "true"})))
+        .0
+        .unwrap();
     assert_eq!(p.dns_port, Some(15053));
-    let l = one(pod("l", &["app", "linkerd-proxy"], json!({"proxy.istio.io/dns-capture": "true"}))).0.unwrap();
+    let l = one(pod(
+        "l",
+        &["app", "linkerd-proxy"],
+        json!({"proxy.istio.io/dns-capture": "true"}),
+    ))
+    .0
+    .unwrap();
     assert_eq!(l.dns_port, None, "Linkerd has no DNS proxy");
 }
 
 #[test]
 fn linkerd_kuma_osm_annotations() {
-    let l = one(pod("l", &["app", "linkerd-proxy"], json!({
-        "config.linkerd.io/skip-outbound-ports": "4567-4569,25",
-        "config.linkerd.io/skip-inbound-ports": "9999",
-        "config.linkerd.io/skip-subnets": "10.96.0.0/12"
-    }))).0.unwrap();
-    assert!(l.port_rules.contains(&(PortRuleKind::OutExclude, range(4567, 4569))));
-    assert!(l.port_rules.contains(&(PortRuleKind::InExclude, range(9999, 9999))));
+    let l = one(pod(
+        "l",
+        &["app", "linkerd-proxy"],
+        json!({
+            "config.linkerd.io/skip-outbound-ports": "4567-4569,25",
+            "config.linkerd.io/skip-inbound-ports": "9999",
+            "config.linkerd.io/skip-subnets": "10.96.0.0/12"
+        }),
+    ))
+    .0
+    .unwrap();
+    assert!(
+        l.port_rules
+            .contains(&(PortRuleKind::OutExclude, range(4567, 4569)))
+    );
+    assert!(
+        l.port_rules
+            .contains(&(PortRuleKind::InExclude, range(9999, 9999)))
+    );
     assert_eq!(l.cidr_rules.len(), 1);
-    let k = one(pod("k", &["app", "kuma-sidecar"], json!({"traffic.kuma.io/exclude-outbound-ports": "5432"}))).0.unwrap();
-    assert!(k.port_rules.contains(&(PortRuleKind::OutExclude, range(5432, 5432))));
-    let mut o = pod("o", &["app", "envoy"], json!({"openservicemesh.io/outbound-ip-range-inclusion-list": "10.0.0.0/16"}));
+    let k = one(pod(
+        "k",
+        &["app", "kuma-sidecar"],
+        json!({"traffic.kuma.io/exclude-outbound-ports": "5432"}),
+    ))
+    .0
+    .unwrap();
+    assert!(
+        k.port_rules
+            .contains(&(PortRuleKind::OutExclude, range(5432, 5432)))
+    );
+    let mut o = pod(
+        "o",
+        &["app", "envoy"],
+        json!({"openservicemesh.io/outbound-ip-range-inclusion-list": "10.0.0.0/16"}),
+    );
     o["metadata"]["labels"] = json!({"osm-proxy-uuid": "x"});
     let o = one(o).0.unwrap();
     assert!(!o.out_all_addrs && o.cidr_rules.len() == 1);
@@ -214,7 +351,10 @@ fn bad_ips_missing_fields_and_duplicates() {
     bad_ip["status"]["podIPs"] = json!([{"ip": "10.0.0.300"}]);
     let (p, w) = one(bad_ip);
     assert!(p.is_none(), "no usable IP: not programmed");
-    assert!(w[0].0.contains("\"10.0.0.300\" is not an IP address"), "{w:?}");
+    assert!(
+        w[0].0.contains("\"10.0.0.300\" is not an IP address"),
+        "{w:?}"
+    );
     let mut no_uid = istio("nouid", json!({}));
     no_uid["metadata"].as_object_mut().unwrap().remove("uid");
     let (p, w) = one(no_uid);

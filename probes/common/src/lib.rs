@@ -196,8 +196,18 @@ pub struct SocketTuple {
 
 impl SocketTuple {
     /// A tuple from its parts.
-    pub const fn new(local_addr: [u32; 4], remote_addr: [u32; 4], local_port: u32, remote_port: u32) -> Self {
-        Self { local_addr, remote_addr, local_port, remote_port }
+    pub const fn new(
+        local_addr: [u32; 4],
+        remote_addr: [u32; 4],
+        local_port: u32,
+        remote_port: u32,
+    ) -> Self {
+        Self {
+            local_addr,
+            remote_addr,
+            local_port,
+            remote_port,
+        }
     }
 
     /// The same connection as its peer socket sees it.

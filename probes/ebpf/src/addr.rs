@@ -40,7 +40,11 @@ pub unsafe fn write_words(p: *mut [u32; 4], v: &[u32; 4]) {
 /// Normalises a socket address of either family to the v4-mapped/v6 form.
 #[inline(always)]
 pub fn normalise(family: u32, ip4: u32, ip6: [u32; 4]) -> [u32; 4] {
-    if family == AF_INET { v4_mapped(ip4) } else { ip6 }
+    if family == AF_INET {
+        v4_mapped(ip4)
+    } else {
+        ip6
+    }
 }
 
 /// Whether an address (v4-mapped or v6) is a loopback address.

@@ -4,13 +4,16 @@
 use aya_ebpf::{
     EbpfContext,
     bindings::bpf_sock_addr,
-    helpers::{bpf_get_current_uid_gid, generated::{bpf_bind, bpf_get_current_cgroup_id, bpf_get_socket_cookie}},
+    helpers::{
+        bpf_get_current_uid_gid,
+        generated::{bpf_bind, bpf_get_current_cgroup_id, bpf_get_socket_cookie},
+    },
     macros::cgroup_sock_addr,
     programs::SockAddrContext,
 };
 use merbridge_edge_probes_common::{
-    Counter, ORIGINAL_DNS, ORIGINAL_PAIR_ONLY, ORIGINAL_REDIRECTED, OriginalDst,
-    POD_DNS_CAPTURE, POD_HAS_IP4, POD_HAS_IP6, POD_OUT_VIA_LOOPBACK, PodInfo, as_v4, v4_mapped,
+    Counter, ORIGINAL_DNS, ORIGINAL_PAIR_ONLY, ORIGINAL_REDIRECTED, OriginalDst, POD_DNS_CAPTURE,
+    POD_HAS_IP4, POD_HAS_IP6, POD_OUT_VIA_LOOPBACK, PodInfo, as_v4, v4_mapped,
 };
 
 use crate::{
@@ -30,7 +33,12 @@ pub enum Decision {
     /// Leave it alone, but remember it so sockops can accelerate the local pair.
     PairOnly,
     /// Rewrite the destination; remember the original with these flags.
-    Rewrite { addr: [u32; 4], port: u16, flags: u16, bind_loopback: bool },
+    Rewrite {
+        addr: [u32; 4],
+        port: u16,
+        flags: u16,
+        bind_loopback: bool,
+    },
 }
 
 /// The meshed pod the current process belongs to, if any.
@@ -65,9 +73,22 @@ pub fn decide(pod: &PodInfo, protocol: u32, dst: &[u32; 4], port: u16) -> Decisi
     let is_proxy = current_uid() == pod.proxy_uid;
 
     if port == DNS_PORT && pod.flags & POD_DNS_CAPTURE != 0 && !is_proxy && !is_loopback(dst) {
-        let to = if dst_is_v4 { v4_mapped(LOCALHOST4) } else { LOCALHOST6 };
-        let flags = if protocol == IPPROTO_UDP { ORIGINAL_DNS } else { 0 };
-        return Decision::Rewrite { addr: to, port: pod.dns_port, flags, bind_loopback: false };
+        let to = if dst_is_v4 {
+            v4_mapped(LOCALHOST4)
+        } else {
+            LOCALHOST6
+        };
+        let flags = if protocol == IPPROTO_UDP {
+            ORIGINAL_DNS
+        } else {
+            0
+        };
+        return Decision::Rewrite {
+            addr: to,
+            port: pod.dns_port,
+            flags,
+            bind_loopback: false,
+        };
     }
     if protocol != IPPROTO_TCP {
         return Decision::Pass;
@@ -139,7 +160,14 @@ struct SockaddrIn {
 
 /// Applies a decision to the context and records what sockops and getsockopt need.
 #[inline(always)]
-fn apply(ctx: &SockAddrContext, pod: &PodInfo, decision: Decision, dst: [u32; 4], port: u16, v4_ctx: bool) {
+fn apply(
+    ctx: &SockAddrContext,
+    pod: &PodInfo,
+    decision: Decision,
+    dst: [u32; 4],
+    port: u16,
+    v4_ctx: bool,
+) {
     let sa: *mut bpf_sock_addr = ctx.sock_addr;
     // SAFETY: the helper takes the program context.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
@@ -148,11 +176,21 @@ fn apply(ctx: &SockAddrContext, pod: &PodInfo, decision: Decision, dst: [u32; 4]
         Decision::PairOnly => {
             count(Counter::PassPolicy, 1);
             if accelerate() {
-                let original = OriginalDst { addr: dst, port, flags: ORIGINAL_PAIR_ONLY, pod_id: pod.pod_id };
+                let original = OriginalDst {
+                    addr: dst,
+                    port,
+                    flags: ORIGINAL_PAIR_ONLY,
+                    pod_id: pod.pod_id,
+                };
                 remember(&cookie, &original);
             }
         }
-        Decision::Rewrite { addr, port: new_port, flags, bind_loopback } => {
+        Decision::Rewrite {
+            addr,
+            port: new_port,
+            flags,
+            bind_loopback,
+        } => {
             if bind_loopback {
                 let source = SockaddrIn {
                     family: AF_INET as u16,
@@ -162,24 +200,26 @@ fn apply(ctx: &SockAddrContext, pod: &PodInfo, decision: Decision, dst: [u32; 4]
                 };
                 // SAFETY: a sockaddr_in on the stack, its exact size.
                 let ret = unsafe {
-                    bpf_bind(sa, &source as *const SockaddrIn as *mut _, size_of::<SockaddrIn>() as i32)
+                    bpf_bind(
+                        sa,
+                        &source as *const SockaddrIn as *mut _,
+                        size_of::<SockaddrIn>() as i32,
+                    )
                 };
                 if ret != 0 {
                     count(Counter::PassPolicy, 1);
                     return;
                 }
             }
-            let original = OriginalDst { addr: dst, port, flags, pod_id: pod.pod_id };
+            let original = OriginalDst {
+                addr: dst,
+                port,
+                flags,
+                pod_id: pod.pod_id,
+            };
             remember(&cookie, &original);
-            // SAFETY: 4-byte stores to writable fields of the connect context.
-            unsafe {
-                if v4_ctx {
-                    core::ptr::write_volatile(&raw mut (*sa).user_ip4, addr[3]);
-                } else {
-                    write_words(&raw mut (*sa).user_ip6, &addr);
-                }
-                core::ptr::write_volatile(&raw mut (*sa).user_port, u32::from(new_port.to_be()));
-            }
+            // SAFETY: sa is this program's context.
+            unsafe { set_destination(sa, &addr, new_port, v4_ctx) };
             let counter = if flags & ORIGINAL_REDIRECTED == 0 {
                 Counter::DnsRedirected
             } else if addr == dst {
@@ -189,6 +229,20 @@ fn apply(ctx: &SockAddrContext, pod: &PodInfo, decision: Decision, dst: [u32; 4]
             };
             count(counter, 1);
         }
+    }
+}
+
+/// Rewrites the destination of a sock_addr context (connect or sendmsg).
+#[inline(always)]
+pub unsafe fn set_destination(sa: *mut bpf_sock_addr, addr: &[u32; 4], port: u16, v4_ctx: bool) {
+    // SAFETY: 4-byte stores to the writable user_ip4/user_ip6/user_port fields.
+    unsafe {
+        if v4_ctx {
+            core::ptr::write_volatile(&raw mut (*sa).user_ip4, addr[3]);
+        } else {
+            write_words(&raw mut (*sa).user_ip6, addr);
+        }
+        core::ptr::write_volatile(&raw mut (*sa).user_port, u32::from(port.to_be()));
     }
 }
 
@@ -232,7 +286,10 @@ pub fn mb_connect6(ctx: SockAddrContext) -> i32 {
     };
     let decision = match decide(&pod, protocol, &dst, port) {
         // bpf_bind with an IPv4 source does not fit a dual-stack socket: fail open.
-        Decision::Rewrite { bind_loopback: true, .. } => Decision::Pass,
+        Decision::Rewrite {
+            bind_loopback: true,
+            ..
+        } => Decision::Pass,
         d => d,
     };
     apply(&ctx, &pod, decision, dst, port, false);

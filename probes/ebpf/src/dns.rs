@@ -2,17 +2,14 @@
 //! to the sidecar's DNS port on loopback, and replies come back looking as if the
 //! original server sent them. TCP DNS is handled by the connect hooks.
 use aya_ebpf::{
-    EbpfContext,
-    bindings::bpf_sock_addr,
-    helpers::generated::bpf_get_socket_cookie,
-    macros::cgroup_sock_addr,
-    programs::SockAddrContext,
+    EbpfContext, bindings::bpf_sock_addr, helpers::generated::bpf_get_socket_cookie,
+    macros::cgroup_sock_addr, programs::SockAddrContext,
 };
 use merbridge_edge_probes_common::{Counter, ORIGINAL_DNS, OriginalDst, as_v4, v4_mapped};
 
 use crate::{
     addr::{LOCALHOST4, LOCALHOST6, read_words, write_words},
-    connect::{Decision, current_pod, decide, user_port},
+    connect::{Decision, current_pod, decide, set_destination, user_port},
     maps::{ORIGINAL_DST_BY_COOKIE, count, remember},
 };
 
@@ -31,7 +28,13 @@ fn on_sendmsg(ctx: &SockAddrContext, v4_ctx: bool) {
         };
         (dst, user_port(sa))
     };
-    let Decision::Rewrite { addr, port: to_port, flags, .. } = decide(&pod, IPPROTO_UDP, &dst, port) else {
+    let Decision::Rewrite {
+        addr,
+        port: to_port,
+        flags,
+        ..
+    } = decide(&pod, IPPROTO_UDP, &dst, port)
+    else {
         return;
     };
     if flags & ORIGINAL_DNS == 0 {
@@ -39,16 +42,17 @@ fn on_sendmsg(ctx: &SockAddrContext, v4_ctx: bool) {
     }
     // SAFETY: the helper takes the program context.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
-    remember(&cookie, &OriginalDst { addr: dst, port, flags, pod_id: pod.pod_id });
-    // SAFETY: 4-byte stores to writable fields of the sendmsg context.
-    unsafe {
-        if v4_ctx {
-            core::ptr::write_volatile(&raw mut (*sa).user_ip4, addr[3]);
-        } else {
-            write_words(&raw mut (*sa).user_ip6, &addr);
-        }
-        core::ptr::write_volatile(&raw mut (*sa).user_port, u32::from(to_port.to_be()));
-    }
+    remember(
+        &cookie,
+        &OriginalDst {
+            addr: dst,
+            port,
+            flags,
+            pod_id: pod.pod_id,
+        },
+    );
+    // SAFETY: sa is this program's context.
+    unsafe { set_destination(sa, &addr, to_port, v4_ctx) };
     count(Counter::DnsRedirected, 1);
 }
 
@@ -58,7 +62,9 @@ fn on_recvmsg(ctx: &SockAddrContext, v4_ctx: bool) {
     // SAFETY: the helper takes the program context.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
     // SAFETY: the value is copied out at once.
-    let Some(original) = (unsafe { ORIGINAL_DST_BY_COOKIE.get(&cookie).copied() }) else { return };
+    let Some(original) = (unsafe { ORIGINAL_DST_BY_COOKIE.get(&cookie).copied() }) else {
+        return;
+    };
     if original.flags & ORIGINAL_DNS == 0 {
         return;
     }
@@ -69,7 +75,9 @@ fn on_recvmsg(ctx: &SockAddrContext, v4_ctx: bool) {
             return;
         }
         if v4_ctx {
-            let Some(ip4) = as_v4(&original.addr) else { return };
+            let Some(ip4) = as_v4(&original.addr) else {
+                return;
+            };
             if core::ptr::read_volatile(&raw const (*sa).user_ip4) != LOCALHOST4 {
                 return;
             }

@@ -63,15 +63,20 @@ unsafe fn answer_original_dst(so: *mut bpf_sockopt, level: i32, start: usize, en
         let remote = normalise(family, (*sk).dst_ip4, read_words(&raw const (*sk).dst_ip6));
         let local_port = (*sk).src_port;
         // A 4-byte load of dst_port works on every kernel; the port is its low half.
-        let remote_port = u16::from_be(core::ptr::read_volatile(&raw const (*sk).dst_port as *const u32) as u16);
+        let remote_port =
+            u16::from_be(core::ptr::read_volatile(&raw const (*sk).dst_port as *const u32) as u16);
         let tuple = SocketTuple::new(local, remote, local_port, remote_port as u32);
-        let Some(original) = ORIGINAL_DST_BY_TUPLE.get(&tuple).copied() else { return false };
+        let Some(original) = ORIGINAL_DST_BY_TUPLE.get(&tuple).copied() else {
+            return false;
+        };
         if original.flags & ORIGINAL_REDIRECTED == 0 {
             return false;
         }
         let port_be = original.port.to_be();
         if level == SOL_IP {
-            let Some(ip4) = as_v4(&original.addr) else { return false };
+            let Some(ip4) = as_v4(&original.addr) else {
+                return false;
+            };
             if start + SOCKADDR_IN_LEN > end {
                 return false;
             }

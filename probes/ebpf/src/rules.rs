@@ -11,7 +11,11 @@ use crate::maps::{CIDR_RULES, PORT_RULES};
 fn has_port_rule(pod_id: u32, kind: u8, port: u16) -> bool {
     let key = Key::new(
         RULE_KEY_HEADER_BITS + 16,
-        PortRuleKey { pod_id: pod_id.to_be_bytes(), kind, port: port.to_be_bytes() },
+        PortRuleKey {
+            pod_id: pod_id.to_be_bytes(),
+            kind,
+            port: port.to_be_bytes(),
+        },
     );
     PORT_RULES.get(&key).is_some()
 }
@@ -30,7 +34,11 @@ fn has_cidr_rule(pod_id: u32, kind: u8, addr: &[u32; 4]) -> bool {
     }
     let key = Key::new(
         RULE_KEY_HEADER_BITS + 128,
-        CidrRuleKey { pod_id: pod_id.to_be_bytes(), kind, addr: bytes },
+        CidrRuleKey {
+            pod_id: pod_id.to_be_bytes(),
+            kind,
+            addr: bytes,
+        },
     );
     CIDR_RULES.get(&key).is_some()
 }

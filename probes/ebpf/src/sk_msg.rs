@@ -29,8 +29,16 @@ pub fn mb_sk_msg(ctx: SkMsgContext) -> u32 {
     // SAFETY: reads of readable sk_msg_md fields, IPv6 words one at a time.
     let peer = unsafe {
         let family = (*msg).family;
-        let local = normalise(family, (*msg).local_ip4, read_words(&raw const (*msg).local_ip6));
-        let remote = normalise(family, (*msg).remote_ip4, read_words(&raw const (*msg).remote_ip6));
+        let local = normalise(
+            family,
+            (*msg).local_ip4,
+            read_words(&raw const (*msg).local_ip6),
+        );
+        let remote = normalise(
+            family,
+            (*msg).remote_ip4,
+            read_words(&raw const (*msg).remote_ip6),
+        );
         let remote_port = u16::from_be(((*msg).remote_port >> 16) as u16) as u32;
         // The peer socket's own view: our remote is its local.
         SocketTuple::new(remote, local, remote_port, (*msg).local_port)

@@ -26,17 +26,33 @@ fn own_tuple(ops: *const bpf_sock_ops) -> Option<SocketTuple> {
         if family != AF_INET && family != AF_INET6 {
             return None;
         }
-        let local = normalise(family, (*ops).local_ip4, read_words(&raw const (*ops).local_ip6));
-        let remote = normalise(family, (*ops).remote_ip4, read_words(&raw const (*ops).remote_ip6));
+        let local = normalise(
+            family,
+            (*ops).local_ip4,
+            read_words(&raw const (*ops).local_ip6),
+        );
+        let remote = normalise(
+            family,
+            (*ops).remote_ip4,
+            read_words(&raw const (*ops).remote_ip6),
+        );
         // remote_port holds the network-order port in its upper half on little endian.
         let remote_port = u16::from_be(((*ops).remote_port >> 16) as u16) as u32;
-        Some(SocketTuple::new(local, remote, (*ops).local_port, remote_port))
+        Some(SocketTuple::new(
+            local,
+            remote,
+            (*ops).local_port,
+            remote_port,
+        ))
     }
 }
 
 #[inline(always)]
 fn record(ctx: &SockOpsContext, tuple: &SocketTuple, original: &OriginalDst) {
-    if ORIGINAL_DST_BY_TUPLE.insert(tuple, original, BPF_ANY as u64).is_err() {
+    if ORIGINAL_DST_BY_TUPLE
+        .insert(tuple, original, BPF_ANY as u64)
+        .is_err()
+    {
         count(Counter::MapFull, 1);
         return;
     }
@@ -56,7 +72,9 @@ fn record(ctx: &SockOpsContext, tuple: &SocketTuple, original: &OriginalDst) {
 /// sockops.
 #[sock_ops]
 pub fn mb_sockops(ctx: SockOpsContext) -> u32 {
-    let Some(tuple) = own_tuple(ctx.ops) else { return 1 };
+    let Some(tuple) = own_tuple(ctx.ops) else {
+        return 1;
+    };
     match ctx.op() {
         BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB => {
             // SAFETY: the helper takes the sock_ops context.
@@ -73,7 +91,8 @@ pub fn mb_sockops(ctx: SockOpsContext) -> u32 {
         }
         BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB => {
             // SAFETY: copied out at once.
-            let Some(original) = (unsafe { ORIGINAL_DST_BY_TUPLE.get(&tuple.reversed()).copied() }) else {
+            let Some(original) = (unsafe { ORIGINAL_DST_BY_TUPLE.get(&tuple.reversed()).copied() })
+            else {
                 return 1;
             };
             record(&ctx, &tuple, &original);

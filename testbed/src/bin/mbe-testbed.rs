@@ -15,12 +15,19 @@ fn main() {
     let a: Vec<&str> = args.iter().map(String::as_str).collect();
     let result = match a.as_slice() {
         ["echo", name, addrs @ ..] => echo(name, addrs),
-        ["sidecar", name, out_port, in_port, log] => sidecar(name, out_port.parse().unwrap(), in_port.parse().unwrap(), log),
+        ["sidecar", name, out_port, in_port, log] => sidecar(
+            name,
+            out_port.parse().unwrap(),
+            in_port.parse().unwrap(),
+            log,
+        ),
         ["client", addr, rest @ ..] => client(addr, rest),
         ["sockopts"] => sockopts(),
         ["udp-echo", name, addr] => udp_echo(name, addr),
         ["udp-query", addr, rest @ ..] => udp_query(addr, rest.contains(&"--connected")),
-        _ => Err(format!("usage: mbe-testbed echo|sidecar|client|sockopts|udp-echo|udp-query …; got {a:?}")),
+        _ => Err(format!(
+            "usage: mbe-testbed echo|sidecar|client|sockopts|udp-echo|udp-query …; got {a:?}"
+        )),
     };
     if let Err(e) = result {
         eprintln!("mbe-testbed: {e}");
@@ -54,7 +61,11 @@ fn echo(name: &str, addrs: &[&str]) -> Result<(), String> {
 }
 
 fn serve_echo(name: &str, mut s: TcpStream) -> std::io::Result<()> {
-    let hello = format!("hello who={name} local={} peer={}\n", s.local_addr()?, s.peer_addr()?);
+    let hello = format!(
+        "hello who={name} local={} peer={}\n",
+        s.local_addr()?,
+        s.peer_addr()?
+    );
     s.write_all(hello.as_bytes())?;
     let mut buf = vec![0u8; 64 * 1024];
     loop {
@@ -82,14 +93,27 @@ fn original_dst(s: &TcpStream) -> Result<SocketAddr, std::io::Error> {
             if libc::getsockopt(fd, libc::SOL_IP, 80, &mut sa as *mut _ as *mut _, &mut len) != 0 {
                 return Err(std::io::Error::last_os_error());
             }
-            Ok(SocketAddr::new(IpAddr::V4(Ipv4Addr::from(u32::from_be(sa.sin_addr.s_addr))), u16::from_be(sa.sin_port)))
+            Ok(SocketAddr::new(
+                IpAddr::V4(Ipv4Addr::from(u32::from_be(sa.sin_addr.s_addr))),
+                u16::from_be(sa.sin_port),
+            ))
         } else {
             let mut sa: libc::sockaddr_in6 = zeroed();
             let mut len = size_of::<libc::sockaddr_in6>() as libc::socklen_t;
-            if libc::getsockopt(fd, libc::SOL_IPV6, 80, &mut sa as *mut _ as *mut _, &mut len) != 0 {
+            if libc::getsockopt(
+                fd,
+                libc::SOL_IPV6,
+                80,
+                &mut sa as *mut _ as *mut _,
+                &mut len,
+            ) != 0
+            {
                 return Err(std::io::Error::last_os_error());
             }
-            Ok(SocketAddr::new(IpAddr::V6(Ipv6Addr::from(sa.sin6_addr.s6_addr)), u16::from_be(sa.sin6_port)))
+            Ok(SocketAddr::new(
+                IpAddr::V6(Ipv6Addr::from(sa.sin6_addr.s6_addr)),
+                u16::from_be(sa.sin6_port),
+            ))
         }
     }
 }
@@ -98,7 +122,11 @@ fn original_dst(s: &TcpStream) -> Result<SocketAddr, std::io::Error> {
 /// one line per connection, then forwards to the original destination.
 fn sidecar(name: &str, out_port: u16, in_port: u16, log: &str) -> Result<(), String> {
     let log = Arc::new(Mutex::new(
-        std::fs::OpenOptions::new().create(true).append(true).open(log).map_err(|e| format!("log {log}: {e}"))?,
+        std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(log)
+            .map_err(|e| format!("log {log}: {e}"))?,
     ));
     let mut handles = vec![];
     for (port, which) in [(out_port, "outbound"), (in_port, "inbound")] {
@@ -166,7 +194,9 @@ fn copy_then_shutdown(mut from: TcpStream, mut to: TcpStream) {
 }
 
 fn pattern(conn: usize, len: usize) -> Vec<u8> {
-    (0..len).map(|i| ((i * 31 + conn * 7) % 251) as u8).collect()
+    (0..len)
+        .map(|i| ((i * 31 + conn * 7) % 251) as u8)
+        .collect()
 }
 
 /// Connects (optionally many times at once), reads the greeting, sends bytes and
@@ -185,8 +215,12 @@ fn client(addr: &str, rest: &[&str]) -> Result<(), String> {
     }
     let addr: SocketAddr = addr.parse().map_err(|_| format!("bad address {addr}"))?;
     let results: Vec<Result<String, String>> = std::thread::scope(|sc| {
-        let hs: Vec<_> = (0..conns).map(|c| sc.spawn(move || one_client(addr, c, bytes))).collect();
-        hs.into_iter().map(|h| h.join().unwrap_or_else(|_| Err("thread panicked".into()))).collect()
+        let hs: Vec<_> = (0..conns)
+            .map(|c| sc.spawn(move || one_client(addr, c, bytes)))
+            .collect();
+        hs.into_iter()
+            .map(|h| h.join().unwrap_or_else(|_| Err("thread panicked".into())))
+            .collect()
     });
     let mut hellos = std::collections::BTreeSet::new();
     for r in results {
@@ -202,11 +236,14 @@ fn client(addr: &str, rest: &[&str]) -> Result<(), String> {
 }
 
 fn one_client(addr: SocketAddr, conn: usize, bytes: usize) -> Result<String, String> {
-    let s = TcpStream::connect_timeout(&addr, Duration::from_secs(5)).map_err(|e| format!("connect {addr}: {e}"))?;
+    let s = TcpStream::connect_timeout(&addr, Duration::from_secs(5))
+        .map_err(|e| format!("connect {addr}: {e}"))?;
     s.set_read_timeout(Some(Duration::from_secs(20))).ok();
     let mut reader = BufReader::new(s.try_clone().map_err(|e| e.to_string())?);
     let mut hello = String::new();
-    reader.read_line(&mut hello).map_err(|e| format!("conn {conn}: reading hello: {e}"))?;
+    reader
+        .read_line(&mut hello)
+        .map_err(|e| format!("conn {conn}: reading hello: {e}"))?;
     let data = pattern(conn, bytes);
     let mut w = s.try_clone().map_err(|e| e.to_string())?;
     // Half-closing before the echo is back is opt-in: see README, "Known limits".
@@ -224,18 +261,37 @@ fn one_client(addr: SocketAddr, conn: usize, bytes: usize) -> Result<String, Str
         match reader.read(&mut got[filled..]) {
             Ok(0) => break,
             Ok(n) => filled += n,
-            Err(e) => return Err(format!("conn {conn}: reading echo after {filled} bytes: {e}")),
+            Err(e) => {
+                return Err(format!(
+                    "conn {conn}: reading echo after {filled} bytes: {e}"
+                ));
+            }
         }
     }
     got.truncate(filled);
     let _ = s.shutdown(Shutdown::Both);
-    writer.join().unwrap().map_err(|e| format!("conn {conn}: writing: {e}"))?;
+    writer
+        .join()
+        .unwrap()
+        .map_err(|e| format!("conn {conn}: writing: {e}"))?;
     if got != pattern(conn, bytes) {
-        return Err(format!("conn {conn}: echo differs: sent {bytes} bytes, got {} back", got.len()));
+        return Err(format!(
+            "conn {conn}: echo differs: sent {bytes} bytes, got {} back",
+            got.len()
+        ));
     }
     // Keep who= and the local address IP only (ports vary per connection).
-    let who = hello.trim().split(' ').filter(|p| p.starts_with("who=")).collect::<Vec<_>>().join(" ");
-    let local = hello.trim().split(' ').find_map(|p| p.strip_prefix("local=")).unwrap_or("");
+    let who = hello
+        .trim()
+        .split(' ')
+        .filter(|p| p.starts_with("who="))
+        .collect::<Vec<_>>()
+        .join(" ");
+    let local = hello
+        .trim()
+        .split(' ')
+        .find_map(|p| p.strip_prefix("local="))
+        .unwrap_or("");
     Ok(format!("hello {who} local={local}"))
 }
 
@@ -243,7 +299,11 @@ fn getsockopt_raw(fd: i32, level: i32, name: i32, buf: &mut [u8]) -> Result<usiz
     let mut len = buf.len() as libc::socklen_t;
     // SAFETY: buffer and length describe valid memory.
     let r = unsafe { libc::getsockopt(fd, level, name, buf.as_mut_ptr().cast(), &mut len) };
-    if r != 0 { Err(std::io::Error::last_os_error().raw_os_error().unwrap_or(0)) } else { Ok(len as usize) }
+    if r != 0 {
+        Err(std::io::Error::last_os_error().raw_os_error().unwrap_or(0))
+    } else {
+        Ok(len as usize)
+    }
 }
 
 /// Checks that options the datapath does not own come back exactly as the kernel gives them.
@@ -255,30 +315,50 @@ fn sockopts() -> Result<(), String> {
     // SO_RCVBUF: the kernel doubles what was set.
     let want: i32 = 65536;
     // SAFETY: setsockopt with an int.
-    unsafe { libc::setsockopt(fd, libc::SOL_SOCKET, libc::SO_RCVBUF, &want as *const i32 as *const _, 4) };
+    unsafe {
+        libc::setsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            libc::SO_RCVBUF,
+            &want as *const i32 as *const _,
+            4,
+        )
+    };
     let mut buf = [0u8; 4];
-    let n = getsockopt_raw(fd, libc::SOL_SOCKET, libc::SO_RCVBUF, &mut buf).map_err(|e| format!("SO_RCVBUF errno {e}"))?;
+    let n = getsockopt_raw(fd, libc::SOL_SOCKET, libc::SO_RCVBUF, &mut buf)
+        .map_err(|e| format!("SO_RCVBUF errno {e}"))?;
     let rcvbuf = i32::from_ne_bytes(buf);
     if n != 4 || rcvbuf != 2 * want {
-        return Err(format!("SO_RCVBUF: got {rcvbuf} ({n} bytes), want {}", 2 * want));
+        return Err(format!(
+            "SO_RCVBUF: got {rcvbuf} ({n} bytes), want {}",
+            2 * want
+        ));
     }
     // The same with a buffer far over a page: the length must still be 4.
     let mut big = vec![0u8; 70000];
-    let n = getsockopt_raw(fd, libc::SOL_SOCKET, libc::SO_RCVBUF, &mut big).map_err(|e| format!("SO_RCVBUF (70000-byte buffer) errno {e}"))?;
+    let n = getsockopt_raw(fd, libc::SOL_SOCKET, libc::SO_RCVBUF, &mut big)
+        .map_err(|e| format!("SO_RCVBUF (70000-byte buffer) errno {e}"))?;
     if n != 4 || i32::from_ne_bytes(big[..4].try_into().unwrap()) != 2 * want {
         return Err(format!("SO_RCVBUF with a 70000-byte buffer: {n} bytes"));
     }
     // TCP_INFO: established, full struct.
     let mut info = vec![0u8; size_of::<libc::tcp_info>()];
-    let n = getsockopt_raw(fd, libc::IPPROTO_TCP, libc::TCP_INFO, &mut info).map_err(|e| format!("TCP_INFO errno {e}"))?;
+    let n = getsockopt_raw(fd, libc::IPPROTO_TCP, libc::TCP_INFO, &mut info)
+        .map_err(|e| format!("TCP_INFO errno {e}"))?;
     if n < 104 || info[0] != 1 {
         return Err(format!("TCP_INFO: {n} bytes, state {}", info[0]));
     }
     // SO_ORIGINAL_DST on a connection nobody redirected: an error, as without us.
     let mut sa = [0u8; 16];
     match getsockopt_raw(fd, libc::SOL_IP, 80, &mut sa) {
-        Ok(n) => return Err(format!("SO_ORIGINAL_DST on an unredirected socket answered {n} bytes")),
-        Err(e) if e == libc::EFAULT => return Err("SO_ORIGINAL_DST on an unredirected socket: EFAULT".into()),
+        Ok(n) => {
+            return Err(format!(
+                "SO_ORIGINAL_DST on an unredirected socket answered {n} bytes"
+            ));
+        }
+        Err(e) if e == libc::EFAULT => {
+            return Err("SO_ORIGINAL_DST on an unredirected socket: EFAULT".into());
+        }
         Err(_) => {}
     }
     // An option value longer than a page: SO_PEERGROUPS with 3000 supplementary groups.
@@ -289,18 +369,33 @@ fn sockopts() -> Result<(), String> {
     }
     let (u1, _u2) = std::os::unix::net::UnixStream::pair().map_err(|e| e.to_string())?;
     let mut gbuf = vec![0u8; 64 * 1024];
-    let n = getsockopt_raw(u1.as_raw_fd(), libc::SOL_SOCKET, libc::SO_PEERGROUPS, &mut gbuf)
-        .map_err(|e| format!("SO_PEERGROUPS (12000-byte value) errno {e}"))?;
-    let got: Vec<u32> = gbuf[..n].chunks(4).map(|c| u32::from_ne_bytes(c.try_into().unwrap())).collect();
+    let n = getsockopt_raw(
+        u1.as_raw_fd(),
+        libc::SOL_SOCKET,
+        libc::SO_PEERGROUPS,
+        &mut gbuf,
+    )
+    .map_err(|e| format!("SO_PEERGROUPS (12000-byte value) errno {e}"))?;
+    let got: Vec<u32> = gbuf[..n]
+        .chunks(4)
+        .map(|c| u32::from_ne_bytes(c.try_into().unwrap()))
+        .collect();
     let mut want_groups = groups.clone();
     want_groups.sort();
     let mut got_sorted = got.clone();
     got_sorted.sort();
     if got_sorted != want_groups {
-        return Err(format!("SO_PEERGROUPS: {n} bytes, {} groups, want {}", got.len(), groups.len()));
+        return Err(format!(
+            "SO_PEERGROUPS: {n} bytes, {} groups, want {}",
+            got.len(),
+            groups.len()
+        ));
     }
     drop(c);
-    println!("ok rcvbuf={rcvbuf} tcp_info={} peergroups_bytes={n}", info.len());
+    println!(
+        "ok rcvbuf={rcvbuf} tcp_info={} peergroups_bytes={n}",
+        info.len()
+    );
     Ok(())
 }
 
@@ -317,17 +412,28 @@ fn udp_echo(name: &str, addr: &str) -> Result<(), String> {
 /// Sends one datagram to ADDR and prints `reply=<text> from=<addr>`.
 fn udp_query(addr: &str, connected: bool) -> Result<(), String> {
     let target: SocketAddr = addr.parse().map_err(|_| format!("bad address {addr}"))?;
-    let bind = if target.is_ipv4() { "0.0.0.0:0" } else { "[::]:0" };
+    let bind = if target.is_ipv4() {
+        "0.0.0.0:0"
+    } else {
+        "[::]:0"
+    };
     let s = UdpSocket::bind(bind).map_err(|e| e.to_string())?;
     s.set_read_timeout(Some(Duration::from_secs(3))).ok();
     if connected {
-        s.connect(target).map_err(|e| format!("connect {target}: {e}"))?;
+        s.connect(target)
+            .map_err(|e| format!("connect {target}: {e}"))?;
         s.send(b"q").map_err(|e| e.to_string())?;
     } else {
         s.send_to(b"q", target).map_err(|e| e.to_string())?;
     }
     let mut buf = [0u8; 1500];
-    let (n, from) = s.recv_from(&mut buf).map_err(|e| format!("no reply from {target}: {e}"))?;
-    println!("reply={} from={}", String::from_utf8_lossy(&buf[..n]), canonical(from));
+    let (n, from) = s
+        .recv_from(&mut buf)
+        .map_err(|e| format!("no reply from {target}: {e}"))?;
+    println!(
+        "reply={} from={}",
+        String::from_utf8_lossy(&buf[..n]),
+        canonical(from)
+    );
     Ok(())
 }
