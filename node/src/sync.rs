@@ -304,7 +304,6 @@ impl Programmer {
         }
         report
     }
-
 }
 
 /// A failed map write, naming the map and the entry.

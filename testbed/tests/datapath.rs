@@ -26,17 +26,16 @@ const PROXY_UID: u32 = 1337;
 /// One topology at a time: the tests share the machine's two cores.
 static SERIAL: Mutex<()> = Mutex::new(());
 
-fn prerequisites_met(test: &str) -> bool {
-    match missing_prerequisite() {
-        None => true,
-        Some(why) => {
-            if std::env::var("MBE_REQUIRE_KERNEL_TESTS").as_deref() == Ok("1") {
-                panic!("{test}: {why}");
-            }
-            eprintln!("SKIPPED {test}: {why}");
-            false
+/// Checks the prerequisites and takes the one-topology-at-a-time lock; None = skip.
+fn kernel_test(test: &str) -> Option<std::sync::MutexGuard<'static, ()>> {
+    if let Some(why) = missing_prerequisite() {
+        if std::env::var("MBE_REQUIRE_KERNEL_TESTS").as_deref() == Ok("1") {
+            panic!("{test}: {why}");
         }
+        eprintln!("SKIPPED {test}: {why}");
+        return None;
     }
+    Some(SERIAL.lock().unwrap_or_else(|e| e.into_inner()))
 }
 
 /// A node with meshed pods a, b (Istio) and a plain pod c, each running an echo app on
@@ -205,10 +204,9 @@ fn programs_attached_below(path: &std::path::Path) -> String {
 
 #[test]
 fn outbound_ipv4_goes_through_both_sidecars_with_the_original_destination() {
-    if !prerequisites_met("outbound_ipv4") {
+    let Some(_serial) = kernel_test("outbound_ipv4") else {
         return;
-    }
-    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    };
     let f = Fixture::new(istio_abc());
     let _agent = f.start_agent(&[]);
     let (a, b, c) = (f.pod("a").clone(), f.pod("b").clone(), f.pod("c").clone());
@@ -250,10 +248,9 @@ fn outbound_ipv4_goes_through_both_sidecars_with_the_original_destination() {
 
 #[test]
 fn outbound_ipv6_goes_through_both_sidecars_with_the_original_destination() {
-    if !prerequisites_met("outbound_ipv6") {
+    let Some(_serial) = kernel_test("outbound_ipv6") else {
         return;
-    }
-    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    };
     let f = Fixture::new(istio_abc());
     let _agent = f.start_agent(&[]);
     let b = f.pod("b").clone();
@@ -277,10 +274,9 @@ fn outbound_ipv6_goes_through_both_sidecars_with_the_original_destination() {
 
 #[test]
 fn proxy_to_its_own_pod_is_untouched_and_never_fails() {
-    if !prerequisites_met("proxy_own_pod") {
+    let Some(_serial) = kernel_test("proxy_own_pod") else {
         return;
-    }
-    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    };
     let f = Fixture::new(istio_abc());
     let _agent = f.start_agent(&[]);
     let b = f.pod("b").clone();
@@ -316,10 +312,9 @@ fn proxy_to_its_own_pod_is_untouched_and_never_fails() {
 
 #[test]
 fn exclusions_and_inclusions_of_ports_and_ranges() {
-    if !prerequisites_met("exclusions") {
+    let Some(_serial) = kernel_test("exclusions") else {
         return;
-    }
-    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    };
     // Addresses are known only once the node exists: add annotated pods in two steps.
     let mut node_specs = istio_abc();
     node_specs.push(PodSpec::istio("d"));
@@ -433,10 +428,9 @@ fn exclusions_and_inclusions_of_ports_and_ranges() {
 
 #[test]
 fn plain_pods_and_host_processes_are_untouched() {
-    if !prerequisites_met("untouched") {
+    let Some(_serial) = kernel_test("untouched") else {
         return;
-    }
-    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    };
     let f = Fixture::new(istio_abc());
     let _agent = f.start_agent(&[]);
     let (a, b) = (f.pod("a").clone(), f.pod("b").clone());
@@ -457,10 +451,9 @@ fn plain_pods_and_host_processes_are_untouched() {
 
 #[test]
 fn dns_capture_on_and_off() {
-    if !prerequisites_met("dns") {
+    let Some(_serial) = kernel_test("dns") else {
         return;
-    }
-    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    };
     let mut specs = istio_abc();
     specs.push(PodSpec::istio("e").annotate("proxy.istio.io/dns-capture", "true"));
     let mut f = Fixture::new(specs);
@@ -531,10 +524,9 @@ fn dns_capture_on_and_off() {
 
 #[test]
 fn sk_msg_moves_large_and_concurrent_streams_intact() {
-    if !prerequisites_met("sk_msg") {
+    let Some(_serial) = kernel_test("sk_msg") else {
         return;
-    }
-    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    };
     let f = Fixture::new(istio_abc());
     let mut agent = f.start_agent(&[]);
     let b = f.pod("b").clone();
@@ -560,10 +552,9 @@ fn sk_msg_moves_large_and_concurrent_streams_intact() {
 
 #[test]
 fn acceleration_off_keeps_redirects_and_moves_nothing_through_sk_msg() {
-    if !prerequisites_met("no_accelerate") {
+    let Some(_serial) = kernel_test("no_accelerate") else {
         return;
-    }
-    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    };
     let f = Fixture::new(istio_abc());
     let mut agent = f.start_agent(&["--no-accelerate"]);
     let b = f.pod("b").clone();
@@ -586,10 +577,9 @@ fn acceleration_off_keeps_redirects_and_moves_nothing_through_sk_msg() {
 
 #[test]
 fn unrelated_socket_options_pass_through_unchanged() {
-    if !prerequisites_met("sockopts") {
+    let Some(_serial) = kernel_test("sockopts") else {
         return;
-    }
-    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    };
     let f = Fixture::new(istio_abc());
     let a = f.pod("a").clone();
     let before = f
@@ -628,10 +618,9 @@ fn assert_detached_and_direct(f: &Fixture) {
 
 #[test]
 fn after_sigterm_nothing_stays_attached() {
-    if !prerequisites_met("sigterm") {
+    let Some(_serial) = kernel_test("sigterm") else {
         return;
-    }
-    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    };
     let f = Fixture::new(istio_abc());
     let mut agent = f.start_agent(&[]);
     assert_ne!(programs_attached_below(&f.node.cgroup_root), "");
@@ -653,10 +642,9 @@ fn after_sigterm_nothing_stays_attached() {
 
 #[test]
 fn after_sigkill_nothing_stays_attached() {
-    if !prerequisites_met("sigkill") {
+    let Some(_serial) = kernel_test("sigkill") else {
         return;
-    }
-    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    };
     let f = Fixture::new(istio_abc());
     let mut agent = f.start_agent(&[]);
     assert_eq!(
@@ -675,10 +663,9 @@ fn after_sigkill_nothing_stays_attached() {
 
 #[test]
 fn agent_finds_the_cgroup2_mount_by_itself() {
-    if !prerequisites_met("cgroup2_detection") {
+    let Some(_serial) = kernel_test("cgroup2_detection") else {
         return;
-    }
-    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    };
     let node = Node::new(HELPER.as_ref()).unwrap();
     let empty = node.scratch().join("empty.json");
     fs::write(&empty, r#"{"kind":"PodList","apiVersion":"v1","items":[]}"#).unwrap();
