@@ -8,9 +8,11 @@ use aya::{
     programs::{CgroupAttachMode, CgroupSockAddr, CgroupSockopt, SkMsg, SockOps},
 };
 use log::info;
+
+use crate::metrics::MapUsage;
 use merbridge_edge_probes_common::{
-    COUNTER_COUNT, CidrRuleKey, LocalPod, PodInfo, PortRuleKey, SocketTuple, global_names,
-    map_names as maps, program_names as progs,
+    COUNTER_COUNT, CidrRuleKey, LocalPod, OriginalDst, PodInfo, PortRuleKey, SocketTuple,
+    global_names, map_names as maps, program_names as progs,
 };
 
 /// The compiled probe object, embedded at build time.
@@ -66,7 +68,10 @@ pub struct Datapath {
     /// Address rules.
     pub cidr_rules: LpmTrie<MapData, CidrRuleKey, u8>,
     counters: PerCpuArray<MapData, u64>,
-    _sockhash: SockHash<MapData, SocketTuple>,
+    original_dst_by_cookie: HashMap<MapData, u64, OriginalDst>,
+    original_dst_by_tuple: HashMap<MapData, SocketTuple, OriginalDst>,
+    sock_by_tuple: SockHash<MapData, SocketTuple>,
+    sizes: MapSizes,
 }
 
 fn take<T: TryFrom<aya::maps::Map, Error = aya::maps::MapError>>(
@@ -148,7 +153,10 @@ impl Datapath {
             port_rules: take(&mut ebpf, maps::PORT_RULES)?,
             cidr_rules: take(&mut ebpf, maps::CIDR_RULES)?,
             counters: take(&mut ebpf, maps::COUNTERS)?,
-            _sockhash: sockhash,
+            original_dst_by_cookie: take(&mut ebpf, maps::ORIGINAL_DST_BY_COOKIE)?,
+            original_dst_by_tuple: take(&mut ebpf, maps::ORIGINAL_DST_BY_TUPLE)?,
+            sock_by_tuple: sockhash,
+            sizes: opts.sizes,
             _ebpf: ebpf,
         })
     }
@@ -164,6 +172,44 @@ impl Datapath {
             *slot = values.iter().sum();
         }
         Ok(out)
+    }
+}
+
+impl Datapath {
+    /// Entries and capacity of every map with entries, counted by walking its keys
+    /// (one syscall per entry: cheap at edge scale, and only done once per poll).
+    pub fn occupancy(&self) -> Vec<MapUsage> {
+        let s = self.sizes;
+        let usage = |name, entries: usize, capacity: u32| MapUsage {
+            name,
+            entries: entries as u64,
+            capacity: capacity.into(),
+        };
+        vec![
+            usage(
+                maps::POD_BY_CGROUP,
+                self.pod_by_cgroup.keys().count(),
+                s.cgroups,
+            ),
+            usage(maps::POD_BY_IP, self.pod_by_ip.keys().count(), s.pod_ips),
+            usage(maps::PORT_RULES, self.port_rules.keys().count(), s.rules),
+            usage(maps::CIDR_RULES, self.cidr_rules.keys().count(), s.rules),
+            usage(
+                maps::ORIGINAL_DST_BY_COOKIE,
+                self.original_dst_by_cookie.keys().count(),
+                s.connections,
+            ),
+            usage(
+                maps::ORIGINAL_DST_BY_TUPLE,
+                self.original_dst_by_tuple.keys().count(),
+                s.connections,
+            ),
+            usage(
+                maps::SOCK_BY_TUPLE,
+                self.sock_by_tuple.keys().count(),
+                s.connections,
+            ),
+        ]
     }
 }
 

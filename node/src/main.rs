@@ -2,7 +2,9 @@
 mod annotations;
 mod cgroups;
 mod datapath;
+mod kubelet;
 mod mesh;
+mod metrics;
 mod policy;
 mod run;
 mod source;
@@ -12,7 +14,10 @@ use std::path::PathBuf;
 
 use argh::FromArgs;
 
-use crate::{datapath::MapSizes, mesh::Mesh, policy::MeshSelection};
+use crate::{
+    datapath::MapSizes, kubelet::KubeletConfig, mesh::Mesh, policy::MeshSelection,
+    run::SourceConfig,
+};
 
 /// Merbridge Edge: redirects meshed pods' traffic to their sidecars with eBPF.
 #[derive(FromArgs)]
@@ -34,9 +39,27 @@ enum Command {
 #[derive(FromArgs)]
 #[argh(subcommand, name = "run")]
 struct RunArgs {
-    /// kubelet-style v1 PodList JSON file to read (re-read when it changes)
+    /// kubelet base URL (default https://$HOST_IP:10250, else https://127.0.0.1:10250)
     #[argh(option)]
-    pods_file: PathBuf,
+    kubelet_url: Option<String>,
+    /// bearer token file, re-read every poll (default: the service-account token, unless --client-cert is given)
+    #[argh(option)]
+    token_file: Option<PathBuf>,
+    /// CA bundle that signed the kubelet's serving certificate (default: the service-account ca.crt)
+    #[argh(option, default = "PathBuf::from(kubelet::SERVICE_ACCOUNT_CA)")]
+    ca_file: PathBuf,
+    /// do not verify the kubelet's certificate (insecure; logs a warning)
+    #[argh(switch)]
+    insecure_skip_tls_verify: bool,
+    /// client certificate (PEM) signed by the kubelet's client CA, for use without a token
+    #[argh(option)]
+    client_cert: Option<PathBuf>,
+    /// private key (PEM) of --client-cert
+    #[argh(option)]
+    client_key: Option<PathBuf>,
+    /// read pods from this v1 PodList JSON file instead of the kubelet (re-read when it changes)
+    #[argh(option)]
+    pods_file: Option<PathBuf>,
     /// cgroup v2 directory to attach to (default: the cgroup2 mount found in /proc/self/mountinfo)
     #[argh(option)]
     cgroup_root: Option<PathBuf>,
@@ -59,6 +82,13 @@ struct RunArgs {
     /// size of the per-connection maps (default 65536)
     #[argh(option, default = "65536")]
     max_connections: u32,
+    /// address for /metrics, /healthz and /readyz, or "off" (default 127.0.0.1:15890)
+    #[argh(
+        option,
+        default = "Some(([127, 0, 0, 1], 15890).into())",
+        from_str_fn(parse_listen)
+    )]
+    metrics_addr: Option<std::net::SocketAddr>,
     /// log level: error, warn, info, debug or trace (default info)
     #[argh(option, default = "log::LevelFilter::Info", from_str_fn(parse_level))]
     log_level: log::LevelFilter,
@@ -71,6 +101,53 @@ fn parse_mesh(s: &str) -> Result<MeshSelection, String> {
     Mesh::from_name(s)
         .map(MeshSelection::Only)
         .ok_or_else(|| format!("unknown mesh {s:?}: use auto, istio, linkerd, kuma or osm"))
+}
+
+fn parse_listen(s: &str) -> Result<Option<std::net::SocketAddr>, String> {
+    if s == "off" {
+        return Ok(None);
+    }
+    s.parse()
+        .map(Some)
+        .map_err(|_| format!("{s:?} is not an address like 127.0.0.1:15890 (or off)"))
+}
+
+/// The pod source the flags ask for.
+fn source_config(args: &RunArgs) -> Result<SourceConfig, String> {
+    if let Some(file) = &args.pods_file {
+        if args.kubelet_url.is_some() {
+            return Err("--pods-file and --kubelet-url exclude each other".into());
+        }
+        return Ok(SourceConfig::File(file.clone()));
+    }
+    let client_cert = match (&args.client_cert, &args.client_key) {
+        (Some(c), Some(k)) => Some((c.clone(), k.clone())),
+        (None, None) => None,
+        _ => return Err("--client-cert and --client-key go together".into()),
+    };
+    let token_file = match (&args.token_file, &client_cert) {
+        (Some(t), _) => Some(t.clone()),
+        (None, None) => Some(PathBuf::from(kubelet::SERVICE_ACCOUNT_TOKEN)),
+        (None, Some(_)) => None,
+    };
+    let url = args
+        .kubelet_url
+        .clone()
+        .unwrap_or_else(|| kubelet::default_url(std::env::var("HOST_IP").ok().as_deref()));
+    if !url.starts_with("https://") {
+        return Err(format!(
+            "--kubelet-url {url:?}: the kubelet is reached over https:// only"
+        ));
+    }
+    Ok(SourceConfig::Kubelet(KubeletConfig {
+        url,
+        token_file,
+        ca_file: args.ca_file.clone(),
+        insecure_skip_tls_verify: args.insecure_skip_tls_verify,
+        client_cert,
+        connect_timeout: std::time::Duration::from_secs(3),
+        request_timeout: std::time::Duration::from_secs(10).max(args.interval),
+    }))
 }
 
 fn parse_level(s: &str) -> Result<log::LevelFilter, String> {
@@ -92,8 +169,21 @@ fn main() {
         .with_level(args.log_level)
         .init()
         .expect("logger set once");
+    let source = match source_config(&args) {
+        Ok(s) => s,
+        Err(e) => {
+            log::error!("{e}");
+            std::process::exit(2);
+        }
+    };
+    if args.insecure_skip_tls_verify {
+        log::warn!(
+            "--insecure-skip-tls-verify: the kubelet's certificate is not verified; anyone on the path can feed this agent pods"
+        );
+    }
     let opts = run::RunOptions {
-        pods_file: args.pods_file,
+        source,
+        metrics_addr: args.metrics_addr,
         cgroup_root: args.cgroup_root,
         interval: args.interval,
         node_name: args

@@ -1,19 +1,26 @@
 //! `merbridge-edge run`: load the datapath, then keep its maps in step with the pods.
 use std::{
+    net::SocketAddr,
     path::PathBuf,
-    sync::atomic::{AtomicBool, Ordering},
-    time::{Duration, Instant},
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+    time::{Duration, Instant, SystemTime, UNIX_EPOCH},
 };
 
-use anyhow::Result;
+use anyhow::{Context, Result};
+use k8s_openapi::api::core::v1::Pod;
 use log::{error, info};
-use merbridge_edge_probes_common::Counter;
+use merbridge_edge_probes_common::{COUNTER_COUNT, Counter};
 
 use crate::{
     cgroups,
     datapath::{Datapath, DatapathOptions, MapSizes},
+    kubelet::{KubeletClient, KubeletConfig},
+    metrics::{self, Metrics},
     policy::{MeshSelection, desired_state},
-    source::PodsFile,
+    source::{PodsFile, PollError, Source},
     sync::Programmer,
 };
 
@@ -31,11 +38,20 @@ fn install_signal_handlers() {
     }
 }
 
+/// Where pods come from.
+#[derive(Debug, Clone)]
+pub enum SourceConfig {
+    /// The kubelet's `/pods`.
+    Kubelet(KubeletConfig),
+    /// A PodList JSON file.
+    File(PathBuf),
+}
+
 /// What `run` needs to know.
 #[derive(Debug, Clone)]
 pub struct RunOptions {
-    /// The PodList JSON file to read.
-    pub pods_file: PathBuf,
+    /// Where pods come from.
+    pub source: SourceConfig,
     /// cgroup2 directory to attach to; detected when None.
     pub cgroup_root: Option<PathBuf>,
     /// Time between polls.
@@ -48,11 +64,61 @@ pub struct RunOptions {
     pub accelerate: bool,
     /// Map sizes.
     pub sizes: MapSizes,
+    /// Where to serve /metrics, /healthz and /readyz; None turns the listener off.
+    pub metrics_addr: Option<SocketAddr>,
+}
+
+/// Longest wait between polls while the source keeps failing.
+const MAX_BACKOFF: Duration = Duration::from_secs(30);
+
+/// Delay before the next poll after `failures` failures in a row: the interval,
+/// doubling with each failure, capped at [`MAX_BACKOFF`] (or the interval if longer).
+pub fn backoff(interval: Duration, failures: u32) -> Duration {
+    let doubled = interval.saturating_mul(1 << failures.saturating_sub(1).min(16));
+    doubled.min(MAX_BACKOFF.max(interval))
+}
+
+/// Consecutive poll failures, logged once per distinct message.
+#[derive(Default)]
+struct FailureLog {
+    in_a_row: u32,
+    last: Option<PollError>,
+}
+
+impl FailureLog {
+    fn failed(&mut self, e: PollError, retry_in: Duration) {
+        self.in_a_row += 1;
+        if self.last.as_ref() != Some(&e) {
+            error!(
+                "{e}; keeping the last good state, retrying in {:.1}s",
+                retry_in.as_secs_f64()
+            );
+        }
+        self.last = Some(e);
+    }
+
+    fn succeeded(&mut self, source: &str) {
+        if let Some(last) = self.last.take() {
+            info!(
+                "{source} answers again after {} failed poll(s) (last error: {})",
+                self.in_a_row,
+                last.kind.label()
+            );
+        }
+        self.in_a_row = 0;
+    }
 }
 
 /// Runs until SIGTERM or SIGINT.
 pub fn run(opts: RunOptions) -> Result<()> {
     install_signal_handlers();
+    let metrics = Arc::new(Metrics::default());
+    if let Some(addr) = opts.metrics_addr {
+        let bound = metrics::serve(addr, metrics.clone()).with_context(|| {
+            format!("metrics address {addr}: cannot listen (pick another with --metrics-addr)")
+        })?;
+        info!("serving /metrics, /healthz and /readyz on http://{bound}");
+    }
     let cgroup_root = match opts.cgroup_root.clone() {
         Some(p) => p,
         None => cgroups::detect_cgroup2_mount()?,
@@ -63,32 +129,50 @@ pub fn run(opts: RunOptions) -> Result<()> {
         accelerate: opts.accelerate,
         sizes: opts.sizes,
     })?;
+    metrics.update(|s| s.attached = true);
     let mut programmer = Programmer::new(cgroup_root);
-    let mut source = PodsFile::new(&opts.pods_file);
-    let mut pods = None;
-    let mut failing = false;
+    let mut source = match &opts.source {
+        SourceConfig::Kubelet(k) => Source::Kubelet(KubeletClient::new(k.clone())),
+        SourceConfig::File(f) => Source::File(PodsFile::new(f)),
+    };
+    let origin = source.describe();
+    info!(
+        "reading pods from {origin} every {:.1}s",
+        opts.interval.as_secs_f64()
+    );
+    let mut pods: Option<Vec<Pod>> = None;
+    let mut failures = FailureLog::default();
     let tick = Duration::from_millis(100);
+    let mut next_poll = Instant::now();
     let mut next_sync = Instant::now();
     let mut last_counters = None;
     while !STOP.load(Ordering::SeqCst) {
-        match source.poll() {
-            Ok(Some(new)) => {
-                if failing {
-                    info!("pods file {} is readable again", opts.pods_file.display());
-                    failing = false;
+        let started = Instant::now();
+        let mut polled = None;
+        if started >= next_poll {
+            match source.poll() {
+                Ok(Some(parsed)) => {
+                    failures.succeeded(&origin);
+                    for s in &parsed.skipped {
+                        programmer.warn_once(s);
+                    }
+                    let skipped = parsed.skipped.len() as u64;
+                    metrics.update(|m| m.pods_skipped = skipped);
+                    pods = Some(parsed.pods);
+                    polled = Some(Ok(()));
+                    next_sync = started;
+                    next_poll = started + source.next_poll_after(opts.interval);
                 }
-                pods = Some(new);
-                next_sync = Instant::now();
-            }
-            Ok(None) => {}
-            Err(e) => {
-                if !failing {
-                    error!("{e:#}; keeping the last good state");
-                    failing = true;
+                Ok(None) => next_poll = started + source.next_poll_after(opts.interval),
+                Err(e) => {
+                    let delay = backoff(opts.interval, failures.in_a_row + 1);
+                    polled = Some(Err(e.kind));
+                    failures.failed(e, delay);
+                    next_poll = started + delay;
                 }
             }
         }
-        if Instant::now() >= next_sync {
+        if started >= next_sync {
             if let Some(pods) = &pods {
                 let desired = desired_state(pods, opts.node_name.as_deref(), opts.meshes);
                 for w in &desired.warnings {
@@ -96,11 +180,44 @@ pub fn run(opts: RunOptions) -> Result<()> {
                 }
                 let report = programmer.sync(&mut dp, &desired.pods);
                 log::debug!("sync: {report:?}");
+                metrics.update(|m| {
+                    m.pods_seen = desired.pods_seen as u64;
+                    m.pods_meshed = desired.pods.len() as u64;
+                    m.pods_programmed = report.programmed as u64;
+                    m.pods_waiting_for_cgroups = report.waiting_for_cgroups as u64;
+                    m.map_write_errors += report.write_errors as u64;
+                });
             }
-            log_counters_if_changed(&dp, &mut last_counters);
+            let occupancy = dp.occupancy();
+            let counters = dp.counters().ok();
+            log_counters_if_changed(counters.as_ref(), &mut last_counters);
+            metrics.update(|m| {
+                m.maps = occupancy;
+                if let Some(c) = counters {
+                    m.counters = Counter::ALL.iter().map(|k| k.name()).zip(c).collect();
+                }
+            });
             next_sync = Instant::now() + opts.interval;
         }
-        std::thread::sleep(tick);
+        if let Some(outcome) = polled {
+            let took = started.elapsed().as_secs_f64();
+            metrics.update(|m| {
+                m.last_poll_seconds = took;
+                m.poll_seconds_sum += took;
+                match outcome {
+                    Ok(()) => {
+                        m.polls_ok += 1;
+                        m.last_success_unix = SystemTime::now()
+                            .duration_since(UNIX_EPOCH)
+                            .ok()
+                            .map(|d| d.as_secs_f64());
+                    }
+                    Err(kind) => *m.poll_errors.entry(kind).or_default() += 1,
+                }
+            });
+        }
+        let wake = next_poll.min(next_sync);
+        std::thread::sleep(wake.saturating_duration_since(Instant::now()).min(tick));
     }
     info!("stopping: detaching probes");
     drop(dp);
@@ -108,8 +225,11 @@ pub fn run(opts: RunOptions) -> Result<()> {
 }
 
 /// Logs the kernel counters (debug level) when they moved since the last call.
-fn log_counters_if_changed(dp: &Datapath, last: &mut Option<Vec<u64>>) {
-    let Ok(now) = dp.counters() else { return };
+fn log_counters_if_changed(
+    now: Option<&[u64; COUNTER_COUNT as usize]>,
+    last: &mut Option<Vec<u64>>,
+) {
+    let Some(now) = now else { return };
     if last.as_deref() == Some(&now[..]) {
         return;
     }
@@ -156,5 +276,17 @@ mod tests {
         assert!(parse_duration("0s").is_err());
         assert!(parse_duration("2h").unwrap_err().contains("unknown unit"));
         assert!(parse_duration("abc").is_err());
+    }
+
+    #[test]
+    fn backoff_doubles_and_is_capped() {
+        let i = Duration::from_secs(2);
+        assert_eq!(backoff(i, 1), Duration::from_secs(2));
+        assert_eq!(backoff(i, 2), Duration::from_secs(4));
+        assert_eq!(backoff(i, 4), Duration::from_secs(16));
+        assert_eq!(backoff(i, 5), Duration::from_secs(30));
+        assert_eq!(backoff(i, 1000), Duration::from_secs(30));
+        // An interval longer than the cap is never shortened.
+        assert_eq!(backoff(Duration::from_secs(60), 3), Duration::from_secs(60));
     }
 }

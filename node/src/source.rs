@@ -1,27 +1,140 @@
-//! Where PodLists come from: a kubelet-style JSON file (re-read when it changes).
+//! Where PodLists come from (the kubelet, or a kubelet-style JSON file re-read when it
+//! changes), how they are parsed, and how a failed poll is described.
 use std::{
-    fs,
+    fmt, fs,
     path::{Path, PathBuf},
     time::SystemTime,
 };
 
 use anyhow::{Context, Result, bail};
-use k8s_openapi::{List, api::core::v1::Pod};
+use k8s_openapi::{api::core::v1::Pod, serde::Deserialize};
+
+/// What kind of failure a poll hit; the label of the `poll_errors_total` metric.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum ErrorKind {
+    /// A credential file (token, CA, client certificate) is missing or unusable.
+    Credentials,
+    /// No TCP connection: refused, unreachable, unresolvable.
+    Connect,
+    /// Connect or request timeout.
+    Timeout,
+    /// TLS handshake failed (certificate not trusted, wrong name, protocol).
+    Tls,
+    /// 401: the credentials were rejected.
+    Unauthorized,
+    /// 403: authenticated, but RBAC does not allow reading pods.
+    Forbidden,
+    /// Any other non-2xx status.
+    Status,
+    /// The body is over [`MAX_PODLIST_BYTES`].
+    TooLarge,
+    /// The body is not a JSON v1 PodList.
+    Body,
+}
+
+impl ErrorKind {
+    /// Every kind, for metrics that list zeros too.
+    pub const ALL: [ErrorKind; 9] = [
+        ErrorKind::Credentials,
+        ErrorKind::Connect,
+        ErrorKind::Timeout,
+        ErrorKind::Tls,
+        ErrorKind::Unauthorized,
+        ErrorKind::Forbidden,
+        ErrorKind::Status,
+        ErrorKind::TooLarge,
+        ErrorKind::Body,
+    ];
+
+    /// Metric label.
+    pub fn label(self) -> &'static str {
+        match self {
+            ErrorKind::Credentials => "credentials",
+            ErrorKind::Connect => "connect",
+            ErrorKind::Timeout => "timeout",
+            ErrorKind::Tls => "tls",
+            ErrorKind::Unauthorized => "unauthorized",
+            ErrorKind::Forbidden => "forbidden",
+            ErrorKind::Status => "status",
+            ErrorKind::TooLarge => "too_large",
+            ErrorKind::Body => "body",
+        }
+    }
+}
+
+/// A failed poll: its kind and a message that says what to do about it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PollError {
+    /// What went wrong.
+    pub kind: ErrorKind,
+    /// The whole story, naming the URL or file involved.
+    pub message: String,
+}
+
+impl PollError {
+    /// An error of `kind`.
+    pub fn new(kind: ErrorKind, message: impl Into<String>) -> Self {
+        Self {
+            kind,
+            message: message.into(),
+        }
+    }
+}
+
+impl fmt::Display for PollError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.message)
+    }
+}
+
+impl std::error::Error for PollError {}
 
 /// Largest PodList accepted (bytes). A node's 110 pods fit in well under 4 MiB.
 pub const MAX_PODLIST_BYTES: u64 = 32 << 20;
 
-/// Parses a kubelet `/pods` response body (a v1 PodList).
-pub fn parse_pod_list(origin: &str, body: &[u8]) -> Result<Vec<Pod>> {
+/// A parsed PodList: the pods that parsed, and a note for each item that did not.
+#[derive(Debug, Default)]
+pub struct ParsedPods {
+    /// Pods that are valid v1 Pods.
+    pub pods: Vec<Pod>,
+    /// One line per item skipped, naming it and what was wrong.
+    pub skipped: Vec<String>,
+}
+
+/// Parses a kubelet `/pods` response body (a v1 PodList). A malformed item is skipped
+/// (and named), not allowed to take the whole list down with it; a body that is not a
+/// PodList at all is an error.
+pub fn parse_pod_list(origin: &str, body: &[u8]) -> Result<ParsedPods> {
     let value: serde_json::Value =
         serde_json::from_slice(body).with_context(|| format!("{origin}: body is not JSON"))?;
     let kind = value.get("kind").and_then(|k| k.as_str()).unwrap_or("");
     if kind != "PodList" {
         bail!("{origin}: expected a v1 PodList, got kind {kind:?}");
     }
-    let list: List<Pod> = serde_json::from_value(value)
-        .with_context(|| format!("{origin}: JSON is not a valid v1 PodList"))?;
-    Ok(list.items)
+    let items = match value.get("items") {
+        Some(serde_json::Value::Array(items)) => items,
+        // An empty list may come with `items: null` or no items at all.
+        None | Some(serde_json::Value::Null) => return Ok(ParsedPods::default()),
+        Some(_) => bail!("{origin}: PodList items is not an array"),
+    };
+    let mut out = ParsedPods::default();
+    for (i, item) in items.iter().enumerate() {
+        match Pod::deserialize(item) {
+            Ok(pod) => out.pods.push(pod),
+            Err(e) => {
+                let meta = item.get("metadata");
+                let field = |f: &str| meta.and_then(|m| m.get(f)).and_then(|v| v.as_str());
+                let name = match (field("namespace"), field("name")) {
+                    (Some(ns), Some(n)) => format!("pod {ns}/{n}"),
+                    (None, Some(n)) => format!("pod {n}"),
+                    _ => format!("item {i}"),
+                };
+                out.skipped
+                    .push(format!("{origin}: {name} skipped: not a valid v1 Pod: {e}"));
+            }
+        }
+    }
+    Ok(out)
 }
 
 /// A pods file, read again whenever its size or modification time changes.
@@ -39,10 +152,12 @@ impl PodsFile {
         }
     }
 
-    /// The pods, if the file changed since the last successful read.
-    pub fn poll(&mut self) -> Result<Option<Vec<Pod>>> {
-        let meta = fs::metadata(&self.path)
-            .with_context(|| format!("pods file {}", self.path.display()))?;
+    /// The pods, if the file changed since the last read.
+    pub fn poll(&mut self) -> Result<Option<ParsedPods>, PollError> {
+        let origin = format!("pods file {}", self.path.display());
+        let unreadable =
+            |e: std::io::Error| PollError::new(ErrorKind::Connect, format!("{origin}: {e}"));
+        let meta = fs::metadata(&self.path).map_err(unreadable)?;
         let stamp = (
             meta.modified().unwrap_or(SystemTime::UNIX_EPOCH),
             meta.len(),
@@ -50,19 +165,55 @@ impl PodsFile {
         if self.last == Some(stamp) {
             return Ok(None);
         }
-        if meta.len() > MAX_PODLIST_BYTES {
-            bail!(
-                "pods file {}: {} bytes is over the {} byte limit",
-                self.path.display(),
-                meta.len(),
-                MAX_PODLIST_BYTES
-            );
-        }
-        let body =
-            fs::read(&self.path).with_context(|| format!("pods file {}", self.path.display()))?;
-        let pods = parse_pod_list(&format!("pods file {}", self.path.display()), &body);
-        // Remember the stamp even on error, so a bad file is reported once, not every tick.
+        // Remember the stamp before judging the content, so a bad file is reported once.
         self.last = Some(stamp);
-        pods.map(Some)
+        if meta.len() > MAX_PODLIST_BYTES {
+            return Err(PollError::new(
+                ErrorKind::TooLarge,
+                format!(
+                    "{origin}: {} bytes is over the {MAX_PODLIST_BYTES} byte limit",
+                    meta.len()
+                ),
+            ));
+        }
+        let body = fs::read(&self.path).map_err(unreadable)?;
+        parse_pod_list(&origin, &body)
+            .map(Some)
+            .map_err(|e| PollError::new(ErrorKind::Body, format!("{e:#}")))
+    }
+}
+
+/// Where the agent gets its pods from.
+pub enum Source {
+    /// The kubelet's `/pods`, polled every interval.
+    Kubelet(crate::kubelet::KubeletClient),
+    /// A PodList file, checked for changes every tick.
+    File(PodsFile),
+}
+
+impl Source {
+    /// Says where pods come from, for logs.
+    pub fn describe(&self) -> String {
+        match self {
+            Source::Kubelet(k) => format!("kubelet {}", k.pods_url()),
+            Source::File(f) => format!("pods file {}", f.path.display()),
+        }
+    }
+
+    /// New pods, `None` when a file source has not changed.
+    pub fn poll(&mut self) -> Result<Option<ParsedPods>, PollError> {
+        match self {
+            Source::Kubelet(k) => k.fetch().map(Some),
+            Source::File(f) => f.poll(),
+        }
+    }
+
+    /// Time to the next poll after a successful one.
+    pub fn next_poll_after(&self, interval: std::time::Duration) -> std::time::Duration {
+        match self {
+            Source::Kubelet(_) => interval,
+            // A stat per tick is cheap, and picks up an edited file at once.
+            Source::File(_) => interval.min(std::time::Duration::from_millis(100)),
+        }
     }
 }

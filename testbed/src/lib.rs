@@ -3,6 +3,7 @@
 //! layout, and processes are started inside both. Everything made is removed on drop,
 //! also when a test fails.
 pub mod agent;
+pub mod kubelet;
 pub mod node;
 pub mod podlist;
 pub mod proc;

@@ -1,0 +1,406 @@
+//! `/metrics` (Prometheus text format), `/healthz` and `/readyz`, served by a small
+//! HTTP/1.1 listener on a thread of its own, so a slow scraper never delays a poll.
+//! The poll loop publishes a [`Snapshot`]; the listener only reads it.
+use std::{
+    collections::BTreeMap,
+    fmt::Write as _,
+    io::{self, Read, Write},
+    net::{SocketAddr, TcpListener, TcpStream},
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+
+use crate::source::ErrorKind;
+
+/// Entries and capacity of one kernel map.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct MapUsage {
+    /// Map name, as in the probes.
+    pub name: &'static str,
+    /// Entries now in the map.
+    pub entries: u64,
+    /// The map's max_entries.
+    pub capacity: u64,
+}
+
+/// What the agent knows about itself, published after every poll.
+#[derive(Clone, Debug, Default)]
+pub struct Snapshot {
+    /// The probes are loaded and attached.
+    pub attached: bool,
+    /// Successful polls since start.
+    pub polls_ok: u64,
+    /// Failed polls by kind since start.
+    pub poll_errors: BTreeMap<ErrorKind, u64>,
+    /// Duration of the last poll (fetch, parse, sync), seconds.
+    pub last_poll_seconds: f64,
+    /// Sum of all poll durations, seconds.
+    pub poll_seconds_sum: f64,
+    /// Unix time of the last successful poll.
+    pub last_success_unix: Option<f64>,
+    /// Pods listed for this node.
+    pub pods_seen: u64,
+    /// Meshed pods among them.
+    pub pods_meshed: u64,
+    /// Meshed pods whose entries are all in the maps.
+    pub pods_programmed: u64,
+    /// Meshed pods with no container cgroup found yet.
+    pub pods_waiting_for_cgroups: u64,
+    /// PodList items skipped as malformed in the last good list.
+    pub pods_skipped: u64,
+    /// Map writes that failed since start.
+    pub map_write_errors: u64,
+    /// Kernel maps.
+    pub maps: Vec<MapUsage>,
+    /// Kernel counters by name.
+    pub counters: Vec<(&'static str, u64)>,
+}
+
+impl Snapshot {
+    /// Probes attached and at least one successful poll.
+    pub fn ready(&self) -> bool {
+        self.attached && self.polls_ok > 0
+    }
+}
+
+/// The shared, latest snapshot.
+#[derive(Default)]
+pub struct Metrics(Mutex<Snapshot>);
+
+impl Metrics {
+    /// Replaces the snapshot through `f`.
+    pub fn update(&self, f: impl FnOnce(&mut Snapshot)) {
+        let mut s = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        f(&mut s);
+    }
+
+    /// A copy of the snapshot.
+    pub fn get(&self) -> Snapshot {
+        self.0.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+}
+
+fn family(out: &mut String, name: &str, kind: &str, help: &str) {
+    let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
+}
+
+/// The Prometheus text exposition of `s`.
+pub fn render(s: &Snapshot) -> String {
+    let mut o = String::with_capacity(4096);
+    family(
+        &mut o,
+        "merbridge_edge_ready",
+        "gauge",
+        "1 when the probes are attached and a poll has succeeded.",
+    );
+    let _ = writeln!(o, "merbridge_edge_ready {}", u8::from(s.ready()));
+    family(
+        &mut o,
+        "merbridge_edge_pods",
+        "gauge",
+        "Pods by state: seen on this node, meshed, programmed into the maps, waiting for a container cgroup, skipped as malformed.",
+    );
+    for (state, v) in [
+        ("seen", s.pods_seen),
+        ("meshed", s.pods_meshed),
+        ("programmed", s.pods_programmed),
+        ("waiting_for_cgroups", s.pods_waiting_for_cgroups),
+        ("skipped", s.pods_skipped),
+    ] {
+        let _ = writeln!(o, "merbridge_edge_pods{{state=\"{state}\"}} {v}");
+    }
+    family(
+        &mut o,
+        "merbridge_edge_polls_total",
+        "counter",
+        "Successful polls of the pod source.",
+    );
+    let _ = writeln!(o, "merbridge_edge_polls_total {}", s.polls_ok);
+    family(
+        &mut o,
+        "merbridge_edge_poll_errors_total",
+        "counter",
+        "Failed polls of the pod source, by kind.",
+    );
+    for kind in ErrorKind::ALL {
+        let v = s.poll_errors.get(&kind).copied().unwrap_or(0);
+        let _ = writeln!(
+            o,
+            "merbridge_edge_poll_errors_total{{kind=\"{}\"}} {v}",
+            kind.label()
+        );
+    }
+    family(
+        &mut o,
+        "merbridge_edge_poll_duration_seconds",
+        "summary",
+        "Time spent per poll: fetch, parse, and map sync.",
+    );
+    let polls = s.polls_ok + s.poll_errors.values().sum::<u64>();
+    let _ = writeln!(
+        o,
+        "merbridge_edge_poll_duration_seconds_sum {}\nmerbridge_edge_poll_duration_seconds_count {polls}",
+        s.poll_seconds_sum
+    );
+    family(
+        &mut o,
+        "merbridge_edge_last_poll_duration_seconds",
+        "gauge",
+        "Duration of the latest poll.",
+    );
+    let _ = writeln!(
+        o,
+        "merbridge_edge_last_poll_duration_seconds {}",
+        s.last_poll_seconds
+    );
+    family(
+        &mut o,
+        "merbridge_edge_last_successful_poll_timestamp_seconds",
+        "gauge",
+        "Unix time of the latest successful poll (0: none yet).",
+    );
+    let _ = writeln!(
+        o,
+        "merbridge_edge_last_successful_poll_timestamp_seconds {}",
+        s.last_success_unix.unwrap_or(0.0)
+    );
+    family(
+        &mut o,
+        "merbridge_edge_map_write_errors_total",
+        "counter",
+        "Map writes that failed (full map or refused); the pod concerned is left unredirected.",
+    );
+    let _ = writeln!(
+        o,
+        "merbridge_edge_map_write_errors_total {}",
+        s.map_write_errors
+    );
+    family(
+        &mut o,
+        "merbridge_edge_map_entries",
+        "gauge",
+        "Entries in each kernel map.",
+    );
+    for m in &s.maps {
+        let _ = writeln!(
+            o,
+            "merbridge_edge_map_entries{{map=\"{}\"}} {}",
+            m.name, m.entries
+        );
+    }
+    family(
+        &mut o,
+        "merbridge_edge_map_capacity",
+        "gauge",
+        "max_entries of each kernel map.",
+    );
+    for m in &s.maps {
+        let _ = writeln!(
+            o,
+            "merbridge_edge_map_capacity{{map=\"{}\"}} {}",
+            m.name, m.capacity
+        );
+    }
+    family(
+        &mut o,
+        "merbridge_edge_datapath_events_total",
+        "counter",
+        "Kernel counters: redirects, passes, getsockopt answers, sk_msg messages, map-full events, DNS.",
+    );
+    for (name, v) in s.counters.iter().filter(|(n, _)| !n.ends_with("_bytes")) {
+        let _ = writeln!(
+            o,
+            "merbridge_edge_datapath_events_total{{event=\"{name}\"}} {v}"
+        );
+    }
+    family(
+        &mut o,
+        "merbridge_edge_datapath_bytes_total",
+        "counter",
+        "Bytes moved by the datapath (sk_msg between local sockets).",
+    );
+    for (name, v) in s.counters.iter().filter(|(n, _)| n.ends_with("_bytes")) {
+        let event = name.trim_end_matches("_bytes");
+        let _ = writeln!(
+            o,
+            "merbridge_edge_datapath_bytes_total{{event=\"{event}\"}} {v}"
+        );
+    }
+    o
+}
+
+/// Binds `addr` and serves the endpoints from a thread; returns the bound address.
+pub fn serve(addr: SocketAddr, metrics: Arc<Metrics>) -> io::Result<SocketAddr> {
+    let listener = TcpListener::bind(addr)?;
+    let bound = listener.local_addr()?;
+    std::thread::Builder::new()
+        .name("metrics".into())
+        .spawn(move || {
+            for stream in listener.incoming().flatten() {
+                // One connection at a time, each bounded by short timeouts.
+                let _ = handle(stream, &metrics);
+            }
+        })?;
+    Ok(bound)
+}
+
+/// Largest request head read.
+const MAX_REQUEST: usize = 8192;
+
+fn handle(mut stream: TcpStream, metrics: &Metrics) -> io::Result<()> {
+    stream.set_read_timeout(Some(Duration::from_secs(2)))?;
+    stream.set_write_timeout(Some(Duration::from_secs(2)))?;
+    let mut buf = Vec::with_capacity(1024);
+    let mut chunk = [0u8; 1024];
+    while !buf.windows(4).any(|w| w == b"\r\n\r\n") && !buf.windows(2).any(|w| w == b"\n\n") {
+        let n = stream.read(&mut chunk)?;
+        if n == 0 {
+            break;
+        }
+        buf.extend_from_slice(&chunk[..n]);
+        if buf.len() > MAX_REQUEST {
+            return respond(
+                &mut stream,
+                431,
+                "text/plain",
+                "request head too large\n",
+                false,
+            );
+        }
+    }
+    let head = String::from_utf8_lossy(&buf);
+    let mut parts = head.lines().next().unwrap_or("").split_whitespace();
+    let (method, target) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
+    let path = target.split('?').next().unwrap_or("");
+    let head_only = method == "HEAD";
+    if method != "GET" && !head_only {
+        return respond(&mut stream, 405, "text/plain", "only GET\n", head_only);
+    }
+    let snapshot = metrics.get();
+    match path {
+        "/metrics" => respond(
+            &mut stream,
+            200,
+            "text/plain; version=0.0.4; charset=utf-8",
+            &render(&snapshot),
+            head_only,
+        ),
+        "/healthz" => respond(&mut stream, 200, "text/plain", "ok\n", head_only),
+        "/readyz" if snapshot.ready() => {
+            respond(&mut stream, 200, "text/plain", "ready\n", head_only)
+        }
+        "/readyz" => {
+            let why = if snapshot.attached {
+                "not ready: no successful poll yet\n"
+            } else {
+                "not ready: probes not attached\n"
+            };
+            respond(&mut stream, 503, "text/plain", why, head_only)
+        }
+        _ => respond(
+            &mut stream,
+            404,
+            "text/plain",
+            "not found: try /metrics, /healthz or /readyz\n",
+            head_only,
+        ),
+    }
+}
+
+fn respond(
+    stream: &mut TcpStream,
+    status: u16,
+    content_type: &str,
+    body: &str,
+    head_only: bool,
+) -> io::Result<()> {
+    let reason = match status {
+        200 => "OK",
+        404 => "Not Found",
+        405 => "Method Not Allowed",
+        431 => "Request Header Fields Too Large",
+        _ => "Service Unavailable",
+    };
+    let mut out = format!(
+        "HTTP/1.1 {status} {reason}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+        body.len()
+    );
+    if !head_only {
+        out.push_str(body);
+    }
+    stream.write_all(out.as_bytes())?;
+    stream.flush()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn get(addr: SocketAddr, path: &str) -> (u16, String) {
+        let mut s = TcpStream::connect(addr).unwrap();
+        write!(s, "GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
+        let mut text = String::new();
+        s.read_to_string(&mut text).unwrap();
+        let status = text[9..12].parse().unwrap();
+        let body = text.split_once("\r\n\r\n").unwrap().1.to_string();
+        (status, body)
+    }
+
+    #[test]
+    fn endpoints_follow_the_snapshot() {
+        let metrics = Arc::new(Metrics::default());
+        let addr = serve("127.0.0.1:0".parse().unwrap(), metrics.clone()).unwrap();
+        assert_eq!(get(addr, "/healthz").0, 200);
+        let (status, body) = get(addr, "/readyz");
+        assert_eq!(status, 503);
+        assert!(body.contains("not attached"), "{body}");
+        metrics.update(|s| s.attached = true);
+        assert!(get(addr, "/readyz").1.contains("no successful poll"));
+        metrics.update(|s| {
+            s.polls_ok = 3;
+            s.pods_programmed = 2;
+            s.poll_errors.insert(ErrorKind::Forbidden, 4);
+            s.maps.push(MapUsage {
+                name: "POD_BY_IP",
+                entries: 2,
+                capacity: 2048,
+            });
+            s.counters = vec![("redirect_outbound", 7), ("sk_msg_bytes", 99)];
+        });
+        assert_eq!(get(addr, "/readyz").0, 200);
+        let (status, body) = get(addr, "/metrics");
+        assert_eq!(status, 200);
+        for line in [
+            "merbridge_edge_ready 1",
+            "merbridge_edge_pods{state=\"programmed\"} 2",
+            "merbridge_edge_poll_errors_total{kind=\"forbidden\"} 4",
+            "merbridge_edge_poll_errors_total{kind=\"tls\"} 0",
+            "merbridge_edge_poll_duration_seconds_count 7",
+            "merbridge_edge_map_entries{map=\"POD_BY_IP\"} 2",
+            "merbridge_edge_map_capacity{map=\"POD_BY_IP\"} 2048",
+            "merbridge_edge_datapath_events_total{event=\"redirect_outbound\"} 7",
+            "merbridge_edge_datapath_bytes_total{event=\"sk_msg\"} 99",
+        ] {
+            assert!(
+                body.lines().any(|l| l == line),
+                "missing {line:?} in\n{body}"
+            );
+        }
+        assert_eq!(get(addr, "/nope").0, 404);
+    }
+
+    #[test]
+    fn every_family_has_help_and_type_and_valid_samples() {
+        let text = render(&Snapshot::default());
+        for line in text.lines() {
+            if let Some(rest) = line.strip_prefix("# TYPE ") {
+                let name = rest.split(' ').next().unwrap();
+                assert!(text.contains(&format!("# HELP {name} ")), "{name}");
+            } else if !line.starts_with('#') {
+                let (name, value) = line.rsplit_once(' ').unwrap();
+                assert!(name.starts_with("merbridge_edge_"), "{line}");
+                value.parse::<f64>().unwrap_or_else(|_| panic!("{line}"));
+            }
+        }
+    }
+}
