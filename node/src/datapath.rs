@@ -32,14 +32,23 @@ pub struct MapSizes {
     pub connections: u32,
 }
 
-impl Default for MapSizes {
-    fn default() -> Self {
+impl MapSizes {
+    /// Sizes for `pods` meshed pods: two IPs and up to four containers each (sidecar, app,
+    /// a restart or init container in flight), and room for their rules.
+    pub fn for_pods(pods: u32) -> Self {
+        let pods = pods.clamp(1, 65536);
         Self {
-            cgroups: 4096,
-            pod_ips: 2048,
+            cgroups: pods * 4,
+            pod_ips: pods * 2,
             rules: 65536,
             connections: 65536,
         }
+    }
+}
+
+impl Default for MapSizes {
+    fn default() -> Self {
+        Self::for_pods(1024)
     }
 }
 

@@ -143,7 +143,7 @@ impl KubeletClient {
             ureq::Error::BodyExceedsLimit(_) => PollError::new(
                 ErrorKind::TooLarge,
                 format!(
-                    "kubelet {}: the PodList is over the {MAX_PODLIST_BYTES} byte limit; keeping the last good state",
+                    "kubelet {}: the PodList is over the {MAX_PODLIST_BYTES} byte limit",
                     self.pods_url
                 ),
             ),
@@ -210,24 +210,30 @@ impl KubeletClient {
             }
             return PollError::new(ErrorKind::Tls, message);
         }
-        match e {
-            ureq::Error::Timeout(which) => PollError::new(
+        let timeout = |which: String| {
+            PollError::new(
                 ErrorKind::Timeout,
-                format!("kubelet {url}: timed out ({which})"),
-            ),
-            ureq::Error::ConnectionFailed | ureq::Error::HostNotFound => PollError::new(
-                ErrorKind::Connect,
-                format!("kubelet {url}: cannot connect: {e}"),
-            ),
-            ureq::Error::Io(io) => {
-                let kind = if io.kind() == std::io::ErrorKind::TimedOut {
-                    ErrorKind::Timeout
-                } else {
-                    ErrorKind::Connect
-                };
-                PollError::new(kind, format!("kubelet {url}: {io}"))
+                format!(
+                    "kubelet {url}: no answer within {:?} ({which}; see --kubelet-timeout)",
+                    self.config.request_timeout
+                ),
+            )
+        };
+        match e {
+            ureq::Error::Timeout(which) => timeout(which.to_string()),
+            ureq::Error::Io(io) if io.kind() == std::io::ErrorKind::TimedOut => {
+                timeout(io.to_string())
             }
-            other => PollError::new(ErrorKind::Connect, format!("kubelet {url}: {other}")),
+            ureq::Error::Io(io) if io.kind() == std::io::ErrorKind::UnexpectedEof => {
+                PollError::new(
+                    ErrorKind::Connect,
+                    format!("kubelet {url}: the kubelet closed the connection without answering"),
+                )
+            }
+            other => PollError::new(
+                ErrorKind::Connect,
+                format!("kubelet {url}: cannot connect: {other}"),
+            ),
         }
     }
 }

@@ -57,6 +57,13 @@ struct RunArgs {
     /// private key (PEM) of --client-cert
     #[argh(option)]
     client_key: Option<PathBuf>,
+    /// limit on one kubelet request, body included, like 10s (default 10s; connecting: at most 3s)
+    #[argh(
+        option,
+        default = "std::time::Duration::from_secs(10)",
+        from_str_fn(run::parse_duration)
+    )]
+    kubelet_timeout: std::time::Duration,
     /// read pods from this v1 PodList JSON file instead of the kubelet (re-read when it changes)
     #[argh(option)]
     pods_file: Option<PathBuf>,
@@ -82,6 +89,9 @@ struct RunArgs {
     /// size of the per-connection maps (default 65536)
     #[argh(option, default = "65536")]
     max_connections: u32,
+    /// meshed pods the maps hold (default 1024; a kubelet runs at most 110 by default)
+    #[argh(option, default = "1024")]
+    max_pods: u32,
     /// address for /metrics, /healthz and /readyz, or "off" (default 127.0.0.1:15890)
     #[argh(
         option,
@@ -145,8 +155,8 @@ fn source_config(args: &RunArgs) -> Result<SourceConfig, String> {
         ca_file: args.ca_file.clone(),
         insecure_skip_tls_verify: args.insecure_skip_tls_verify,
         client_cert,
-        connect_timeout: std::time::Duration::from_secs(3),
-        request_timeout: std::time::Duration::from_secs(10).max(args.interval),
+        connect_timeout: std::time::Duration::from_secs(3).min(args.kubelet_timeout),
+        request_timeout: args.kubelet_timeout,
     }))
 }
 
@@ -193,7 +203,7 @@ fn main() {
         accelerate: !args.no_accelerate,
         sizes: MapSizes {
             connections: args.max_connections,
-            ..MapSizes::default()
+            ..MapSizes::for_pods(args.max_pods)
         },
     };
     if let Err(e) = run::run(opts) {

@@ -48,6 +48,8 @@ pub struct Snapshot {
     pub pods_waiting_for_cgroups: u64,
     /// PodList items skipped as malformed in the last good list.
     pub pods_skipped: u64,
+    /// Meshed pods left unredirected because a map is full.
+    pub pods_map_full: u64,
     /// Map writes that failed since start.
     pub map_write_errors: u64,
     /// Kernel maps.
@@ -98,7 +100,7 @@ pub fn render(s: &Snapshot) -> String {
         &mut o,
         "merbridge_edge_pods",
         "gauge",
-        "Pods by state: seen on this node, meshed, programmed into the maps, waiting for a container cgroup, skipped as malformed.",
+        "Pods by state: seen on this node, meshed, programmed into the maps, waiting for a container cgroup, skipped as malformed, left out by a full map.",
     );
     for (state, v) in [
         ("seen", s.pods_seen),
@@ -106,6 +108,7 @@ pub fn render(s: &Snapshot) -> String {
         ("programmed", s.pods_programmed),
         ("waiting_for_cgroups", s.pods_waiting_for_cgroups),
         ("skipped", s.pods_skipped),
+        ("map_full", s.pods_map_full),
     ] {
         let _ = writeln!(o, "merbridge_edge_pods{{state=\"{state}\"}} {v}");
     }

@@ -93,6 +93,13 @@ impl FailureLog {
                 "{e}; keeping the last good state, retrying in {:.1}s",
                 retry_in.as_secs_f64()
             );
+        } else {
+            log::debug!(
+                "{} failed polls in a row ({}); retrying in {:.1}s",
+                self.in_a_row,
+                e.kind.label(),
+                retry_in.as_secs_f64()
+            );
         }
         self.last = Some(e);
     }
@@ -185,6 +192,7 @@ pub fn run(opts: RunOptions) -> Result<()> {
                     m.pods_meshed = desired.pods.len() as u64;
                     m.pods_programmed = report.programmed as u64;
                     m.pods_waiting_for_cgroups = report.waiting_for_cgroups as u64;
+                    m.pods_map_full = report.map_full as u64;
                     m.map_write_errors += report.write_errors as u64;
                 });
             }

@@ -12,7 +12,7 @@ use aya::maps::MapError;
 use log::{info, warn};
 use merbridge_edge_probes_common::{
     LocalPod, POD_DNS_CAPTURE, POD_HAS_IP4, POD_HAS_IP6, POD_IN_ALL_PORTS, POD_OUT_ALL_ADDRS,
-    POD_OUT_VIA_LOOPBACK, PodInfo, cidr_rule, port_rule,
+    POD_OUT_VIA_LOOPBACK, PodInfo, cidr_rule, map_names as maps, port_rule,
 };
 
 use crate::{
@@ -169,6 +169,8 @@ pub struct SyncReport {
     pub write_errors: usize,
     /// Meshed pods none of whose container cgroups exist yet.
     pub waiting_for_cgroups: usize,
+    /// Pods left out because a map is full.
+    pub map_full: usize,
 }
 
 struct Programmed {
@@ -182,6 +184,7 @@ pub struct Programmer {
     cgroup_root: PathBuf,
     pods: BTreeMap<String, Programmed>,
     warned: HashSet<String>,
+    full_maps: BTreeSet<&'static str>,
 }
 
 impl Programmer {
@@ -191,6 +194,7 @@ impl Programmer {
             cgroup_root,
             pods: BTreeMap::new(),
             warned: HashSet::new(),
+            full_maps: BTreeSet::new(),
         }
     }
 
@@ -231,6 +235,7 @@ impl Programmer {
             }
             report.removed += 1;
         }
+        let mut full: BTreeMap<&'static str, usize> = BTreeMap::new();
         for policy in desired {
             let pod_id = match self.pods.get(&policy.uid) {
                 Some(p) => p.pod_id,
@@ -289,11 +294,22 @@ impl Programmer {
                 );
             } else {
                 report.write_errors += errors.len();
+                let full_maps: BTreeSet<&str> = errors.iter().filter_map(|e| e.full_map).collect();
+                for map in &full_maps {
+                    *full.entry(map).or_default() += 1;
+                }
+                if !full_maps.is_empty() {
+                    report.map_full += 1;
+                }
                 for e in &errors {
-                    self.warn_once(&format!(
-                        "pod {}: {e}; the pod is left unredirected and retried next poll",
-                        policy.name
-                    ));
+                    match e.full_map {
+                        // Said once per map below, not once per pod.
+                        Some(_) => log::debug!("pod {}: {e}", policy.name),
+                        None => self.warn_once(&format!(
+                            "pod {}: {e}; the pod is left unredirected and retried next poll",
+                            policy.name
+                        )),
+                    }
                 }
                 // Fail open: take out whatever of the pod made it in, retry next poll.
                 let _ = apply(dp, &new, &PodEntries::default(), pod_id);
@@ -302,80 +318,110 @@ impl Programmer {
                 }
             }
         }
+        for (map, pods) in &full {
+            if self.full_maps.insert(map) {
+                warn!(
+                    "map {map} is full: {pods} meshed pod(s) left unredirected (fail open); raise --max-pods"
+                );
+            }
+        }
+        let recovered: Vec<&str> = self
+            .full_maps
+            .iter()
+            .filter(|m| !full.contains_key(*m))
+            .copied()
+            .collect();
+        for map in recovered {
+            self.full_maps.remove(map);
+            info!("map {map} has room again: every meshed pod is programmed");
+        }
         report
     }
 }
 
 /// A failed map write, naming the map and the entry.
 #[derive(Debug)]
-pub struct WriteError(String);
+pub struct WriteError {
+    text: String,
+    /// The map, when the write failed because it is full.
+    full_map: Option<&'static str>,
+}
 
 impl std::fmt::Display for WriteError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(&self.0)
+        f.write_str(&self.text)
     }
 }
 
-fn describe_map_error(e: &MapError) -> String {
-    match e {
-        MapError::SyscallError(s) if s.io_error.raw_os_error() == Some(libc::E2BIG) => {
-            "map full".into()
-        }
-        other => other.to_string(),
-    }
+fn is_map_full(e: &MapError) -> bool {
+    matches!(e, MapError::SyscallError(s) if matches!(s.io_error.raw_os_error(), Some(libc::E2BIG | libc::ENOSPC)))
 }
 
 /// Writes the difference between `old` and `new`; returns the writes that failed.
 fn apply(dp: &mut Datapath, old: &PodEntries, new: &PodEntries, pod_id: u32) -> Vec<WriteError> {
     let mut errors = Vec::new();
-    let mut check = |what: String, r: Result<(), MapError>| {
-        if let Err(e) = r {
-            if !matches!(e, MapError::KeyNotFound) {
-                errors.push(WriteError(format!("{what}: {}", describe_map_error(&e))));
-            }
-        }
+    let mut check = |map: &'static str, what: String, r: Result<(), MapError>| match r {
+        Err(e) if is_map_full(&e) => errors.push(WriteError {
+            text: format!("{map} {what}: map full"),
+            full_map: Some(map),
+        }),
+        Err(MapError::KeyNotFound) | Ok(()) => {}
+        Err(e) => errors.push(WriteError {
+            text: format!("{map} {what}: {e}"),
+            full_map: None,
+        }),
     };
     // Removals, cgroups first: the pod stops being redirected before its rules go.
     for id in old.cgroups.keys().filter(|k| !new.cgroups.contains_key(*k)) {
         check(
-            format!("POD_BY_CGROUP delete {id}"),
+            maps::POD_BY_CGROUP,
+            format!("delete {id}"),
             dp.pod_by_cgroup.remove(id),
         );
     }
     for ip in old.ips.keys().filter(|k| !new.ips.contains_key(*k)) {
-        check(format!("POD_BY_IP delete {ip:?}"), dp.pod_by_ip.remove(ip));
+        check(
+            maps::POD_BY_IP,
+            format!("delete {ip:?}"),
+            dp.pod_by_ip.remove(ip),
+        );
     }
     for &(kind, port, len) in old.ports.difference(&new.ports) {
         check(
-            format!("PORT_RULES delete {port}/{len}"),
+            maps::PORT_RULES,
+            format!("delete {port}/{len}"),
             dp.port_rules
                 .remove(&port_rule_key(pod_id, kind, port, len)),
         );
     }
     for (kind, cidr) in old.cidrs.difference(&new.cidrs) {
         check(
-            format!("CIDR_RULES delete {}/{}", cidr.addr, cidr.len),
+            maps::CIDR_RULES,
+            format!("delete {}/{}", cidr.addr, cidr.len),
             dp.cidr_rules.remove(&cidr_rule_key(pod_id, *kind, cidr)),
         );
     }
     // Additions, rules first.
     for &(kind, port, len) in new.ports.difference(&old.ports) {
         check(
-            format!("PORT_RULES insert {port}/{len}"),
+            maps::PORT_RULES,
+            format!("insert {port}/{len}"),
             dp.port_rules
                 .insert(&port_rule_key(pod_id, kind, port, len), 1, 0),
         );
     }
     for (kind, cidr) in new.cidrs.difference(&old.cidrs) {
         check(
-            format!("CIDR_RULES insert {}/{}", cidr.addr, cidr.len),
+            maps::CIDR_RULES,
+            format!("insert {}/{}", cidr.addr, cidr.len),
             dp.cidr_rules
                 .insert(&cidr_rule_key(pod_id, *kind, cidr), 1, 0),
         );
     }
     for (ip, local) in new.ips.iter().filter(|(k, v)| old.ips.get(*k) != Some(*v)) {
         check(
-            format!("POD_BY_IP insert {ip:?}"),
+            maps::POD_BY_IP,
+            format!("insert {ip:?}"),
             dp.pod_by_ip.insert(ip, local, 0),
         );
     }
@@ -385,7 +431,8 @@ fn apply(dp: &mut Datapath, old: &PodEntries, new: &PodEntries, pod_id: u32) -> 
         .filter(|(k, v)| old.cgroups.get(*k) != Some(*v))
     {
         check(
-            format!("POD_BY_CGROUP insert {id}"),
+            maps::POD_BY_CGROUP,
+            format!("insert {id}"),
             dp.pod_by_cgroup.insert(id, info, 0),
         );
     }

@@ -1,6 +1,8 @@
 //! Running the agent under test and reading what it logs.
 use std::{
     fs,
+    io::{Read, Write},
+    net::TcpStream,
     path::{Path, PathBuf},
     process::{Command, Stdio},
     time::{Duration, Instant},
@@ -38,8 +40,13 @@ impl Agent {
             );
         }
         let log = fs::File::create(log_path)?;
+        let mut args: Vec<&str> = args.to_vec();
+        // A port of its own, read back from the log: tests never collide on 15890.
+        if args.first() == Some(&"run") && !args.contains(&"--metrics-addr") {
+            args.extend(["--metrics-addr", "127.0.0.1:0"]);
+        }
         let child = Command::new(&bin)
-            .args(args)
+            .args(&args)
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log)
@@ -74,6 +81,64 @@ impl Agent {
                 bail!("agent did not log {needle:?} ({count}x) within {limit:?}:\n{log}");
             }
             std::thread::sleep(Duration::from_millis(25));
+        }
+    }
+
+    /// The address of /metrics, /healthz and /readyz, from the agent's log.
+    pub fn metrics_addr(&mut self) -> Result<String> {
+        const SAYS: &str = "/readyz on http://";
+        self.wait_log(SAYS, Duration::from_secs(10))?;
+        let log = self.log();
+        let line = log.lines().find(|l| l.contains(SAYS)).unwrap_or("");
+        Ok(line.split(SAYS).nth(1).unwrap_or("").trim().to_string())
+    }
+
+    /// `GET path` on the agent's metrics listener: status and body.
+    pub fn http_get(&mut self, path: &str) -> Result<(u16, String)> {
+        let addr = self.metrics_addr()?;
+        let mut s = TcpStream::connect(&addr).with_context(|| format!("connecting to {addr}"))?;
+        s.set_read_timeout(Some(Duration::from_secs(5)))?;
+        write!(s, "GET {path} HTTP/1.1\r\nHost: {addr}\r\n\r\n")?;
+        let mut text = String::new();
+        s.read_to_string(&mut text)?;
+        let status = text
+            .get(9..12)
+            .unwrap_or("")
+            .parse()
+            .context("status line")?;
+        let body = text.split_once("\r\n\r\n").map(|(_, b)| b).unwrap_or("");
+        Ok((status, body.to_string()))
+    }
+
+    /// The value of one sample of /metrics, named with its labels as exposed
+    /// (`merbridge_edge_pods{state="meshed"}`).
+    pub fn metric(&mut self, sample: &str) -> Result<f64> {
+        let (_, body) = self.http_get("/metrics")?;
+        body.lines()
+            .find_map(|l| l.strip_prefix(sample)?.strip_prefix(' ')?.parse().ok())
+            .with_context(|| format!("no sample {sample} in /metrics:\n{body}"))
+    }
+
+    /// Waits until `sample` satisfies `ok`; returns its last value.
+    pub fn wait_metric(
+        &mut self,
+        sample: &str,
+        ok: impl Fn(f64) -> bool,
+        limit: Duration,
+    ) -> Result<f64> {
+        let end = Instant::now() + limit;
+        loop {
+            let v = self.metric(sample)?;
+            if ok(v) {
+                return Ok(v);
+            }
+            if Instant::now() > end {
+                bail!(
+                    "{sample} is {v} after {limit:?}; agent log:\n{}",
+                    self.log()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(50));
         }
     }
 

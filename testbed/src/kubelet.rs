@@ -128,6 +128,7 @@ pub struct FakeKubelet {
     /// Where it listens.
     pub addr: SocketAddr,
     shared: Arc<Shared>,
+    accept: Option<std::thread::JoinHandle<()>>,
 }
 
 impl FakeKubelet {
@@ -159,7 +160,7 @@ impl FakeKubelet {
             stop: AtomicBool::new(false),
         });
         let s = shared.clone();
-        std::thread::spawn(move || {
+        let accept = std::thread::spawn(move || {
             for stream in listener.incoming() {
                 if s.stop.load(Ordering::SeqCst) {
                     break;
@@ -171,7 +172,11 @@ impl FakeKubelet {
                 });
             }
         });
-        Ok(Self { addr, shared })
+        Ok(Self {
+            addr,
+            shared,
+            accept: Some(accept),
+        })
     }
 
     /// The URL to give the agent's `--kubelet-url`.
@@ -215,6 +220,10 @@ impl Drop for FakeKubelet {
         self.shared.stop.store(true, Ordering::SeqCst);
         // Wake the accept loop so it sees the flag and closes the listener.
         let _ = TcpStream::connect_timeout(&self.addr, Duration::from_millis(200));
+        // The listener is closed when this returns: the port can be taken again.
+        if let Some(t) = self.accept.take() {
+            let _ = t.join();
+        }
     }
 }
 

@@ -3,7 +3,9 @@
 //! layout, and processes are started inside both. Everything made is removed on drop,
 //! also when a test fails.
 pub mod agent;
+pub mod fixture;
 pub mod kubelet;
+pub mod maps;
 pub mod node;
 pub mod podlist;
 pub mod proc;

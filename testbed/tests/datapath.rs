@@ -5,245 +5,30 @@
 //! (`scripts/test` does all of that). Without root every test says so and passes,
 //! unless MBE_REQUIRE_KERNEL_TESTS=1 (set by CI), where that is a failure.
 use std::{
-    collections::BTreeMap,
     fs,
-    path::PathBuf,
-    process::Command,
-    sync::Mutex,
     time::{Duration, Instant},
 };
 
 use merbridge_edge_testbed::{
     Node, Pod, PodSpec,
     agent::Agent,
-    node::missing_prerequisite,
+    fixture::{
+        APP_UID, Fixture, PROXY_UID, assert_outbound_ipv4_through_both_sidecars, counters,
+        istio_abc, kernel_test, programs_attached_below, wait_sidecar_lines, who,
+    },
     podlist::{pod_list, write_pod_list},
 };
 
 const HELPER: &str = env!("CARGO_BIN_EXE_mbe-testbed");
-const APP_UID: u32 = 1000;
-const PROXY_UID: u32 = 1337;
-/// One topology at a time: the tests share the machine's two cores.
-static SERIAL: Mutex<()> = Mutex::new(());
-
-/// Checks the prerequisites and takes the one-topology-at-a-time lock; None = skip.
-fn kernel_test(test: &str) -> Option<std::sync::MutexGuard<'static, ()>> {
-    if let Some(why) = missing_prerequisite() {
-        if std::env::var("MBE_REQUIRE_KERNEL_TESTS").as_deref() == Ok("1") {
-            panic!("{test}: {why}");
-        }
-        eprintln!("SKIPPED {test}: {why}");
-        return None;
-    }
-    Some(SERIAL.lock().unwrap_or_else(|e| e.into_inner()))
-}
-
-/// A node with meshed pods a, b (Istio) and a plain pod c, each running an echo app on
-/// 8080 (and 8081, 9002); meshed pods run a sidecar stand-in as uid 1337.
-struct Fixture {
-    node: Node,
-    pods: BTreeMap<String, Pod>,
-    pods_file: PathBuf,
-}
-
-impl Fixture {
-    fn new(specs: Vec<PodSpec>) -> Self {
-        let mut node = Node::new(HELPER.as_ref()).expect("test node");
-        let mut pods = BTreeMap::new();
-        for spec in specs {
-            let meshed = spec.containers.iter().any(|c| c == "istio-proxy");
-            let name = spec.name.clone();
-            let pod = node.add_pod(spec).expect("pod");
-            let app = format!("{name}-app");
-            node.spawn(
-                &pod,
-                Some("app"),
-                Some(APP_UID),
-                &["echo", &app, "[::]:8080", "[::]:8081", "[::]:9002"],
-            )
-            .unwrap();
-            if meshed {
-                let log = node.scratch().join(format!("sidecar-{name}.log"));
-                fs::write(&log, "").unwrap();
-                // The sidecar runs as the proxy uid and appends to it.
-                fs::set_permissions(&log, std::os::unix::fs::PermissionsExt::from_mode(0o666))
-                    .unwrap();
-                node.spawn(
-                    &pod,
-                    Some("istio-proxy"),
-                    Some(PROXY_UID),
-                    &["sidecar", &name, "15001", "15006", log.to_str().unwrap()],
-                )
-                .unwrap();
-                node.wait_listening(&pod, 15006).unwrap();
-            }
-            node.wait_listening(&pod, 8080).unwrap();
-            pods.insert(name, pod);
-        }
-        let pods_file = node.scratch().join("pods.json");
-        write_pod_list(&pods_file, &pod_list(pods.values(), "edge-1")).unwrap();
-        Self {
-            node,
-            pods,
-            pods_file,
-        }
-    }
-
-    fn pod(&self, name: &str) -> &Pod {
-        &self.pods[name]
-    }
-
-    fn start_agent(&self, extra: &[&str]) -> Agent {
-        let log = self
-            .node
-            .scratch()
-            .join(format!("agent-{}.log", self.node.tag));
-        let root = self.node.cgroup_root.to_str().unwrap().to_string();
-        let mut args = vec![
-            "run",
-            "--pods-file",
-            self.pods_file.to_str().unwrap(),
-            "--cgroup-root",
-            &root,
-        ];
-        args.extend([
-            "--interval",
-            "200ms",
-            "--log-level",
-            "debug",
-            "--node-name",
-            "edge-1",
-        ]);
-        args.extend(extra);
-        let mut agent = Agent::start(&args, &log).expect("agent starts");
-        let meshed = self
-            .pods
-            .values()
-            .filter(|p| p.spec.containers.iter().any(|c| c == "istio-proxy"))
-            .count();
-        agent
-            .wait_log_count("added: mesh istio", meshed, Duration::from_secs(10))
-            .unwrap();
-        agent
-    }
-
-    fn sidecar_log(&self, pod: &str) -> Vec<String> {
-        let path = self.node.scratch().join(format!("sidecar-{pod}.log"));
-        fs::read_to_string(path)
-            .unwrap_or_default()
-            .lines()
-            .map(String::from)
-            .collect()
-    }
-
-    /// Runs the client in `pod`'s app container as the app uid.
-    fn client(&self, pod: &str, target: &str, extra: &[&str]) -> String {
-        let mut args = vec!["client", target];
-        args.extend(extra);
-        self.node
-            .run_in(self.pod(pod), Some("app"), Some(APP_UID), &args)
-            .unwrap_or_else(|e| panic!("client {pod} → {target}: {e:#}"))
-    }
-}
-
-fn istio_abc() -> Vec<PodSpec> {
-    vec![
-        PodSpec::istio("a"),
-        PodSpec::istio("b"),
-        PodSpec::plain("c"),
-    ]
-}
-
-fn who(out: &str) -> String {
-    out.lines()
-        .find_map(|l| l.split(' ').find_map(|p| p.strip_prefix("who=")))
-        .unwrap_or("")
-        .to_string()
-}
-
-/// Waits for the sidecar log of `pod` to grow past `before` lines.
-fn wait_sidecar_lines(f: &Fixture, pod: &str, before: usize, want: usize) -> Vec<String> {
-    let end = Instant::now() + Duration::from_secs(5);
-    loop {
-        let lines = f.sidecar_log(pod);
-        if lines.len() >= before + want || Instant::now() > end {
-            return lines[before.min(lines.len())..].to_vec();
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
-fn counters(agent: &mut Agent) -> BTreeMap<String, u64> {
-    std::thread::sleep(Duration::from_millis(500));
-    let log = agent.log();
-    let line = log
-        .lines()
-        .rev()
-        .find(|l| l.contains("counters: "))
-        .unwrap_or("");
-    line.split("counters: ")
-        .nth(1)
-        .unwrap_or("")
-        .split(' ')
-        .filter_map(|kv| kv.split_once('='))
-        .map(|(k, v)| (k.to_string(), v.parse().unwrap_or(0)))
-        .collect()
-}
-
-fn programs_attached_below(path: &std::path::Path) -> String {
-    let out = Command::new("bpftool")
-        .args(["cgroup", "tree", path.to_str().unwrap()])
-        .output()
-        .expect("bpftool");
-    String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .filter(|l| l.contains("mb_"))
-        .collect::<Vec<_>>()
-        .join("\n")
-}
 
 #[test]
 fn outbound_ipv4_goes_through_both_sidecars_with_the_original_destination() {
     let Some(_serial) = kernel_test("outbound_ipv4") else {
         return;
     };
-    let f = Fixture::new(istio_abc());
+    let f = Fixture::new(HELPER.as_ref(), istio_abc());
     let _agent = f.start_agent(&[]);
-    let (a, b, c) = (f.pod("a").clone(), f.pod("b").clone(), f.pod("c").clone());
-
-    let out = f.client("a", &format!("{}:8080", b.ip4), &[]);
-    assert_eq!(who(&out), "b-app", "{out}");
-    let la = wait_sidecar_lines(&f, "a", 0, 1);
-    assert_eq!(la.len(), 1, "sidecar a saw one connection: {la:?}");
-    assert!(la[0].contains("listener=outbound"), "{la:?}");
-    assert!(
-        la[0].contains(&format!("orig={}:8080", b.ip4)),
-        "original destination: {la:?}"
-    );
-    // The redirect target is the pod's own IP, so the tuple names the pod.
-    assert!(
-        la[0].contains(&format!("peer={}:", a.ip4))
-            || la[0].contains(&format!("peer=[::ffff:{}]:", a.ip4)),
-        "{la:?}"
-    );
-    let lb = wait_sidecar_lines(&f, "b", 0, 1);
-    assert_eq!(lb.len(), 1, "sidecar b saw one connection: {lb:?}");
-    assert!(lb[0].contains("listener=inbound"), "{lb:?}");
-    assert!(lb[0].contains(&format!("orig={}:8080", b.ip4)), "{lb:?}");
-
-    // A plain pod as the destination: outbound through sidecar a, no inbound sidecar.
-    let out = f.client("a", &format!("{}:8080", c.ip4), &[]);
-    assert_eq!(who(&out), "c-app");
-    let la = wait_sidecar_lines(&f, "a", 1, 1);
-    assert!(
-        la.len() == 1 && la[0].contains(&format!("orig={}:8080", c.ip4)),
-        "{la:?}"
-    );
-    assert_eq!(f.sidecar_log("b").len(), 1, "sidecar b is not involved");
-    // Loopback inside the pod is never redirected.
-    let out = f.client("a", "127.0.0.1:8080", &[]);
-    assert_eq!(who(&out), "a-app");
-    assert_eq!(f.sidecar_log("a").len(), 2);
+    assert_outbound_ipv4_through_both_sidecars(&f);
 }
 
 #[test]
@@ -251,7 +36,7 @@ fn outbound_ipv6_goes_through_both_sidecars_with_the_original_destination() {
     let Some(_serial) = kernel_test("outbound_ipv6") else {
         return;
     };
-    let f = Fixture::new(istio_abc());
+    let f = Fixture::new(HELPER.as_ref(), istio_abc());
     let _agent = f.start_agent(&[]);
     let b = f.pod("b").clone();
     let out = f.client("a", &format!("[{}]:8080", b.ip6), &[]);
@@ -277,7 +62,7 @@ fn proxy_to_its_own_pod_is_untouched_and_never_fails() {
     let Some(_serial) = kernel_test("proxy_own_pod") else {
         return;
     };
-    let f = Fixture::new(istio_abc());
+    let f = Fixture::new(HELPER.as_ref(), istio_abc());
     let _agent = f.start_agent(&[]);
     let b = f.pod("b").clone();
     for target in [
@@ -318,7 +103,7 @@ fn exclusions_and_inclusions_of_ports_and_ranges() {
     // Addresses are known only once the node exists: add annotated pods in two steps.
     let mut node_specs = istio_abc();
     node_specs.push(PodSpec::istio("d"));
-    let mut f = Fixture::new(node_specs);
+    let mut f = Fixture::new(HELPER.as_ref(), node_specs);
     let (b, c) = (f.pod("b").clone(), f.pod("c").clone());
     let annotate = |f: &mut Fixture, pod: &str, kv: &[(&str, String)]| {
         let p = f.pods.get_mut(pod).unwrap();
@@ -431,7 +216,7 @@ fn plain_pods_and_host_processes_are_untouched() {
     let Some(_serial) = kernel_test("untouched") else {
         return;
     };
-    let f = Fixture::new(istio_abc());
+    let f = Fixture::new(HELPER.as_ref(), istio_abc());
     let _agent = f.start_agent(&[]);
     let (a, b) = (f.pod("a").clone(), f.pod("b").clone());
     assert_eq!(
@@ -456,7 +241,7 @@ fn dns_capture_on_and_off() {
     };
     let mut specs = istio_abc();
     specs.push(PodSpec::istio("e").annotate("proxy.istio.io/dns-capture", "true"));
-    let mut f = Fixture::new(specs);
+    let mut f = Fixture::new(HELPER.as_ref(), specs);
     let (c, e) = (f.pod("c").clone(), f.pod("e").clone());
     f.node
         .spawn(&c, Some("app"), None, &["udp-echo", "c-dns", "[::]:53"])
@@ -527,7 +312,7 @@ fn sk_msg_moves_large_and_concurrent_streams_intact() {
     let Some(_serial) = kernel_test("sk_msg") else {
         return;
     };
-    let f = Fixture::new(istio_abc());
+    let f = Fixture::new(HELPER.as_ref(), istio_abc());
     let mut agent = f.start_agent(&[]);
     let b = f.pod("b").clone();
     let out = f.client("a", &format!("{}:8080", b.ip4), &["--bytes", "1048576"]);
@@ -555,7 +340,7 @@ fn acceleration_off_keeps_redirects_and_moves_nothing_through_sk_msg() {
     let Some(_serial) = kernel_test("no_accelerate") else {
         return;
     };
-    let f = Fixture::new(istio_abc());
+    let f = Fixture::new(HELPER.as_ref(), istio_abc());
     let mut agent = f.start_agent(&["--no-accelerate"]);
     let b = f.pod("b").clone();
     let out = f.client(
@@ -580,7 +365,7 @@ fn unrelated_socket_options_pass_through_unchanged() {
     let Some(_serial) = kernel_test("sockopts") else {
         return;
     };
-    let f = Fixture::new(istio_abc());
+    let f = Fixture::new(HELPER.as_ref(), istio_abc());
     let a = f.pod("a").clone();
     let before = f
         .node
@@ -621,7 +406,7 @@ fn after_sigterm_nothing_stays_attached() {
     let Some(_serial) = kernel_test("sigterm") else {
         return;
     };
-    let f = Fixture::new(istio_abc());
+    let f = Fixture::new(HELPER.as_ref(), istio_abc());
     let mut agent = f.start_agent(&[]);
     assert_ne!(programs_attached_below(&f.node.cgroup_root), "");
     assert_eq!(
@@ -645,7 +430,7 @@ fn after_sigkill_nothing_stays_attached() {
     let Some(_serial) = kernel_test("sigkill") else {
         return;
     };
-    let f = Fixture::new(istio_abc());
+    let f = Fixture::new(HELPER.as_ref(), istio_abc());
     let mut agent = f.start_agent(&[]);
     assert_eq!(
         who(&f.client("a", &format!("{}:8080", f.pod("b").ip4), &[])),

@@ -1,0 +1,259 @@
+//! The datapath test topology shared by the real-kernel tests: a node with meshed and
+//! plain pods running app and sidecar stand-ins, and the agent started on it.
+use std::{
+    collections::BTreeMap,
+    fs,
+    path::{Path, PathBuf},
+    process::Command,
+    sync::Mutex,
+    time::{Duration, Instant},
+};
+
+use crate::{
+    Node, Pod, PodSpec,
+    agent::Agent,
+    node::missing_prerequisite,
+    podlist::{pod_list, write_pod_list},
+};
+
+/// uid of the app stand-ins.
+pub const APP_UID: u32 = 1000;
+/// uid of the sidecar stand-ins (Istio's).
+pub const PROXY_UID: u32 = 1337;
+/// One topology at a time: the tests share the machine's two cores.
+static SERIAL: Mutex<()> = Mutex::new(());
+
+/// Checks the prerequisites and takes the one-topology-at-a-time lock; None = skip.
+pub fn kernel_test(test: &str) -> Option<std::sync::MutexGuard<'static, ()>> {
+    if let Some(why) = missing_prerequisite() {
+        if std::env::var("MBE_REQUIRE_KERNEL_TESTS").as_deref() == Ok("1") {
+            panic!("{test}: {why}");
+        }
+        eprintln!("SKIPPED {test}: {why}");
+        return None;
+    }
+    Some(SERIAL.lock().unwrap_or_else(|e| e.into_inner()))
+}
+
+/// A node with meshed pods a, b (Istio) and a plain pod c, each running an echo app on
+/// 8080 (and 8081, 9002); meshed pods run a sidecar stand-in as uid 1337.
+pub struct Fixture {
+    /// The node.
+    pub node: Node,
+    /// Its pods by name.
+    pub pods: BTreeMap<String, Pod>,
+    /// The PodList of the pods, as a file for `--pods-file`.
+    pub pods_file: PathBuf,
+}
+
+impl Fixture {
+    /// Builds the node; `helper` is the `mbe-testbed` binary.
+    pub fn new(helper: &Path, specs: Vec<PodSpec>) -> Self {
+        let mut node = Node::new(helper).expect("test node");
+        let mut pods = BTreeMap::new();
+        for spec in specs {
+            let meshed = spec.containers.iter().any(|c| c == "istio-proxy");
+            let name = spec.name.clone();
+            let pod = node.add_pod(spec).expect("pod");
+            let app = format!("{name}-app");
+            node.spawn(
+                &pod,
+                Some("app"),
+                Some(APP_UID),
+                &["echo", &app, "[::]:8080", "[::]:8081", "[::]:9002"],
+            )
+            .unwrap();
+            if meshed {
+                let log = node.scratch().join(format!("sidecar-{name}.log"));
+                fs::write(&log, "").unwrap();
+                // The sidecar runs as the proxy uid and appends to it.
+                fs::set_permissions(&log, std::os::unix::fs::PermissionsExt::from_mode(0o666))
+                    .unwrap();
+                node.spawn(
+                    &pod,
+                    Some("istio-proxy"),
+                    Some(PROXY_UID),
+                    &["sidecar", &name, "15001", "15006", log.to_str().unwrap()],
+                )
+                .unwrap();
+                node.wait_listening(&pod, 15006).unwrap();
+            }
+            node.wait_listening(&pod, 8080).unwrap();
+            pods.insert(name, pod);
+        }
+        let pods_file = node.scratch().join("pods.json");
+        write_pod_list(&pods_file, &pod_list(pods.values(), "edge-1")).unwrap();
+        Self {
+            node,
+            pods,
+            pods_file,
+        }
+    }
+
+    /// The pod called `name`.
+    pub fn pod(&self, name: &str) -> &Pod {
+        &self.pods[name]
+    }
+
+    /// The PodList of the pods, as the kubelet would list them.
+    pub fn pod_list(&self) -> serde_json::Value {
+        pod_list(self.pods.values(), "edge-1")
+    }
+
+    /// Starts the agent on the pods file and waits until every meshed pod is added.
+    pub fn start_agent(&self, extra: &[&str]) -> Agent {
+        let file = self.pods_file.to_str().unwrap().to_string();
+        self.start_agent_with(&["--pods-file", &file], extra)
+    }
+
+    /// Starts the agent with `source` flags and waits until every meshed pod is added.
+    pub fn start_agent_with(&self, source: &[&str], extra: &[&str]) -> Agent {
+        let log = self
+            .node
+            .scratch()
+            .join(format!("agent-{}.log", self.node.tag));
+        let root = self.node.cgroup_root.to_str().unwrap().to_string();
+        let mut args = vec!["run", "--cgroup-root", &root];
+        args.extend(source);
+        args.extend([
+            "--interval",
+            "200ms",
+            "--log-level",
+            "debug",
+            "--node-name",
+            "edge-1",
+        ]);
+        args.extend(extra);
+        let mut agent = Agent::start(&args, &log).expect("agent starts");
+        let meshed = self
+            .pods
+            .values()
+            .filter(|p| p.spec.containers.iter().any(|c| c == "istio-proxy"))
+            .count();
+        agent
+            .wait_log_count("added: mesh istio", meshed, Duration::from_secs(10))
+            .unwrap();
+        agent
+    }
+
+    /// Lines the sidecar stand-in of `pod` logged (one per connection).
+    pub fn sidecar_log(&self, pod: &str) -> Vec<String> {
+        let path = self.node.scratch().join(format!("sidecar-{pod}.log"));
+        fs::read_to_string(path)
+            .unwrap_or_default()
+            .lines()
+            .map(String::from)
+            .collect()
+    }
+
+    /// Runs the client in `pod`'s app container as the app uid.
+    /// The client stand-in's output.
+    pub fn client(&self, pod: &str, target: &str, extra: &[&str]) -> String {
+        let mut args = vec!["client", target];
+        args.extend(extra);
+        self.node
+            .run_in(self.pod(pod), Some("app"), Some(APP_UID), &args)
+            .unwrap_or_else(|e| panic!("client {pod} → {target}: {e:#}"))
+    }
+}
+
+/// Istio pods a and b, plain pod c.
+pub fn istio_abc() -> Vec<PodSpec> {
+    vec![
+        PodSpec::istio("a"),
+        PodSpec::istio("b"),
+        PodSpec::plain("c"),
+    ]
+}
+
+/// The `who=` an echo app answered with.
+pub fn who(out: &str) -> String {
+    out.lines()
+        .find_map(|l| l.split(' ').find_map(|p| p.strip_prefix("who=")))
+        .unwrap_or("")
+        .to_string()
+}
+
+/// Waits for the sidecar log of `pod` to grow past `before` lines.
+pub fn wait_sidecar_lines(f: &Fixture, pod: &str, before: usize, want: usize) -> Vec<String> {
+    let end = Instant::now() + Duration::from_secs(5);
+    loop {
+        let lines = f.sidecar_log(pod);
+        if lines.len() >= before + want || Instant::now() > end {
+            return lines[before.min(lines.len())..].to_vec();
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// The kernel counters from the agent's latest debug line.
+pub fn counters(agent: &mut Agent) -> BTreeMap<String, u64> {
+    std::thread::sleep(Duration::from_millis(500));
+    let log = agent.log();
+    let line = log
+        .lines()
+        .rev()
+        .find(|l| l.contains("counters: "))
+        .unwrap_or("");
+    line.split("counters: ")
+        .nth(1)
+        .unwrap_or("")
+        .split(' ')
+        .filter_map(|kv| kv.split_once('='))
+        .map(|(k, v)| (k.to_string(), v.parse().unwrap_or(0)))
+        .collect()
+}
+
+/// Our programs attached at or below `path` (bpftool cgroup tree).
+pub fn programs_attached_below(path: &std::path::Path) -> String {
+    let out = Command::new("bpftool")
+        .args(["cgroup", "tree", path.to_str().unwrap()])
+        .output()
+        .expect("bpftool");
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter(|l| l.contains("mb_"))
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+/// a → b:8080 goes app → sidecar a (outbound, original b:8080) → sidecar b (inbound,
+/// original b:8080) → b's app; a → plain c goes through sidecar a only; loopback in a
+/// is untouched.
+pub fn assert_outbound_ipv4_through_both_sidecars(f: &Fixture) {
+    let (a, b, c) = (f.pod("a").clone(), f.pod("b").clone(), f.pod("c").clone());
+
+    let out = f.client("a", &format!("{}:8080", b.ip4), &[]);
+    assert_eq!(who(&out), "b-app", "{out}");
+    let la = wait_sidecar_lines(&f, "a", 0, 1);
+    assert_eq!(la.len(), 1, "sidecar a saw one connection: {la:?}");
+    assert!(la[0].contains("listener=outbound"), "{la:?}");
+    assert!(
+        la[0].contains(&format!("orig={}:8080", b.ip4)),
+        "original destination: {la:?}"
+    );
+    // The redirect target is the pod's own IP, so the tuple names the pod.
+    assert!(
+        la[0].contains(&format!("peer={}:", a.ip4))
+            || la[0].contains(&format!("peer=[::ffff:{}]:", a.ip4)),
+        "{la:?}"
+    );
+    let lb = wait_sidecar_lines(&f, "b", 0, 1);
+    assert_eq!(lb.len(), 1, "sidecar b saw one connection: {lb:?}");
+    assert!(lb[0].contains("listener=inbound"), "{lb:?}");
+    assert!(lb[0].contains(&format!("orig={}:8080", b.ip4)), "{lb:?}");
+
+    // A plain pod as the destination: outbound through sidecar a, no inbound sidecar.
+    let out = f.client("a", &format!("{}:8080", c.ip4), &[]);
+    assert_eq!(who(&out), "c-app");
+    let la = wait_sidecar_lines(&f, "a", 1, 1);
+    assert!(
+        la.len() == 1 && la[0].contains(&format!("orig={}:8080", c.ip4)),
+        "{la:?}"
+    );
+    assert_eq!(f.sidecar_log("b").len(), 1, "sidecar b is not involved");
+    // Loopback inside the pod is never redirected.
+    let out = f.client("a", "127.0.0.1:8080", &[]);
+    assert_eq!(who(&out), "a-app");
+    assert_eq!(f.sidecar_log("a").len(), 2);
+}
