@@ -1,5 +1,6 @@
 //! `merbridge-edge`: eBPF traffic interception and acceleration for service meshes.
 mod annotations;
+mod cgroup_watch;
 mod cgroups;
 mod datapath;
 mod kubelet;

@@ -11,10 +11,11 @@ use std::{
 
 use anyhow::{Context, Result};
 use k8s_openapi::api::core::v1::Pod;
-use log::{error, info};
+use log::{error, info, warn};
 use merbridge_edge_probes_common::{COUNTER_COUNT, Counter};
 
 use crate::{
+    cgroup_watch::CgroupWatch,
     cgroups,
     datapath::{Datapath, DatapathOptions, MapSizes},
     kubelet::{KubeletClient, KubeletConfig},
@@ -137,6 +138,14 @@ pub fn run(opts: RunOptions) -> Result<()> {
         sizes: opts.sizes,
     })?;
     metrics.update(|s| s.attached = true);
+    let mut watch = match CgroupWatch::new(&cgroup_root) {
+        Ok(w) => Some(w),
+        Err(e) => {
+            warn!("{e:#}: new pods are found at the next interval, not at once");
+            None
+        }
+    };
+    let mut burst_until: Option<Instant> = None;
     let mut programmer = Programmer::new(cgroup_root);
     let mut source = match &opts.source {
         SourceConfig::Kubelet(k) => Source::Kubelet(KubeletClient::new(k.clone())),
@@ -156,6 +165,15 @@ pub fn run(opts: RunOptions) -> Result<()> {
     while !STOP.load(Ordering::SeqCst) {
         let started = Instant::now();
         let mut polled = None;
+        if watch.as_mut().is_some_and(CgroupWatch::changed) {
+            // A container cgroup appeared: program it now. The kubelet lists the
+            // container a little later (after its next status update), so keep polling
+            // at the tick for a short while.
+            log::debug!("pod cgroup directory created: polling now");
+            next_sync = started;
+            next_poll = next_poll.min(started);
+            burst_until = Some(started + BURST);
+        }
         if started >= next_poll {
             match source.poll() {
                 Ok(Some(parsed)) => {
@@ -168,9 +186,11 @@ pub fn run(opts: RunOptions) -> Result<()> {
                     pods = Some(parsed.pods);
                     polled = Some(Ok(()));
                     next_sync = started;
-                    next_poll = started + source.next_poll_after(opts.interval);
+                    next_poll = started + poll_delay(&source, opts.interval, burst_until, started);
                 }
-                Ok(None) => next_poll = started + source.next_poll_after(opts.interval),
+                Ok(None) => {
+                    next_poll = started + poll_delay(&source, opts.interval, burst_until, started)
+                }
                 Err(e) => {
                     let delay = backoff(opts.interval, failures.in_a_row + 1);
                     polled = Some(Err(e.kind));
@@ -195,6 +215,9 @@ pub fn run(opts: RunOptions) -> Result<()> {
                     m.pods_map_full = report.map_full as u64;
                     m.map_write_errors += report.write_errors as u64;
                 });
+            }
+            if let Some(w) = watch.as_mut() {
+                w.refresh();
             }
             let occupancy = dp.occupancy();
             let counters = dp.counters().ok();
@@ -225,11 +248,32 @@ pub fn run(opts: RunOptions) -> Result<()> {
             });
         }
         let wake = next_poll.min(next_sync);
-        std::thread::sleep(wake.saturating_duration_since(Instant::now()).min(tick));
+        let nap = wake.saturating_duration_since(Instant::now()).min(tick);
+        match &watch {
+            Some(w) => w.wait(nap),
+            None => std::thread::sleep(nap),
+        }
     }
     info!("stopping: detaching probes");
     drop(dp);
     Ok(())
+}
+
+/// How long polls stay at the tick after a cgroup appeared: the kubelet's status for a
+/// new container follows within its PLEG relist period (1 s).
+const BURST: Duration = Duration::from_secs(2);
+
+fn poll_delay(
+    source: &Source,
+    interval: Duration,
+    burst_until: Option<Instant>,
+    now: Instant,
+) -> Duration {
+    let normal = source.next_poll_after(interval);
+    match burst_until {
+        Some(until) if now < until => normal.min(Duration::from_millis(100)),
+        _ => normal,
+    }
 }
 
 /// Logs the kernel counters (debug level) when they moved since the last call.

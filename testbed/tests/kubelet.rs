@@ -76,9 +76,13 @@ impl Drop for Kubelet {
 }
 
 fn start_agent(node: &Node, kubelet: &Kubelet, extra: &[&str]) -> Agent {
+    start_agent_every(node, kubelet, "300ms", extra)
+}
+
+fn start_agent_every(node: &Node, kubelet: &Kubelet, interval: &str, extra: &[&str]) -> Agent {
     let flags = kubelet.flags();
     let root = node.cgroup_root.display().to_string();
-    let mut args = vec!["run", "--cgroup-root", &root, "--interval", "300ms"];
+    let mut args = vec!["run", "--cgroup-root", &root, "--interval", interval];
     args.extend(flags.iter().map(String::as_str));
     args.extend(["--node-name", "edge-1"]);
     args.extend(extra);
@@ -592,4 +596,70 @@ fn traffic_is_redirected_for_pods_the_kubelet_lists() {
     let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
     let _agent = f.start_agent_with(&flags, &[]);
     assert_outbound_ipv4_through_both_sidecars(&f);
+}
+
+/// Directories made by a test below a node's cgroup root, removed (deepest first) on drop.
+struct MadeDirs(Vec<PathBuf>);
+
+impl Drop for MadeDirs {
+    fn drop(&mut self) {
+        for d in self.0.iter().rev() {
+            let _ = fs::remove_dir(d);
+        }
+    }
+}
+
+#[test]
+fn a_new_container_cgroup_is_programmed_at_once_not_at_the_next_interval() {
+    let Some(_serial) = kernel_test("kubelet_cgroup_trigger") else {
+        return;
+    };
+    let node = Node::new(HELPER.as_ref()).unwrap();
+    let late = istio_pods(1).remove(0);
+    let uid = late["metadata"]["uid"].as_str().unwrap().to_string();
+    let container = late["status"]["containerStatuses"][0]["containerID"]
+        .as_str()
+        .unwrap()
+        .trim_start_matches("containerd://")
+        .to_string();
+    let kubelet = Kubelet::start(
+        node.scratch().join("kubelet"),
+        serde_json::to_vec(&with_items(
+            serde_json::from_str(FIXTURE).unwrap(),
+            vec![late],
+        ))
+        .unwrap(),
+    );
+    // An interval far longer than the test: only the cgroup trigger can be in time.
+    let mut agent = start_agent_every(&node, &kubelet, "60s", &[]);
+    agent.wait_log("pod shop/load-0 added", WAIT).unwrap();
+    assert!(agent.log().contains("pod shop/load-0: no cgroup found yet"));
+    std::thread::sleep(Duration::from_millis(300));
+    let mut made = MadeDirs(vec![]);
+    let mut dir = node.cgroup_root.clone();
+    for part in [
+        "kubepods".to_string(),
+        "burstable".into(),
+        format!("pod{uid}"),
+        container,
+    ] {
+        dir = dir.join(part);
+        if !dir.exists() {
+            fs::create_dir(&dir).unwrap();
+            made.0.push(dir.clone());
+        }
+    }
+    let created = std::time::Instant::now();
+    agent
+        .wait_log("pod shop/load-0 changed", Duration::from_secs(5))
+        .unwrap();
+    let took = created.elapsed();
+    let ids: BTreeSet<u64> = pod_cgroups()
+        .unwrap()
+        .into_iter()
+        .map(|(id, _)| id)
+        .collect();
+    assert!(ids.contains(&fs::metadata(&dir).unwrap().ino()));
+    eprintln!("cgroup created → pod programmed: {took:?} (interval 60s)");
+    drop(agent);
 }
