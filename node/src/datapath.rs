@@ -98,7 +98,10 @@ impl Datapath {
     pub fn load(opts: &DatapathOptions) -> Result<Self> {
         let s = opts.sizes;
         let accelerate: u32 = opts.accelerate.into();
+        // The probes read only context fields and their own maps: no CO-RE relocations,
+        // so the kernel's BTF (megabytes to parse) is not needed.
         let mut ebpf = EbpfLoader::new()
+            .btf(None)
             .map_max_entries(maps::POD_BY_CGROUP, s.cgroups)
             .map_max_entries(maps::POD_BY_IP, s.pod_ips)
             .map_max_entries(maps::PORT_RULES, s.rules)
@@ -185,39 +188,46 @@ impl Datapath {
 }
 
 impl Datapath {
-    /// Entries and capacity of every map with entries, counted by walking its keys
-    /// (one syscall per entry: cheap at edge scale, and only done once per poll).
-    pub fn occupancy(&self) -> Vec<MapUsage> {
+    /// Usage of the pod maps, given their entry counts (the agent wrote every entry,
+    /// so it knows them without asking the kernel): POD_BY_CGROUP, POD_BY_IP,
+    /// PORT_RULES, CIDR_RULES.
+    pub fn pod_map_usage(&self, entries: [usize; 4]) -> Vec<MapUsage> {
         let s = self.sizes;
-        let usage = |name, entries: usize, capacity: u32| MapUsage {
+        [
+            (maps::POD_BY_CGROUP, s.cgroups),
+            (maps::POD_BY_IP, s.pod_ips),
+            (maps::PORT_RULES, s.rules),
+            (maps::CIDR_RULES, s.rules),
+        ]
+        .into_iter()
+        .zip(entries)
+        .map(|((name, capacity), n)| MapUsage {
+            name,
+            entries: n as u64,
+            capacity: capacity.into(),
+        })
+        .collect()
+    }
+
+    /// Usage of the per-connection maps, which only the probes write: counted by
+    /// walking their keys, one syscall per entry, so call it sparingly.
+    pub fn connection_map_usage(&self) -> Vec<MapUsage> {
+        let cap = u64::from(self.sizes.connections);
+        let usage = |name, entries: usize| MapUsage {
             name,
             entries: entries as u64,
-            capacity: capacity.into(),
+            capacity: cap,
         };
         vec![
             usage(
-                maps::POD_BY_CGROUP,
-                self.pod_by_cgroup.keys().count(),
-                s.cgroups,
-            ),
-            usage(maps::POD_BY_IP, self.pod_by_ip.keys().count(), s.pod_ips),
-            usage(maps::PORT_RULES, self.port_rules.keys().count(), s.rules),
-            usage(maps::CIDR_RULES, self.cidr_rules.keys().count(), s.rules),
-            usage(
                 maps::ORIGINAL_DST_BY_COOKIE,
                 self.original_dst_by_cookie.keys().count(),
-                s.connections,
             ),
             usage(
                 maps::ORIGINAL_DST_BY_TUPLE,
                 self.original_dst_by_tuple.keys().count(),
-                s.connections,
             ),
-            usage(
-                maps::SOCK_BY_TUPLE,
-                self.sock_by_tuple.keys().count(),
-                s.connections,
-            ),
+            usage(maps::SOCK_BY_TUPLE, self.sock_by_tuple.keys().count()),
         ]
     }
 }

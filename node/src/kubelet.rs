@@ -5,6 +5,7 @@
 //! is a poll error like any other: the agent keeps its last good state and retries.
 use std::{
     fs,
+    hash::Hasher,
     io::{Read, Write},
     net::{TcpStream, ToSocketAddrs},
     path::{Path, PathBuf},
@@ -73,6 +74,8 @@ pub struct KubeletClient {
     config: KubeletConfig,
     pods_url: String,
     agent: Option<(Stamp, ureq::Agent)>,
+    /// Hash of the last body that parsed.
+    last_good_body: Option<u64>,
 }
 
 impl KubeletClient {
@@ -83,6 +86,7 @@ impl KubeletClient {
             config,
             pods_url,
             agent: None,
+            last_good_body: None,
         }
     }
 
@@ -116,8 +120,9 @@ impl KubeletClient {
         Ok(agent)
     }
 
-    /// One `GET /pods`: the pods, or what went wrong.
-    pub fn fetch(&mut self) -> Result<ParsedPods, PollError> {
+    /// One `GET /pods`: the pods, `None` when the body is the same as the last good
+    /// one (nothing to parse: the steady state of a node), or what went wrong.
+    pub fn fetch(&mut self) -> Result<Option<ParsedPods>, PollError> {
         let agent = self.agent()?;
         let mut request = agent
             .get(&self.pods_url)
@@ -149,8 +154,18 @@ impl KubeletClient {
             ),
             other => self.describe_transport_error(other),
         })?;
-        parse_pod_list(&format!("kubelet {}", self.pods_url), &body)
-            .map_err(|e| PollError::new(ErrorKind::Body, format!("{e:#}")))
+        let digest = {
+            let mut h = std::hash::DefaultHasher::new();
+            h.write(&body);
+            h.finish()
+        };
+        if self.last_good_body == Some(digest) {
+            return Ok(None);
+        }
+        let parsed = parse_pod_list(&format!("kubelet {}", self.pods_url), &body)
+            .map_err(|e| PollError::new(ErrorKind::Body, format!("{e:#}")))?;
+        self.last_good_body = Some(digest);
+        Ok(Some(parsed))
     }
 
     fn who(&self) -> String {

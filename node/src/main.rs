@@ -176,8 +176,13 @@ fn main() {
         eprintln!("merbridge-edge: no command given; see merbridge-edge --help");
         std::process::exit(2);
     };
+    // The HTTP and TLS crates log every request at debug: only their warnings are ours.
+    let quiet = args.log_level.min(log::LevelFilter::Warn);
     simple_logger::SimpleLogger::new()
         .with_level(args.log_level)
+        .with_module_level("ureq", quiet)
+        .with_module_level("ureq_proto", quiet)
+        .with_module_level("rustls", quiet)
         .init()
         .expect("logger set once");
     let source = match source_config(&args) {

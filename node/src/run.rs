@@ -10,7 +10,6 @@ use std::{
 };
 
 use anyhow::{Context, Result};
-use k8s_openapi::api::core::v1::Pod;
 use log::{error, info, warn};
 use merbridge_edge_probes_common::{COUNTER_COUNT, Counter};
 
@@ -20,7 +19,7 @@ use crate::{
     datapath::{Datapath, DatapathOptions, MapSizes},
     kubelet::{KubeletClient, KubeletConfig},
     metrics::{self, Metrics},
-    policy::{MeshSelection, desired_state},
+    policy::{Desired, MeshSelection, desired_state},
     source::{PodsFile, PollError, Source},
     sync::Programmer,
 };
@@ -138,6 +137,7 @@ pub fn run(opts: RunOptions) -> Result<()> {
         sizes: opts.sizes,
     })?;
     metrics.update(|s| s.attached = true);
+    release_free_memory();
     let mut watch = match CgroupWatch::new(&cgroup_root) {
         Ok(w) => Some(w),
         Err(e) => {
@@ -156,12 +156,14 @@ pub fn run(opts: RunOptions) -> Result<()> {
         "reading pods from {origin} every {:.1}s",
         opts.interval.as_secs_f64()
     );
-    let mut pods: Option<Vec<Pod>> = None;
+    let mut desired: Option<Desired> = None;
     let mut failures = FailureLog::default();
     let tick = Duration::from_millis(100);
     let mut next_poll = Instant::now();
     let mut next_sync = Instant::now();
     let mut last_counters = None;
+    let mut connection_maps = Vec::new();
+    let mut next_connection_count = Instant::now();
     while !STOP.load(Ordering::SeqCst) {
         let started = Instant::now();
         let mut polled = None;
@@ -175,7 +177,12 @@ pub fn run(opts: RunOptions) -> Result<()> {
             burst_until = Some(started + BURST);
         }
         if started >= next_poll {
-            match source.poll() {
+            let fetch_started = Instant::now();
+            let result = source.poll();
+            // The body (up to megabytes) and the parse are gone now.
+            release_free_memory();
+            log::trace!("fetch took {:?}", fetch_started.elapsed());
+            match result {
                 Ok(Some(parsed)) => {
                     failures.succeeded(&origin);
                     for s in &parsed.skipped {
@@ -183,12 +190,21 @@ pub fn run(opts: RunOptions) -> Result<()> {
                     }
                     let skipped = parsed.skipped.len() as u64;
                     metrics.update(|m| m.pods_skipped = skipped);
-                    pods = Some(parsed.pods);
+                    let d = desired_state(&parsed.pods, opts.node_name.as_deref(), opts.meshes);
+                    for w in &d.warnings {
+                        programmer.warn_once(&w.0);
+                    }
+                    desired = Some(d);
                     polled = Some(Ok(()));
                     next_sync = started;
                     next_poll = started + poll_delay(&source, opts.interval, burst_until, started);
                 }
                 Ok(None) => {
+                    // Unchanged: a good poll for the kubelet; for a file, just a stat.
+                    failures.succeeded(&origin);
+                    if matches!(source, Source::Kubelet(_)) {
+                        polled = Some(Ok(()));
+                    }
                     next_poll = started + poll_delay(&source, opts.interval, burst_until, started)
                 }
                 Err(e) => {
@@ -200,12 +216,10 @@ pub fn run(opts: RunOptions) -> Result<()> {
             }
         }
         if started >= next_sync {
-            if let Some(pods) = &pods {
-                let desired = desired_state(pods, opts.node_name.as_deref(), opts.meshes);
-                for w in &desired.warnings {
-                    programmer.warn_once(&w.0);
-                }
+            if let Some(desired) = &desired {
+                let sync_started = Instant::now();
                 let report = programmer.sync(&mut dp, &desired.pods);
+                log::trace!("sync took {:?}", sync_started.elapsed());
                 log::debug!("sync: {report:?}");
                 metrics.update(|m| {
                     m.pods_seen = desired.pods_seen as u64;
@@ -219,7 +233,12 @@ pub fn run(opts: RunOptions) -> Result<()> {
             if let Some(w) = watch.as_mut() {
                 w.refresh();
             }
-            let occupancy = dp.occupancy();
+            if started >= next_connection_count {
+                connection_maps = dp.connection_map_usage();
+                next_connection_count = started + CONNECTION_COUNT_EVERY;
+            }
+            let mut occupancy = dp.pod_map_usage(programmer.entry_counts());
+            occupancy.extend(connection_maps.iter().cloned());
             let counters = dp.counters().ok();
             log_counters_if_changed(counters.as_ref(), &mut last_counters);
             metrics.update(|m| {
@@ -259,9 +278,24 @@ pub fn run(opts: RunOptions) -> Result<()> {
     Ok(())
 }
 
+/// Hands memory freed after parsing a PodList back to the kernel. glibc keeps freed
+/// heap pages otherwise (musl's allocator returns them by itself).
+fn release_free_memory() {
+    #[cfg(target_env = "gnu")]
+    // SAFETY: malloc_trim only walks the allocator's own free lists.
+    unsafe {
+        libc::malloc_trim(0);
+    }
+}
+
+/// How often the per-connection maps are counted (a walk of up to 3 × 65536 keys).
+const CONNECTION_COUNT_EVERY: Duration = Duration::from_secs(30);
+
 /// How long polls stay at the tick after a cgroup appeared: the kubelet's status for a
 /// new container follows within its PLEG relist period (1 s).
 const BURST: Duration = Duration::from_secs(2);
+/// Poll period during a burst.
+const BURST_EVERY: Duration = Duration::from_millis(50);
 
 fn poll_delay(
     source: &Source,
@@ -271,7 +305,7 @@ fn poll_delay(
 ) -> Duration {
     let normal = source.next_poll_after(interval);
     match burst_until {
-        Some(until) if now < until => normal.min(Duration::from_millis(100)),
+        Some(until) if now < until => normal.min(BURST_EVERY),
         _ => normal,
     }
 }

@@ -6,8 +6,10 @@ use std::{
     time::SystemTime,
 };
 
-use anyhow::{Context, Result, bail};
-use k8s_openapi::{api::core::v1::Pod, serde::Deserialize};
+use anyhow::{Result, bail};
+use k8s_openapi::api::core::v1::Pod;
+use serde::Deserialize;
+use serde_json::value::RawValue;
 
 /// What kind of failure a poll hit; the label of the `poll_errors_total` metric.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -101,30 +103,54 @@ pub struct ParsedPods {
     pub skipped: Vec<String>,
 }
 
+/// The outline of a PodList: its kind and each item unparsed.
+#[derive(Deserialize)]
+struct Outline<'a> {
+    #[serde(default)]
+    kind: Option<String>,
+    #[serde(borrow, default)]
+    items: Option<Vec<&'a RawValue>>,
+}
+
+/// Enough of an item to name it when it is not a valid Pod.
+#[derive(Deserialize, Default)]
+#[serde(default)]
+struct ItemName {
+    metadata: ItemMeta,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(default)]
+struct ItemMeta {
+    name: Option<String>,
+    namespace: Option<String>,
+}
+
 /// Parses a kubelet `/pods` response body (a v1 PodList). A malformed item is skipped
 /// (and named), not allowed to take the whole list down with it; a body that is not a
-/// PodList at all is an error.
+/// PodList at all is an error. Items are parsed straight from the body, with no
+/// intermediate JSON tree.
 pub fn parse_pod_list(origin: &str, body: &[u8]) -> Result<ParsedPods> {
-    let value: serde_json::Value =
-        serde_json::from_slice(body).with_context(|| format!("{origin}: body is not JSON"))?;
-    let kind = value.get("kind").and_then(|k| k.as_str()).unwrap_or("");
+    let outline: Outline = serde_json::from_slice(body).map_err(|e| {
+        if e.is_data() {
+            anyhow::anyhow!("{origin}: not a v1 PodList: {e}")
+        } else {
+            anyhow::anyhow!("{origin}: body is not JSON: {e}")
+        }
+    })?;
+    let kind = outline.kind.as_deref().unwrap_or("");
     if kind != "PodList" {
         bail!("{origin}: expected a v1 PodList, got kind {kind:?}");
     }
-    let items = match value.get("items") {
-        Some(serde_json::Value::Array(items)) => items,
-        // An empty list may come with `items: null` or no items at all.
-        None | Some(serde_json::Value::Null) => return Ok(ParsedPods::default()),
-        Some(_) => bail!("{origin}: PodList items is not an array"),
-    };
     let mut out = ParsedPods::default();
-    for (i, item) in items.iter().enumerate() {
-        match Pod::deserialize(item) {
+    for (i, item) in outline.items.unwrap_or_default().into_iter().enumerate() {
+        match serde_json::from_str::<Pod>(item.get()) {
             Ok(pod) => out.pods.push(pod),
             Err(e) => {
-                let meta = item.get("metadata");
-                let field = |f: &str| meta.and_then(|m| m.get(f)).and_then(|v| v.as_str());
-                let name = match (field("namespace"), field("name")) {
+                let meta = serde_json::from_str::<ItemName>(item.get())
+                    .unwrap_or_default()
+                    .metadata;
+                let name = match (meta.namespace, meta.name) {
                     (Some(ns), Some(n)) => format!("pod {ns}/{n}"),
                     (None, Some(n)) => format!("pod {n}"),
                     _ => format!("item {i}"),
@@ -200,10 +226,10 @@ impl Source {
         }
     }
 
-    /// New pods, `None` when a file source has not changed.
+    /// New pods, `None` when the source has not changed since its last good answer.
     pub fn poll(&mut self) -> Result<Option<ParsedPods>, PollError> {
         match self {
-            Source::Kubelet(k) => k.fetch().map(Some),
+            Source::Kubelet(k) => k.fetch(),
             Source::File(f) => f.poll(),
         }
     }

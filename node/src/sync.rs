@@ -205,6 +205,19 @@ impl Programmer {
         }
     }
 
+    /// Entries written to POD_BY_CGROUP, POD_BY_IP, PORT_RULES and CIDR_RULES.
+    pub fn entry_counts(&self) -> [usize; 4] {
+        self.pods.values().fold([0; 4], |[c, i, p, r], pod| {
+            let e = &pod.entries;
+            [
+                c + e.cgroups.len(),
+                i + e.ips.len(),
+                p + e.ports.len(),
+                r + e.cidrs.len(),
+            ]
+        })
+    }
+
     fn allocate_pod_id(&self) -> u32 {
         let used: BTreeSet<u32> = self.pods.values().map(|p| p.pod_id).collect();
         (1..)

@@ -61,3 +61,47 @@ pub fn write_pod_list(path: &std::path::Path, list: &Value) -> anyhow::Result<()
     std::fs::rename(&tmp, path)?;
     Ok(())
 }
+
+/// A kubelet `/pods` answer as real clusters give it: Istio (init container, status
+/// annotation), Linkerd (native sidecar), Kuma, OSM, a plain pod, a hostNetwork pod and
+/// a terminating one, all on node `edge-1`.
+pub const KUBELET_FIXTURE: &str = include_str!("../fixtures/kubelet-pods.json");
+
+/// The fixture as JSON.
+pub fn kubelet_fixture() -> Value {
+    serde_json::from_str(KUBELET_FIXTURE).expect("fixture is JSON")
+}
+
+/// `n` Istio pods shaped like the fixture's first, on edge-1, named `load-<i>`, uid
+/// `00000000-0000-4000-8000-<i>`, at 10.43.x.y and fd00:43::<i+1>; container ids
+/// `<i>a…` and `<i>b…` (64 hex digits).
+pub fn istio_pods(n: usize) -> Vec<Value> {
+    let template = kubelet_fixture()["items"][0].clone();
+    (0..n)
+        .map(|i| {
+            let mut p = template.clone();
+            let ip4 = format!("10.43.{}.{}", i / 250, i % 250 + 1);
+            p["metadata"]["name"] = json!(format!("load-{i}"));
+            p["metadata"]["uid"] = json!(format!("00000000-0000-4000-8000-{i:012}"));
+            p["status"]["podIP"] = json!(ip4);
+            p["status"]["podIPs"] = json!([{"ip": ip4}, {"ip": format!("fd00:43::{:x}", i + 1)}]);
+            for (k, c) in p["status"]["containerStatuses"]
+                .as_array_mut()
+                .expect("statuses")
+                .iter_mut()
+                .enumerate()
+            {
+                c["containerID"] = json!(format!("containerd://{i:060x}{k:04x}"));
+            }
+            p
+        })
+        .collect()
+}
+
+/// `list` with `extra` items appended.
+pub fn with_items(mut list: Value, extra: Vec<Value>) -> Value {
+    if let Some(items) = list["items"].as_array_mut() {
+        items.extend(extra);
+    }
+    list
+}

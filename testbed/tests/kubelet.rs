@@ -15,11 +15,11 @@ use merbridge_edge_testbed::{
     fixture::{Fixture, assert_outbound_ipv4_through_both_sidecars, istio_abc, kernel_test},
     kubelet::{FakeKubelet, Pki, Reply},
     maps::{pod_cgroups, pod_ips},
+    podlist::{KUBELET_FIXTURE, istio_pods, with_items},
 };
 use serde_json::{Value, json};
 
 const HELPER: &str = env!("CARGO_BIN_EXE_mbe-testbed");
-const FIXTURE: &str = include_str!("../fixtures/kubelet-pods.json");
 const WAIT: Duration = Duration::from_secs(10);
 
 /// A kubelet stand-in with its PKI and a token file.
@@ -103,35 +103,13 @@ fn fixture_ips() -> BTreeSet<IpAddr> {
     .collect()
 }
 
-/// `n` Istio pods shaped like the fixture's, on edge-1, at 10.43.x.y and fd00:43::n.
-fn istio_pods(n: usize) -> Vec<Value> {
-    let list: Value = serde_json::from_str(FIXTURE).unwrap();
-    let template = list["items"][0].clone();
-    (0..n)
-        .map(|i| {
-            let mut p = template.clone();
-            let ip4 = format!("10.43.{}.{}", i / 250, i % 250 + 1);
-            p["metadata"]["name"] = json!(format!("load-{i}"));
-            p["metadata"]["uid"] = json!(format!("00000000-0000-4000-8000-{i:012}"));
-            p["status"]["podIP"] = json!(ip4);
-            p["status"]["podIPs"] = json!([{"ip": ip4}, {"ip": format!("fd00:43::{:x}", i + 1)}]);
-            p
-        })
-        .collect()
-}
-
-fn with_items(mut list: Value, extra: Vec<Value>) -> Value {
-    list["items"].as_array_mut().unwrap().extend(extra);
-    list
-}
-
 #[test]
 fn the_kubelets_pod_list_is_what_lands_in_the_maps() {
     let Some(_serial) = kernel_test("kubelet_pod_list") else {
         return;
     };
     let node = Node::new(HELPER.as_ref()).unwrap();
-    let fixture: Value = serde_json::from_str(FIXTURE).unwrap();
+    let fixture: Value = serde_json::from_str(KUBELET_FIXTURE).unwrap();
     // A pod bound to another node is not this agent's business.
     let mut elsewhere = istio_pods(1).remove(0);
     elsewhere["spec"]["nodeName"] = json!("edge-2");
@@ -219,7 +197,7 @@ fn fault(agent: &mut Agent, kubelet: &Kubelet, reply: Reply, kind: &str, needles
     );
     kubelet
         .server()
-        .set_reply(Reply::Body(FIXTURE.as_bytes().to_vec()));
+        .set_reply(Reply::Body(KUBELET_FIXTURE.as_bytes().to_vec()));
     agent
         .wait_log_count("answers again", recovered + 1, WAIT)
         .unwrap();
@@ -231,7 +209,7 @@ fn kubelet_faults_keep_the_last_good_state_and_recover() {
         return;
     };
     let node = Node::new(HELPER.as_ref()).unwrap();
-    let mut kubelet = Kubelet::start(node.scratch().join("kubelet"), FIXTURE.into());
+    let mut kubelet = Kubelet::start(node.scratch().join("kubelet"), KUBELET_FIXTURE.into());
     let mut agent = start_agent(&node, &kubelet, &["--log-level", "debug"]);
     agent
         .wait_metric("merbridge_edge_pods{state=\"meshed\"}", |v| v == 4.0, WAIT)
@@ -345,7 +323,7 @@ fn kubelet_faults_keep_the_last_good_state_and_recover() {
         &stranger,
         Some(addr),
         "token-2",
-        Reply::Body(FIXTURE.into()),
+        Reply::Body(KUBELET_FIXTURE.into()),
     )
     .unwrap();
     agent
@@ -377,7 +355,7 @@ fn kubelet_faults_keep_the_last_good_state_and_recover() {
             &kubelet.pki,
             Some(addr),
             "token-2",
-            Reply::Body(FIXTURE.into()),
+            Reply::Body(KUBELET_FIXTURE.into()),
         )
         .unwrap(),
     );
@@ -392,7 +370,7 @@ fn bad_pods_are_named_and_skipped_while_the_rest_apply() {
         return;
     };
     let node = Node::new(HELPER.as_ref()).unwrap();
-    let fixture: Value = serde_json::from_str(FIXTURE).unwrap();
+    let fixture: Value = serde_json::from_str(KUBELET_FIXTURE).unwrap();
     let mut bad = istio_pods(5);
     bad[0]["metadata"]["name"] = json!("bad-ip");
     bad[0]["status"]["podIPs"] = json!([{"ip": "10.42.0.999"}, {"ip": "fd00:43::1"}]);
@@ -449,7 +427,10 @@ fn a_full_pod_map_is_said_once_and_the_rest_are_kept() {
         return;
     };
     let node = Node::new(HELPER.as_ref()).unwrap();
-    let list = with_items(serde_json::from_str(FIXTURE).unwrap(), istio_pods(20));
+    let list = with_items(
+        serde_json::from_str(KUBELET_FIXTURE).unwrap(),
+        istio_pods(20),
+    );
     let kubelet = Kubelet::start(
         node.scratch().join("kubelet"),
         serde_json::to_vec(&list).unwrap(),
@@ -481,7 +462,7 @@ fn a_full_pod_map_is_said_once_and_the_rest_are_kept() {
     );
     // Room again: pods removed from the list free the map; the warning clears.
     kubelet.serve(&with_items(
-        serde_json::from_str(FIXTURE).unwrap(),
+        serde_json::from_str(KUBELET_FIXTURE).unwrap(),
         istio_pods(5),
     ));
     agent
@@ -625,7 +606,7 @@ fn a_new_container_cgroup_is_programmed_at_once_not_at_the_next_interval() {
     let kubelet = Kubelet::start(
         node.scratch().join("kubelet"),
         serde_json::to_vec(&with_items(
-            serde_json::from_str(FIXTURE).unwrap(),
+            serde_json::from_str(KUBELET_FIXTURE).unwrap(),
             vec![late],
         ))
         .unwrap(),
