@@ -161,6 +161,7 @@ pub fn run(opts: RunOptions) -> Result<()> {
     let tick = Duration::from_millis(100);
     let mut next_poll = Instant::now();
     let mut next_sync = Instant::now();
+    let mut next_stats = Instant::now();
     let mut last_counters = None;
     let mut connection_maps = Vec::new();
     let mut next_connection_count = Instant::now();
@@ -233,6 +234,18 @@ pub fn run(opts: RunOptions) -> Result<()> {
             if let Some(w) = watch.as_mut() {
                 w.refresh();
             }
+            // New pods and changed pods come with a new PodList, new containers with an
+            // inotify event: both sync at once. The periodic pass is a safety net, kept
+            // at the interval only when inotify is unavailable.
+            next_sync = Instant::now()
+                + if watch.is_some() {
+                    opts.interval * SAFETY_SYNC_INTERVALS
+                } else {
+                    opts.interval
+                };
+            next_stats = started;
+        }
+        if started >= next_stats {
             if started >= next_connection_count {
                 connection_maps = dp.connection_map_usage();
                 next_connection_count = started + CONNECTION_COUNT_EVERY;
@@ -247,7 +260,7 @@ pub fn run(opts: RunOptions) -> Result<()> {
                     m.counters = Counter::ALL.iter().map(|k| k.name()).zip(c).collect();
                 }
             });
-            next_sync = Instant::now() + opts.interval;
+            next_stats = started + opts.interval;
         }
         if let Some(outcome) = polled {
             let took = started.elapsed().as_secs_f64();
@@ -266,7 +279,7 @@ pub fn run(opts: RunOptions) -> Result<()> {
                 }
             });
         }
-        let wake = next_poll.min(next_sync);
+        let wake = next_poll.min(next_sync).min(next_stats);
         let nap = wake.saturating_duration_since(Instant::now()).min(tick);
         match &watch {
             Some(w) => w.wait(nap),
@@ -287,6 +300,9 @@ fn release_free_memory() {
         libc::malloc_trim(0);
     }
 }
+
+/// With inotify working, a full re-sync runs every this many intervals.
+const SAFETY_SYNC_INTERVALS: u32 = 10;
 
 /// How often the per-connection maps are counted (a walk of up to 3 × 65536 keys).
 const CONNECTION_COUNT_EVERY: Duration = Duration::from_secs(30);
