@@ -444,11 +444,11 @@ impl ServerCertVerifier for CaptureCertificate {
 
     fn verify_tls12_signature(
         &self,
-        _: &[u8],
-        _: &CertificateDer<'_>,
-        _: &DigitallySignedStruct,
+        m: &[u8],
+        c: &CertificateDer<'_>,
+        d: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        Err(rustls::Error::General("not verified".into()))
+        self.verify_tls13_signature(m, c, d)
     }
 
     fn verify_tls13_signature(
@@ -457,6 +457,7 @@ impl ServerCertVerifier for CaptureCertificate {
         _: &CertificateDer<'_>,
         _: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        // Never reached: the certificate is refused first.
         Err(rustls::Error::General("not verified".into()))
     }
 

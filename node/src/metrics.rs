@@ -178,31 +178,24 @@ pub fn render(s: &Snapshot) -> String {
         "merbridge_edge_map_write_errors_total {}",
         s.map_write_errors
     );
-    family(
-        &mut o,
-        "merbridge_edge_map_entries",
-        "gauge",
-        "Entries in each kernel map.",
-    );
-    for m in &s.maps {
-        let _ = writeln!(
-            o,
-            "merbridge_edge_map_entries{{map=\"{}\"}} {}",
-            m.name, m.entries
-        );
-    }
-    family(
-        &mut o,
-        "merbridge_edge_map_capacity",
-        "gauge",
-        "max_entries of each kernel map.",
-    );
-    for m in &s.maps {
-        let _ = writeln!(
-            o,
-            "merbridge_edge_map_capacity{{map=\"{}\"}} {}",
-            m.name, m.capacity
-        );
+    type MapField = fn(&MapUsage) -> u64;
+    let per_map: [(&str, &str, MapField); 2] = [
+        (
+            "merbridge_edge_map_entries",
+            "Entries in each kernel map.",
+            |m| m.entries,
+        ),
+        (
+            "merbridge_edge_map_capacity",
+            "max_entries of each kernel map.",
+            |m| m.capacity,
+        ),
+    ];
+    for (name, help, value) in per_map {
+        family(&mut o, name, "gauge", help);
+        for m in &s.maps {
+            let _ = writeln!(o, "{name}{{map=\"{}\"}} {}", m.name, value(m));
+        }
     }
     family(
         &mut o,

@@ -152,6 +152,32 @@ fn percentile(sorted: &[i64], p: f64) -> i64 {
     sorted[((sorted.len() - 1) as f64 * p).round() as usize]
 }
 
+/// Lists `pod` on top of `full`, returns the ms until the agent logged it added (after
+/// its map writes), then lists `full` again and waits for the removal.
+fn list_and_time(
+    agent: &mut Agent,
+    kubelet: &FakeKubelet,
+    full: &Value,
+    pod: &Value,
+) -> Result<i64> {
+    let mut list = full.clone();
+    list["items"]
+        .as_array_mut()
+        .context("items")?
+        .push(pod.clone());
+    let listed = unix_ms();
+    kubelet.set_reply(Reply::Body(serde_json::to_vec(&list)?));
+    let name = format!(
+        "pod shop/{} added",
+        pod["metadata"]["name"].as_str().unwrap_or("")
+    );
+    agent.wait_log(&name, Duration::from_secs(5))?;
+    let took = logged_at(agent, &name).context("log stamp")? - listed;
+    kubelet.set_reply(Reply::Body(serde_json::to_vec(full)?));
+    agent.wait_log(&name.replace("added", "removed"), Duration::from_secs(5))?;
+    Ok(took)
+}
+
 fn main() -> Result<()> {
     // SAFETY: geteuid has no preconditions.
     if unsafe { libc::geteuid() } != 0 {
@@ -260,21 +286,7 @@ fn main() -> Result<()> {
     for pod in &extra[110..120] {
         // Land at a random point of the interval.
         std::thread::sleep(Duration::from_millis(2500 + jitter(1000)));
-        let mut list = full.clone();
-        list["items"]
-            .as_array_mut()
-            .context("items")?
-            .push(pod.clone());
-        let listed = unix_ms();
-        kubelet.set_reply(Reply::Body(serde_json::to_vec(&list)?));
-        let name = format!(
-            "pod shop/{} added",
-            pod["metadata"]["name"].as_str().unwrap_or("")
-        );
-        agent.wait_log(&name, Duration::from_secs(5))?;
-        at_interval.push(logged_at(&agent, &name).context("stamp")? - listed);
-        kubelet.set_reply(Reply::Body(serde_json::to_vec(&full)?));
-        agent.wait_log(&name.replace("added", "removed"), Duration::from_secs(5))?;
+        at_interval.push(list_and_time(&mut agent, &kubelet, &full, pod)?);
     }
     // With the trigger: the container cgroup appears, the kubelet lists the pod 200-400
     // ms later (its status update), and the agent must catch it within its poll burst.
@@ -285,21 +297,7 @@ fn main() -> Result<()> {
             made.mkdirs(&dir)?;
         }
         std::thread::sleep(Duration::from_millis(200 + jitter(200)));
-        let mut list = full.clone();
-        list["items"]
-            .as_array_mut()
-            .context("items")?
-            .push(pod.clone());
-        let listed = unix_ms();
-        kubelet.set_reply(Reply::Body(serde_json::to_vec(&list)?));
-        let name = format!(
-            "pod shop/{} added",
-            pod["metadata"]["name"].as_str().unwrap_or("")
-        );
-        agent.wait_log(&name, Duration::from_secs(5))?;
-        triggered.push(logged_at(&agent, &name).context("stamp")? - listed);
-        kubelet.set_reply(Reply::Body(serde_json::to_vec(&full)?));
-        agent.wait_log(&name.replace("added", "removed"), Duration::from_secs(5))?;
+        triggered.push(list_and_time(&mut agent, &kubelet, &full, pod)?);
     }
     for (what, mut v) in [
         ("at the 1s interval", at_interval),
