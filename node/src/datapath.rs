@@ -202,7 +202,7 @@ impl Datapath {
         .into_iter()
         .zip(entries)
         .map(|((name, capacity), n)| MapUsage {
-            name,
+            name: name.into(),
             entries: n as u64,
             capacity: capacity.into(),
         })
@@ -213,8 +213,8 @@ impl Datapath {
     /// walking their keys, one syscall per entry, so call it sparingly.
     pub fn connection_map_usage(&self) -> Vec<MapUsage> {
         let cap = u64::from(self.sizes.connections);
-        let usage = |name, entries: usize| MapUsage {
-            name,
+        let usage = |name: &str, entries: usize| MapUsage {
+            name: name.into(),
             entries: entries as u64,
             capacity: cap,
         };
@@ -229,6 +229,67 @@ impl Datapath {
             ),
             usage(maps::SOCK_BY_TUPLE, self.sock_by_tuple.keys().count()),
         ]
+    }
+}
+
+/// Loads every probe through the verifier without attaching anything (for `check`):
+/// each program's name with what happened. Maps are created small.
+pub fn verify_probes(accelerate: bool) -> Vec<(&'static str, Result<(), String>)> {
+    let accelerate: u32 = accelerate.into();
+    let mut loader = EbpfLoader::new();
+    loader
+        .btf(None)
+        .override_global(global_names::ACCELERATE, &accelerate, true);
+    for name in [
+        maps::POD_BY_CGROUP,
+        maps::POD_BY_IP,
+        maps::PORT_RULES,
+        maps::CIDR_RULES,
+        maps::ORIGINAL_DST_BY_COOKIE,
+        maps::ORIGINAL_DST_BY_TUPLE,
+        maps::SOCK_BY_TUPLE,
+    ] {
+        loader.map_max_entries(name, 16);
+    }
+    let mut ebpf = match loader.load(PROBES) {
+        Ok(e) => e,
+        Err(e) => return vec![("maps", Err(format!("creating the maps: {e:#}")))],
+    };
+    let names = [
+        progs::CONNECT4,
+        progs::CONNECT6,
+        progs::SENDMSG4,
+        progs::SENDMSG6,
+        progs::RECVMSG4,
+        progs::RECVMSG6,
+        progs::GETSOCKOPT,
+        progs::SOCKOPS,
+        progs::SK_MSG,
+    ];
+    names
+        .into_iter()
+        .map(|name| {
+            let result = match ebpf.program_mut(name) {
+                None => Err("missing from the probe object".to_string()),
+                Some(aya::programs::Program::CgroupSockAddr(p)) => p.load().map_err(short),
+                Some(aya::programs::Program::CgroupSockopt(p)) => p.load().map_err(short),
+                Some(aya::programs::Program::SockOps(p)) => p.load().map_err(short),
+                Some(aya::programs::Program::SkMsg(p)) => p.load().map_err(short),
+                Some(_) => Err("unexpected program type".to_string()),
+            };
+            (name, result)
+        })
+        .collect()
+}
+
+/// A load error in one line: the error and the verifier's last words.
+fn short(e: aya::programs::ProgramError) -> String {
+    let text = format!("{e:#}");
+    let mut lines = text.lines().filter(|l| !l.trim().is_empty());
+    let first = lines.next().unwrap_or("").to_string();
+    match lines.last() {
+        Some(last) => format!("{first} … {last}"),
+        None => first,
     }
 }
 

@@ -2,6 +2,8 @@
 mod annotations;
 mod cgroup_watch;
 mod cgroups;
+mod check;
+mod cleanup;
 mod datapath;
 mod kubelet;
 mod mesh;
@@ -9,6 +11,7 @@ mod metrics;
 mod policy;
 mod run;
 mod source;
+mod status;
 mod sync;
 
 use std::path::PathBuf;
@@ -34,6 +37,39 @@ struct Cli {
 #[argh(subcommand)]
 enum Command {
     Run(RunArgs),
+    Check(CheckArgs),
+    Status(StatusArgs),
+    Cleanup(CleanupArgs),
+}
+
+/// Remove anything an agent could have left in the kernel (pins, links of mb_* programs); safe to repeat.
+#[derive(FromArgs)]
+#[argh(subcommand, name = "cleanup")]
+struct CleanupArgs {
+    /// go ahead even while an agent runs (it loses its attachments)
+    #[argh(switch)]
+    force: bool,
+}
+
+/// Show what a running agent has attached and programmed (read from its metrics address).
+#[derive(FromArgs)]
+#[argh(subcommand, name = "status")]
+struct StatusArgs {
+    /// the running agent's --metrics-addr (default 127.0.0.1:15890)
+    #[argh(option, default = "([127, 0, 0, 1], 15890).into()")]
+    metrics_addr: std::net::SocketAddr,
+    /// print the status as JSON
+    #[argh(switch)]
+    json: bool,
+}
+
+/// Check that this kernel and process can run the agent (exit 0: fully; 3: without sk_msg acceleration; 1: not at all).
+#[derive(FromArgs)]
+#[argh(subcommand, name = "check")]
+struct CheckArgs {
+    /// print the report as JSON
+    #[argh(switch)]
+    json: bool,
 }
 
 /// Attach the probes and keep their maps in step with the node's pods.
@@ -172,9 +208,58 @@ fn main() {
         println!("merbridge-edge {}", env!("CARGO_PKG_VERSION"));
         return;
     }
-    let Some(Command::Run(args)) = cli.command else {
-        eprintln!("merbridge-edge: no command given; see merbridge-edge --help");
-        std::process::exit(2);
+    let args = match cli.command {
+        Some(Command::Run(args)) => args,
+        Some(Command::Check(c)) => {
+            let report = check::run_checks();
+            if c.json {
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&report).expect("report serialises")
+                );
+            } else {
+                println!("kernel {}\n", report.kernel);
+                print!("{}", check::render(&report));
+            }
+            std::process::exit(report.verdict.exit_code());
+        }
+        Some(Command::Cleanup(a)) => match cleanup::cleanup(a.force) {
+            Ok(done) if done.is_empty() => {
+                println!("nothing to clean up");
+                return;
+            }
+            Ok(done) => {
+                for line in done {
+                    println!("{line}");
+                }
+                return;
+            }
+            Err(e) => {
+                eprintln!("merbridge-edge cleanup: {e:#}");
+                std::process::exit(1);
+            }
+        },
+        Some(Command::Status(a)) => match status::fetch(a.metrics_addr) {
+            Ok(snapshot) if a.json => {
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&snapshot).expect("snapshot serialises")
+                );
+                return;
+            }
+            Ok(snapshot) => {
+                print!("{}", status::render(&snapshot));
+                return;
+            }
+            Err(e) => {
+                eprintln!("merbridge-edge status: {e:#}");
+                std::process::exit(1);
+            }
+        },
+        None => {
+            eprintln!("merbridge-edge: no command given; see merbridge-edge --help");
+            std::process::exit(2);
+        }
     };
     // The HTTP and TLS crates log every request at debug: only their warnings are ours.
     let quiet = args.log_level.min(log::LevelFilter::Warn);

@@ -10,24 +10,51 @@ use std::{
     time::Duration,
 };
 
+use serde::{Deserialize, Serialize};
+
 use crate::source::ErrorKind;
 
 /// Entries and capacity of one kernel map.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct MapUsage {
     /// Map name, as in the probes.
-    pub name: &'static str,
+    pub name: String,
     /// Entries now in the map.
     pub entries: u64,
     /// The map's max_entries.
     pub capacity: u64,
 }
 
+/// One meshed pod as `status` shows it.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct PodStatus {
+    /// `namespace/name`.
+    pub name: String,
+    /// Mesh name.
+    pub mesh: String,
+    /// Pod IPs.
+    pub ips: Vec<String>,
+    /// Container cgroups found and programmed.
+    pub containers: usize,
+    /// All its entries are in the maps.
+    pub programmed: bool,
+    /// Sidecar outbound and inbound ports, and its uid.
+    pub proxy: String,
+    /// Exclusions and inclusions, like `out-exclude port 5432`.
+    pub rules: Vec<String>,
+}
+
 /// What the agent knows about itself, published after every poll.
-#[derive(Clone, Debug, Default)]
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
 pub struct Snapshot {
     /// The probes are loaded and attached.
     pub attached: bool,
+    /// Where, and which programs.
+    pub attached_to: String,
+    /// Where pods come from.
+    pub source: String,
+    /// Meshed pods.
+    pub pods: Vec<PodStatus>,
     /// Successful polls since start.
     pub polls_ok: u64,
     /// Failed polls by kind since start.
@@ -55,7 +82,7 @@ pub struct Snapshot {
     /// Kernel maps.
     pub maps: Vec<MapUsage>,
     /// Kernel counters by name.
-    pub counters: Vec<(&'static str, u64)>,
+    pub counters: Vec<(String, u64)>,
 }
 
 impl Snapshot {
@@ -282,6 +309,13 @@ fn handle(mut stream: TcpStream, metrics: &Metrics) -> io::Result<()> {
             head_only,
         ),
         "/healthz" => respond(&mut stream, 200, "text/plain", "ok\n", head_only),
+        "/status" => respond(
+            &mut stream,
+            200,
+            "application/json",
+            &serde_json::to_string(&snapshot).unwrap_or_default(),
+            head_only,
+        ),
         "/readyz" if snapshot.ready() => {
             respond(&mut stream, 200, "text/plain", "ready\n", head_only)
         }
@@ -297,7 +331,7 @@ fn handle(mut stream: TcpStream, metrics: &Metrics) -> io::Result<()> {
             &mut stream,
             404,
             "text/plain",
-            "not found: try /metrics, /healthz or /readyz\n",
+            "not found: try /metrics, /healthz, /readyz or /status\n",
             head_only,
         ),
     }
@@ -357,11 +391,11 @@ mod tests {
             s.pods_programmed = 2;
             s.poll_errors.insert(ErrorKind::Forbidden, 4);
             s.maps.push(MapUsage {
-                name: "POD_BY_IP",
+                name: "POD_BY_IP".into(),
                 entries: 2,
                 capacity: 2048,
             });
-            s.counters = vec![("redirect_outbound", 7), ("sk_msg_bytes", 99)];
+            s.counters = vec![("redirect_outbound".into(), 7), ("sk_msg_bytes".into(), 99)];
         });
         assert_eq!(get(addr, "/readyz").0, 200);
         let (status, body) = get(addr, "/metrics");

@@ -34,6 +34,28 @@ pub enum PortRuleKind {
     InInclude,
 }
 
+impl PortRuleKind {
+    /// Short name for status output.
+    pub fn label(self) -> &'static str {
+        match self {
+            PortRuleKind::OutExclude => "out-exclude",
+            PortRuleKind::OutInclude => "out-include",
+            PortRuleKind::InExclude => "in-exclude",
+            PortRuleKind::InInclude => "in-include",
+        }
+    }
+}
+
+impl CidrRuleKind {
+    /// Short name for status output.
+    pub fn label(self) -> &'static str {
+        match self {
+            CidrRuleKind::OutExclude => "out-exclude",
+            CidrRuleKind::OutInclude => "out-include",
+        }
+    }
+}
+
 /// Kinds of address rules (mirrors the probes' `cidr_rule`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum CidrRuleKind {

@@ -16,10 +16,11 @@ use merbridge_edge_probes_common::{COUNTER_COUNT, Counter};
 use crate::{
     cgroup_watch::CgroupWatch,
     cgroups,
+    check::{self, Verdict},
     datapath::{Datapath, DatapathOptions, MapSizes},
     kubelet::{KubeletClient, KubeletConfig},
-    metrics::{self, Metrics},
-    policy::{Desired, MeshSelection, desired_state},
+    metrics::{self, Metrics, PodStatus},
+    policy::{Desired, MeshSelection, PodPolicy, desired_state},
     source::{PodsFile, PollError, Source},
     sync::Programmer,
 };
@@ -131,12 +132,47 @@ pub fn run(opts: RunOptions) -> Result<()> {
         None => cgroups::detect_cgroup2_mount()?,
     };
     cgroups::check_cgroup2(&cgroup_root)?;
+    let report = check::run_checks();
+    let mut accelerate = opts.accelerate;
+    match report.verdict {
+        Verdict::Full => {}
+        Verdict::WithoutAcceleration if accelerate => {
+            for i in report.items.iter().filter(|i| !i.ok) {
+                warn!("{}: {} (needed by {})", i.what, i.detail, i.needed_by);
+            }
+            warn!("sk_msg acceleration is not possible on this kernel: running without it");
+            accelerate = false;
+        }
+        Verdict::WithoutAcceleration => {}
+        Verdict::Cannot => {
+            for i in report.items.iter().filter(|i| !i.ok) {
+                error!(
+                    "{}: {} — needed by {}; {}",
+                    i.what, i.detail, i.needed_by, i.advice
+                );
+            }
+            anyhow::bail!(
+                "this kernel or process cannot run the agent (see `merbridge-edge check`)"
+            );
+        }
+    }
     let mut dp = Datapath::load(&DatapathOptions {
         cgroup_root: cgroup_root.clone(),
-        accelerate: opts.accelerate,
+        accelerate,
         sizes: opts.sizes,
     })?;
-    metrics.update(|s| s.attached = true);
+    metrics.update(|s| {
+        s.attached = true;
+        s.attached_to = format!(
+            "{} (connect4/6, sendmsg/recvmsg4/6, getsockopt, sockops{})",
+            cgroup_root.display(),
+            if accelerate {
+                ", sk_msg"
+            } else {
+                "; sk_msg acceleration off"
+            }
+        );
+    });
     release_free_memory();
     let mut watch = match CgroupWatch::new(&cgroup_root) {
         Ok(w) => Some(w),
@@ -152,6 +188,7 @@ pub fn run(opts: RunOptions) -> Result<()> {
         SourceConfig::File(f) => Source::File(PodsFile::new(f)),
     };
     let origin = source.describe();
+    metrics.update(|s| s.source = origin.clone());
     info!(
         "reading pods from {origin} every {:.1}s",
         opts.interval.as_secs_f64()
@@ -222,7 +259,13 @@ pub fn run(opts: RunOptions) -> Result<()> {
                 let report = programmer.sync(&mut dp, &desired.pods);
                 log::trace!("sync took {:?}", sync_started.elapsed());
                 log::debug!("sync: {report:?}");
+                let pods = desired
+                    .pods
+                    .iter()
+                    .map(|p| pod_status(p, programmer.programmed_cgroups(&p.uid)))
+                    .collect();
                 metrics.update(|m| {
+                    m.pods = pods;
                     m.pods_seen = desired.pods_seen as u64;
                     m.pods_meshed = desired.pods.len() as u64;
                     m.pods_programmed = report.programmed as u64;
@@ -257,7 +300,11 @@ pub fn run(opts: RunOptions) -> Result<()> {
             metrics.update(|m| {
                 m.maps = occupancy;
                 if let Some(c) = counters {
-                    m.counters = Counter::ALL.iter().map(|k| k.name()).zip(c).collect();
+                    m.counters = Counter::ALL
+                        .iter()
+                        .map(|k| k.name().to_string())
+                        .zip(c)
+                        .collect();
                 }
             });
             next_stats = started + opts.interval;
@@ -289,6 +336,47 @@ pub fn run(opts: RunOptions) -> Result<()> {
     info!("stopping: detaching probes");
     drop(dp);
     Ok(())
+}
+
+/// A pod as `status` shows it; `programmed` is its cgroup count when in the maps.
+fn pod_status(p: &PodPolicy, programmed: Option<usize>) -> PodStatus {
+    let mut rules: Vec<String> = p
+        .port_rules
+        .iter()
+        .map(|(kind, r)| {
+            let ports = if r.first == r.last {
+                r.first.to_string()
+            } else {
+                format!("{}-{}", r.first, r.last)
+            };
+            format!("{} port {ports}", kind.label())
+        })
+        .collect();
+    rules.extend(
+        p.cidr_rules
+            .iter()
+            .map(|(kind, c)| format!("{} {}/{}", kind.label(), c.addr, c.len)),
+    );
+    if let Some(port) = p.dns_port {
+        rules.push(format!("dns → {port}"));
+    }
+    PodStatus {
+        name: p.name.clone(),
+        mesh: p.mesh.name().into(),
+        ips: p
+            .ip4
+            .map(|a| a.to_string())
+            .into_iter()
+            .chain(p.ip6.map(|a| a.to_string()))
+            .collect(),
+        containers: programmed.unwrap_or(0),
+        programmed: programmed.is_some(),
+        proxy: format!(
+            "out {} in {} uid {}",
+            p.outbound_port, p.inbound_port, p.proxy_uid
+        ),
+        rules,
+    }
 }
 
 /// Hands memory freed after parsing a PodList back to the kernel. glibc keeps freed

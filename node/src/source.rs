@@ -12,7 +12,10 @@ use serde::Deserialize;
 use serde_json::value::RawValue;
 
 /// What kind of failure a poll hit; the label of the `poll_errors_total` metric.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[derive(
+    Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize,
+)]
+#[serde(rename_all = "snake_case")]
 pub enum ErrorKind {
     /// A credential file (token, CA, client certificate) is missing or unusable.
     Credentials,

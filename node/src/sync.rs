@@ -205,6 +205,11 @@ impl Programmer {
         }
     }
 
+    /// The number of container cgroups programmed for the pod `uid`, if it is programmed.
+    pub fn programmed_cgroups(&self, uid: &str) -> Option<usize> {
+        self.pods.get(uid).map(|p| p.entries.cgroups.len())
+    }
+
     /// Entries written to POD_BY_CGROUP, POD_BY_IP, PORT_RULES and CIDR_RULES.
     pub fn entry_counts(&self) -> [usize; 4] {
         self.pods.values().fold([0; 4], |[c, i, p, r], pod| {

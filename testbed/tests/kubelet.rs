@@ -147,6 +147,46 @@ fn the_kubelets_pod_list_is_what_lands_in_the_maps() {
         );
     }
     assert_eq!(agent.http_get("/readyz").unwrap().0, 200);
+    // `status` shows what was programmed, for people and as JSON.
+    let addr = agent.metrics_addr().unwrap();
+    let out = std::process::Command::new(merbridge_edge_testbed::agent::agent_binary())
+        .args(["status", "--metrics-addr", &addr])
+        .output()
+        .unwrap();
+    let table = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{table}");
+    for needle in [
+        "shop/reviews-v1-7d9f8c6b5-x2k4p",
+        "emojivoto/web-5d7f9b8c4-q8zrt",
+        "out-exclude port 5432",
+        "out-exclude 169.254.169.254/32",
+        "out 4140 in 4143 uid 2102",
+        "POD_BY_IP",
+        "7 seen, 4 meshed",
+    ] {
+        assert!(table.contains(needle), "{needle:?} not in\n{table}");
+    }
+    let out = std::process::Command::new(merbridge_edge_testbed::agent::agent_binary())
+        .args(["status", "--metrics-addr", &addr, "--json"])
+        .output()
+        .unwrap();
+    let json: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let mut names: Vec<&str> = json["pods"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["name"].as_str().unwrap())
+        .collect();
+    names.sort();
+    assert_eq!(
+        names,
+        [
+            "bookstore/bookstore-v1-7b8c9d6f5-tt2lw",
+            "emojivoto/web-5d7f9b8c4-q8zrt",
+            "kuma-demo/demo-app-6c8d7f5b9-mm4vn",
+            "shop/reviews-v1-7d9f8c6b5-x2k4p"
+        ]
+    );
     assert_eq!(
         agent
             .metric("merbridge_edge_map_entries{map=\"POD_BY_IP\"}")

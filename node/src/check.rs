@@ -1,0 +1,544 @@
+//! `merbridge-edge check`: can this kernel and this process run the agent? Every answer
+//! comes from trying: loading tiny programs, creating tiny maps, loading the real
+//! probes through the verifier. Version numbers are only quoted as advice.
+use std::{fmt::Write as _, fs, path::PathBuf};
+
+use aya::{
+    maps::MapType,
+    programs::ProgramType,
+    sys::{BpfHelper, is_helper_supported, is_map_supported, is_program_supported},
+};
+use serde::Serialize;
+
+use crate::{cgroups, datapath};
+
+/// How much of the agent a missing item takes away.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Impact {
+    /// Only informational.
+    None,
+    /// sk_msg acceleration must be off; redirection works.
+    Acceleration,
+    /// The agent cannot run.
+    Fatal,
+}
+
+/// One line of the report.
+#[derive(Clone, Debug, Serialize)]
+pub struct Item {
+    /// What was checked.
+    pub what: String,
+    /// Whether it is there.
+    pub ok: bool,
+    /// What it found (a path, a version) or what failed.
+    pub detail: String,
+    /// Which part of the agent needs it.
+    pub needed_by: String,
+    /// What a missing item costs.
+    pub impact: Impact,
+    /// What to do when it is missing.
+    pub advice: String,
+}
+
+/// What the agent can do here.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Verdict {
+    /// Everything works.
+    Full,
+    /// Redirection works; sk_msg acceleration must be off.
+    WithoutAcceleration,
+    /// The agent cannot run.
+    Cannot,
+}
+
+impl Verdict {
+    /// Exit status of `check`: 0 full, 3 without acceleration, 1 cannot run.
+    pub fn exit_code(self) -> i32 {
+        match self {
+            Verdict::Full => 0,
+            Verdict::WithoutAcceleration => 3,
+            Verdict::Cannot => 1,
+        }
+    }
+}
+
+/// The whole report.
+#[derive(Clone, Debug, Serialize)]
+pub struct Report {
+    /// Kernel release and machine, from uname.
+    pub kernel: String,
+    /// Every item checked.
+    pub items: Vec<Item>,
+    /// The outcome.
+    pub verdict: Verdict,
+}
+
+fn item(
+    what: &str,
+    ok: bool,
+    detail: String,
+    needed_by: &str,
+    impact: Impact,
+    advice: &str,
+) -> Item {
+    Item {
+        what: what.into(),
+        ok,
+        detail,
+        needed_by: needed_by.into(),
+        impact: if ok { Impact::None } else { impact },
+        advice: if ok { String::new() } else { advice.into() },
+    }
+}
+
+fn uname() -> (String, String) {
+    // SAFETY: uname fills a zeroed struct of fixed-size NUL-terminated arrays.
+    let mut u: libc::utsname = unsafe { std::mem::zeroed() };
+    if unsafe { libc::uname(&mut u) } != 0 {
+        return ("unknown".into(), "unknown".into());
+    }
+    let text = |f: &[libc::c_char]| {
+        let bytes: Vec<u8> = f
+            .iter()
+            .take_while(|c| **c != 0)
+            .map(|c| *c as u8)
+            .collect();
+        String::from_utf8_lossy(&bytes).into_owned()
+    };
+    (text(&u.release), text(&u.machine))
+}
+
+/// `(major, minor)` of a kernel release like `6.18.0-1-amd64`.
+pub fn kernel_version(release: &str) -> Option<(u32, u32)> {
+    let mut parts = release.split(|c: char| !c.is_ascii_digit());
+    Some((parts.next()?.parse().ok()?, parts.next()?.parse().ok()?))
+}
+
+/// Effective capabilities of this process, from /proc/self/status.
+pub fn effective_capabilities() -> u64 {
+    fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("CapEff:"))
+                .and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
+        })
+        .unwrap_or(0)
+}
+
+const CAP_NET_ADMIN: u32 = 12;
+const CAP_SYS_ADMIN: u32 = 21;
+const CAP_PERFMON: u32 = 38;
+const CAP_BPF: u32 = 39;
+
+fn mount_of(fstype: &str) -> Option<PathBuf> {
+    let text = fs::read_to_string("/proc/self/mountinfo").ok()?;
+    text.lines().find_map(|line| {
+        let (left, right) = line.split_once(" - ")?;
+        if right.split_whitespace().next()? != fstype {
+            return None;
+        }
+        left.split_whitespace().nth(4).map(PathBuf::from)
+    })
+}
+
+/// An error with its causes, on one line.
+fn chain(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        text.push_str(&format!(": {c}"));
+        cause = c.source();
+    }
+    text
+}
+
+fn answer(r: Result<bool, impl std::error::Error>, yes: &str, no: &str) -> (bool, String) {
+    match r {
+        Ok(true) => (true, yes.into()),
+        Ok(false) => (false, no.into()),
+        Err(e) => (false, format!("probe failed: {}", chain(&e))),
+    }
+}
+
+/// Runs every check.
+pub fn run_checks() -> Report {
+    let (release, machine) = uname();
+    let version = kernel_version(&release);
+    let mut items = Vec::new();
+    let old_kernel = |min: (u32, u32)| version.is_some_and(|v| v < min);
+
+    items.push(item(
+        "kernel",
+        !old_kernel((5, 7)),
+        format!("{release} {machine}"),
+        "bpf_link attachments, cgroup/getsockopt, sockhash",
+        Impact::Fatal,
+        "use kernel 5.7 or newer",
+    ));
+
+    // Privileges first: without them every load below fails for the same reason.
+    let caps = effective_capabilities();
+    let has = |c: u32| caps & (1 << c) != 0;
+    let may_bpf = has(CAP_BPF) || has(CAP_SYS_ADMIN);
+    items.push(item(
+        "capability CAP_BPF",
+        may_bpf,
+        if has(CAP_BPF) {
+            "held".into()
+        } else if has(CAP_SYS_ADMIN) {
+            "not held; CAP_SYS_ADMIN stands in for it".into()
+        } else {
+            "not held (nor CAP_SYS_ADMIN)".into()
+        },
+        "loading programs and creating maps",
+        Impact::Fatal,
+        "grant CAP_BPF (kernels before 5.8: CAP_SYS_ADMIN)",
+    ));
+    items.push(item(
+        "capability CAP_NET_ADMIN",
+        has(CAP_NET_ADMIN) || has(CAP_SYS_ADMIN),
+        if has(CAP_NET_ADMIN) {
+            "held".into()
+        } else if has(CAP_SYS_ADMIN) {
+            "not held; CAP_SYS_ADMIN stands in for it".into()
+        } else {
+            "not held (nor CAP_SYS_ADMIN)".into()
+        },
+        "attaching to cgroups, sockops and sk_msg",
+        Impact::Fatal,
+        "grant CAP_NET_ADMIN",
+    ));
+    items.push(item(
+        "capability CAP_PERFMON",
+        true,
+        if has(CAP_PERFMON) {
+            "held".into()
+        } else {
+            "not held (not needed)".into()
+        },
+        "nothing: the probes read no kernel memory",
+        Impact::None,
+        "",
+    ));
+
+    let cg = cgroups::detect_cgroup2_mount();
+    items.push(item(
+        "cgroup v2",
+        cg.is_ok(),
+        match &cg {
+            Ok(p) => format!("mounted at {}", p.display()),
+            Err(e) => format!("{e:#}"),
+        },
+        "every hook (programs attach to the cgroup2 root)",
+        Impact::Fatal,
+        "mount cgroup2 (systemd.unified_cgroup_hierarchy=1, or mount -t cgroup2 none /sys/fs/cgroup/unified)",
+    ));
+    let bpffs = mount_of("bpf");
+    items.push(item(
+        "bpffs",
+        true,
+        match &bpffs {
+            Some(p) => format!("mounted at {}", p.display()),
+            None => "not mounted (not needed: the agent pins nothing)".into(),
+        },
+        "cleanup of pins left by other tools",
+        Impact::None,
+        "",
+    ));
+    let btf = std::path::Path::new("/sys/kernel/btf/vmlinux").exists();
+    items.push(item(
+        "kernel BTF",
+        true,
+        if btf {
+            "/sys/kernel/btf/vmlinux present".into()
+        } else {
+            "absent (not needed: the probes use no CO-RE relocations)".into()
+        },
+        "nothing",
+        Impact::None,
+        "",
+    ));
+    if old_kernel((5, 11)) {
+        let mut lim = libc::rlimit {
+            rlim_cur: 0,
+            rlim_max: 0,
+        };
+        // SAFETY: getrlimit fills the struct.
+        unsafe { libc::getrlimit(libc::RLIMIT_MEMLOCK, &mut lim) };
+        let enough = lim.rlim_cur == libc::RLIM_INFINITY || lim.rlim_cur >= 64 << 20;
+        items.push(item(
+            "memlock limit (kernel before 5.11 charges maps to it)",
+            enough,
+            format!("{} bytes", lim.rlim_cur),
+            "map creation",
+            Impact::Fatal,
+            "raise RLIMIT_MEMLOCK (ulimit -l unlimited, or LimitMEMLOCK=infinity)",
+        ));
+    }
+
+    if !may_bpf {
+        // Every load below would fail for want of the capability, not of the kernel.
+        items.push(item(
+            "kernel BPF features",
+            true,
+            "not checked: loading test programs needs CAP_BPF or CAP_SYS_ADMIN".into(),
+            "",
+            Impact::None,
+            "",
+        ));
+        return Report {
+            kernel: format!("{release} {machine}"),
+            verdict: verdict_of(&items),
+            items,
+        };
+    }
+    for (what, ty, needed_by, impact) in [
+        (
+            "program type cgroup sock_addr",
+            ProgramType::CgroupSockAddr,
+            "connect4/6, sendmsg/recvmsg4/6 (4.17+; UDP hooks 4.18+)",
+            Impact::Fatal,
+        ),
+        (
+            "program type cgroup sockopt",
+            ProgramType::CgroupSockopt,
+            "getsockopt: SO_ORIGINAL_DST (5.3+)",
+            Impact::Fatal,
+        ),
+        (
+            "program type sock_ops",
+            ProgramType::SockOps,
+            "sockops: pairing local sockets (4.13+)",
+            Impact::Fatal,
+        ),
+        (
+            "program type sk_msg",
+            ProgramType::SkMsg,
+            "sk_msg acceleration (4.17+)",
+            Impact::Acceleration,
+        ),
+    ] {
+        let (ok, detail) = answer(
+            is_program_supported(ty),
+            "loads",
+            "not supported by this kernel",
+        );
+        items.push(item(what, ok, detail, needed_by, impact, "use a kernel built with CONFIG_BPF_SYSCALL, CONFIG_CGROUP_BPF and CONFIG_BPF_STREAM_PARSER"));
+    }
+    for (what, ty, needed_by, impact) in [
+        (
+            "map type hash",
+            MapType::Hash,
+            "pods by cgroup and by IP",
+            Impact::Fatal,
+        ),
+        (
+            "map type LRU hash",
+            MapType::LruHash,
+            "original destinations (4.10+)",
+            Impact::Fatal,
+        ),
+        (
+            "map type LPM trie",
+            MapType::LpmTrie,
+            "port and address exclusions (4.11+)",
+            Impact::Fatal,
+        ),
+        (
+            "map type per-CPU array",
+            MapType::PerCpuArray,
+            "counters",
+            Impact::Fatal,
+        ),
+        (
+            "map type sockhash",
+            MapType::SockHash,
+            "sk_msg acceleration (4.18+)",
+            Impact::Acceleration,
+        ),
+    ] {
+        let (ok, detail) = answer(
+            is_map_supported(ty),
+            "created",
+            "not supported by this kernel",
+        );
+        items.push(item(
+            what,
+            ok,
+            detail,
+            needed_by,
+            impact,
+            "use a kernel with this map type (see the version beside it)",
+        ));
+    }
+    type H = BpfHelper;
+    for (helper, name, ty, needed_by, impact) in [
+        (
+            H::BPF_FUNC_get_current_cgroup_id,
+            "bpf_get_current_cgroup_id",
+            ProgramType::CgroupSockAddr,
+            "connect: which pod is connecting (5.7+ in sock_addr)",
+            Impact::Fatal,
+        ),
+        (
+            H::BPF_FUNC_get_current_uid_gid,
+            "bpf_get_current_uid_gid",
+            ProgramType::CgroupSockAddr,
+            "connect: is it the sidecar (uid)",
+            Impact::Fatal,
+        ),
+        (
+            H::BPF_FUNC_get_socket_cookie,
+            "bpf_get_socket_cookie",
+            ProgramType::CgroupSockAddr,
+            "connect: remembering the original destination (4.12+)",
+            Impact::Fatal,
+        ),
+        (
+            H::BPF_FUNC_bind,
+            "bpf_bind",
+            ProgramType::CgroupSockAddr,
+            "connect: Linkerd's loopback source (4.17+)",
+            Impact::Fatal,
+        ),
+        (
+            H::BPF_FUNC_get_socket_cookie,
+            "bpf_get_socket_cookie",
+            ProgramType::SockOps,
+            "sockops: pairing a socket with its destination",
+            Impact::Fatal,
+        ),
+        (
+            H::BPF_FUNC_sock_hash_update,
+            "bpf_sock_hash_update",
+            ProgramType::SockOps,
+            "sockops: recording local sockets (4.18+)",
+            Impact::Acceleration,
+        ),
+        (
+            H::BPF_FUNC_msg_redirect_hash,
+            "bpf_msg_redirect_hash",
+            ProgramType::SkMsg,
+            "sk_msg: moving data to the peer socket (4.18+)",
+            Impact::Acceleration,
+        ),
+    ] {
+        let (ok, detail) = answer(
+            is_helper_supported(ty, helper),
+            "available",
+            "not available in this program type",
+        );
+        items.push(item(
+            &format!("helper {name} ({ty:?})"),
+            ok,
+            detail,
+            needed_by,
+            impact,
+            "use a newer kernel (see the version beside it)",
+        ));
+    }
+    // The real thing: every probe through the verifier (loaded, not attached).
+    let accelerate_possible = items
+        .iter()
+        .all(|i| i.ok || i.impact != Impact::Acceleration);
+    for (name, result) in datapath::verify_probes(accelerate_possible) {
+        items.push(item(
+            &format!("probe {name} passes the verifier"),
+            result.is_ok(),
+            result.err().unwrap_or_else(|| "loaded".into()),
+            if name == merbridge_edge_probes_common::program_names::SK_MSG {
+                "sk_msg acceleration"
+            } else {
+                "redirection"
+            },
+            if name == merbridge_edge_probes_common::program_names::SK_MSG {
+                Impact::Acceleration
+            } else {
+                Impact::Fatal
+            },
+            "run with --log-level debug and report the verifier message",
+        ));
+    }
+    Report {
+        kernel: format!("{release} {machine}"),
+        verdict: verdict_of(&items),
+        items,
+    }
+}
+
+/// The verdict: what the worst missing item costs.
+fn verdict_of(items: &[Item]) -> Verdict {
+    match items.iter().map(|i| i.impact).max().unwrap_or(Impact::None) {
+        Impact::None => Verdict::Full,
+        Impact::Acceleration => Verdict::WithoutAcceleration,
+        Impact::Fatal => Verdict::Cannot,
+    }
+}
+
+/// The report as a table for people.
+pub fn render(r: &Report) -> String {
+    let mut out = String::new();
+    let width = r.items.iter().map(|i| i.what.len()).max().unwrap_or(10);
+    for i in &r.items {
+        let mark = if i.ok {
+            "ok     "
+        } else if i.impact == Impact::Acceleration {
+            "limited"
+        } else {
+            "MISSING"
+        };
+        let _ = write!(out, "{mark}  {:width$}  {}", i.what, i.detail);
+        if !i.ok {
+            let _ = write!(out, " — needed by {}; {}", i.needed_by, i.advice);
+        }
+        out.push('\n');
+    }
+    let _ = writeln!(
+        out,
+        "\n{}",
+        match r.verdict {
+            Verdict::Full => "verdict: the agent can run here with every feature",
+            Verdict::WithoutAcceleration =>
+                "verdict: the agent can run here with sk_msg acceleration off (--no-accelerate)",
+            Verdict::Cannot => "verdict: the agent cannot run here; see the MISSING lines",
+        }
+    );
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn kernel_versions() {
+        assert_eq!(kernel_version("6.18.0-1-amd64"), Some((6, 18)));
+        assert_eq!(kernel_version("5.4.0"), Some((5, 4)));
+        assert_eq!(kernel_version("garbage"), None);
+    }
+
+    #[test]
+    fn verdict_is_the_worst_missing_impact() {
+        let mk = |ok, impact| item("x", ok, String::new(), "", impact, "do it");
+        let verdict = |items: Vec<Item>| verdict_of(&items);
+        assert_eq!(verdict(vec![mk(true, Impact::Fatal)]), Verdict::Full);
+        assert_eq!(
+            verdict(vec![
+                mk(true, Impact::Fatal),
+                mk(false, Impact::Acceleration)
+            ]),
+            Verdict::WithoutAcceleration
+        );
+        assert_eq!(
+            verdict(vec![
+                mk(false, Impact::Acceleration),
+                mk(false, Impact::Fatal)
+            ]),
+            Verdict::Cannot
+        );
+        assert_eq!(Verdict::WithoutAcceleration.exit_code(), 3);
+    }
+}

@@ -1,0 +1,219 @@
+//! The operator commands on the real kernel: `check`, `cleanup`, and `run` refusing
+//! with `check`'s words. (`status` is tested against a programmed node in kubelet.rs.)
+//!
+//! Needs root, bpftool and setpriv (util-linux); skipped with a note otherwise, a
+//! failure when MBE_REQUIRE_KERNEL_TESTS=1.
+use std::{
+    path::{Path, PathBuf},
+    process::{Command, Output},
+    time::Duration,
+};
+
+use merbridge_edge_testbed::{
+    Node,
+    agent::{Agent, agent_binary},
+    fixture::kernel_test,
+};
+
+const HELPER: &str = env!("CARGO_BIN_EXE_mbe-testbed");
+
+fn agent_cmd(args: &[&str]) -> Output {
+    Command::new(agent_binary())
+        .args(args)
+        .output()
+        .expect("agent binary runs")
+}
+
+/// `merbridge-edge args…` with CAP_BPF and CAP_SYS_ADMIN out of reach.
+fn without_bpf_caps(args: &[&str]) -> Command {
+    let mut c = Command::new("setpriv");
+    c.args([
+        "--inh-caps=-bpf,-sys_admin",
+        "--bounding-set=-bpf,-sys_admin",
+        "--",
+    ])
+    .arg(agent_binary())
+    .args(args);
+    c
+}
+
+fn text(o: &Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
+}
+
+#[test]
+fn check_passes_here_and_names_a_missing_capability() {
+    let Some(_serial) = kernel_test("check") else {
+        return;
+    };
+    let out = agent_cmd(&["check"]);
+    let said = text(&out);
+    assert_eq!(out.status.code(), Some(0), "{said}");
+    assert!(
+        !said.contains("MISSING") && !said.contains("limited"),
+        "{said}"
+    );
+    for needle in [
+        "ok       capability CAP_BPF",
+        "program type cgroup sockopt",
+        "map type sockhash",
+        "helper bpf_msg_redirect_hash",
+        "probe mb_getsockopt passes the verifier",
+        "verdict: the agent can run here with every feature",
+    ] {
+        assert!(said.contains(needle), "{needle:?} not in\n{said}");
+    }
+    let json: serde_json::Value =
+        serde_json::from_slice(&agent_cmd(&["check", "--json"]).stdout).expect("JSON");
+    assert_eq!(json["verdict"], "full");
+    assert!(json["items"].as_array().unwrap().len() > 20);
+
+    let out = without_bpf_caps(&["check"]).output().expect("setpriv");
+    let said = text(&out);
+    assert_eq!(out.status.code(), Some(1), "{said}");
+    assert!(
+        said.contains("MISSING  capability CAP_BPF") && said.contains("grant CAP_BPF"),
+        "{said}"
+    );
+}
+
+#[test]
+fn run_refuses_without_the_capability_in_checks_words() {
+    let Some(_serial) = kernel_test("run_refuses") else {
+        return;
+    };
+    let node = Node::new(HELPER.as_ref()).unwrap();
+    let pods = node.scratch().join("pods.json");
+    std::fs::write(&pods, r#"{"kind":"PodList","apiVersion":"v1","items":[]}"#).unwrap();
+    let root = node.cgroup_root.display().to_string();
+    let out = without_bpf_caps(&[
+        "run",
+        "--pods-file",
+        pods.to_str().unwrap(),
+        "--cgroup-root",
+        &root,
+        "--metrics-addr",
+        "off",
+    ])
+    .output()
+    .expect("setpriv");
+    let said = text(&out);
+    assert_eq!(out.status.code(), Some(1), "{said}");
+    assert!(said.contains("capability CAP_BPF: not held"), "{said}");
+    assert!(said.contains("cannot run the agent"), "{said}");
+}
+
+/// A bpffs mounted for the test, unmounted and removed on drop.
+struct Bpffs(PathBuf);
+
+impl Bpffs {
+    fn mount(at: &Path) -> Self {
+        std::fs::create_dir_all(at).unwrap();
+        let ok = Command::new("mount")
+            .args(["-t", "bpf", "bpf"])
+            .arg(at)
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok, "mounting bpffs at {}", at.display());
+        Self(at.to_path_buf())
+    }
+}
+
+impl Drop for Bpffs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg(&self.0).status();
+        let _ = std::fs::remove_dir(&self.0);
+    }
+}
+
+#[test]
+fn cleanup_removes_leftover_pins_is_idempotent_and_waits_for_a_running_agent() {
+    let Some(_serial) = kernel_test("cleanup") else {
+        return;
+    };
+    let node = Node::new(HELPER.as_ref()).unwrap();
+    let fs = Bpffs::mount(&node.scratch().join("bpffs"));
+    let ours = fs.0.join("merbridge-edge");
+    std::fs::create_dir_all(ours.join("old")).unwrap();
+    for (path, name) in [
+        (ours.join("old_map"), "mb_old"),
+        (ours.join("old/map2"), "mb_old2"),
+    ] {
+        let ok = Command::new("bpftool")
+            .args(["map", "create"])
+            .arg(&path)
+            .args([
+                "type", "hash", "key", "4", "value", "4", "entries", "4", "name", name,
+            ])
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok, "bpftool map create");
+    }
+    // Somebody else's pin is not ours to remove.
+    let theirs = fs.0.join("other-tool");
+    std::fs::create_dir_all(&theirs).unwrap();
+
+    // While an agent runs, cleanup refuses (it would take the agent's attachments).
+    let pods = node.scratch().join("pods.json");
+    std::fs::write(&pods, r#"{"kind":"PodList","apiVersion":"v1","items":[]}"#).unwrap();
+    let root = node.cgroup_root.display().to_string();
+    let mut agent = Agent::start(
+        &[
+            "run",
+            "--pods-file",
+            pods.to_str().unwrap(),
+            "--cgroup-root",
+            &root,
+        ],
+        &node.scratch().join("agent.log"),
+    )
+    .unwrap();
+    agent
+        .wait_log("reading pods from", Duration::from_secs(10))
+        .unwrap();
+    let out = agent_cmd(&["cleanup"]);
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    assert!(text(&out).contains("an agent is running"), "{}", text(&out));
+    assert!(
+        ours.join("old_map").exists(),
+        "nothing removed while refusing"
+    );
+
+    agent.proc.signal(libc::SIGKILL);
+    agent.proc.wait_for(Duration::from_secs(2)).expect("killed");
+    let out = agent_cmd(&["cleanup"]);
+    let said = text(&out);
+    assert_eq!(out.status.code(), Some(0), "{said}");
+    assert!(
+        said.contains(&format!("removed pin {}", ours.join("old_map").display())),
+        "{said}"
+    );
+    assert!(
+        said.contains(&format!("removed pin {}", ours.join("old/map2").display())),
+        "{said}"
+    );
+    assert!(!ours.exists() && theirs.exists());
+    let maps = Command::new("bpftool")
+        .args(["map", "show"])
+        .output()
+        .unwrap();
+    assert!(
+        !String::from_utf8_lossy(&maps.stdout).contains("mb_old"),
+        "pinned maps freed"
+    );
+    // Twice in a row: nothing left, still a success.
+    for _ in 0..2 {
+        let out = agent_cmd(&["cleanup"]);
+        assert_eq!(out.status.code(), Some(0));
+        assert_eq!(
+            String::from_utf8_lossy(&out.stdout).trim(),
+            "nothing to clean up"
+        );
+    }
+}
