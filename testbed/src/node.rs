@@ -438,6 +438,28 @@ fn remove_cgroup(path: &Path) -> Result<()> {
     }
 }
 
+impl Node {
+    /// Leaves everything in place (for poking at) and says how to remove it by hand.
+    pub fn keep(self) -> String {
+        let mut how = String::new();
+        let pids: Vec<String> = self
+            .procs
+            .iter()
+            .map(|p| p.child.id().to_string())
+            .collect();
+        how.push_str(&format!("kill {}\n", pids.join(" ")));
+        for ns in self.netns.iter().rev() {
+            how.push_str(&format!("ip netns del {ns}\n"));
+        }
+        for cg in self.cgroups.iter().rev() {
+            how.push_str(&format!("rmdir {}\n", cg.display()));
+        }
+        how.push_str(&format!("rm -r {}\n", self.scratch.display()));
+        std::mem::forget(self);
+        how
+    }
+}
+
 impl Drop for Node {
     fn drop(&mut self) {
         for p in &mut self.procs {

@@ -217,3 +217,94 @@ fn cleanup_removes_leftover_pins_is_idempotent_and_waits_for_a_running_agent() {
         );
     }
 }
+
+/// What a finished or interrupted demo must not leave: namespaces, test cgroups,
+/// attached programs.
+fn assert_nothing_left(said: &str) {
+    let netns = Command::new("ip").args(["netns", "list"]).output().unwrap();
+    let netns = String::from_utf8_lossy(&netns.stdout);
+    assert!(
+        !netns.lines().any(|l| l.starts_with("mbe-")),
+        "netns left: {netns}\n{said}"
+    );
+    let cg2 = merbridge_edge_testbed::node::cgroup2_mount().unwrap();
+    let left: Vec<_> = std::fs::read_dir(&cg2)
+        .unwrap()
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().starts_with("mbe-test-"))
+        .collect();
+    assert!(left.is_empty(), "cgroups left: {left:?}\n{said}");
+    let progs = Command::new("bpftool")
+        .args(["cgroup", "tree"])
+        .output()
+        .unwrap();
+    assert!(
+        !String::from_utf8_lossy(&progs.stdout).contains("mb_"),
+        "programs still attached\n{said}"
+    );
+}
+
+#[test]
+fn demo_runs_end_to_end_and_leaves_nothing() {
+    let Some(_serial) = kernel_test("demo") else {
+        return;
+    };
+    let started = std::time::Instant::now();
+    let out = Command::new(env!("CARGO_BIN_EXE_mbe-demo"))
+        .output()
+        .unwrap();
+    let said = text(&out);
+    assert_eq!(out.status.code(), Some(0), "{said}");
+    assert!(started.elapsed() < Duration::from_secs(60), "{said}");
+    for needle in [
+        "web app → sidecar web (outbound, original dst",
+        "→ sidecar api (inbound, original dst",
+        "→ db app",
+        "db app → api app",
+        "connect + greeting p50 (µs)",
+        "64 B request/response p99 (µs)",
+        "conntrack entries added                       0",
+    ] {
+        assert!(said.contains(needle), "{needle:?} not in\n{said}");
+    }
+    assert_nothing_left(&said);
+}
+
+#[test]
+fn an_interrupted_demo_removes_what_it_made() {
+    let Some(_serial) = kernel_test("demo_interrupted") else {
+        return;
+    };
+    let mut child = Command::new(env!("CARGO_BIN_EXE_mbe-demo"))
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Interrupt while the eBPF timing runs (agent up, sidecars and namespaces in place).
+    let mut stdout = std::io::BufReader::new(child.stdout.take().unwrap());
+    let mut seen = String::new();
+    loop {
+        let mut line = String::new();
+        if std::io::BufRead::read_line(&mut stdout, &mut line).unwrap() == 0 {
+            break;
+        }
+        seen.push_str(&line);
+        if line.contains("[5/7]") {
+            // SAFETY: signalling our own child.
+            unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
+            break;
+        }
+    }
+    let status = child.wait().unwrap();
+    let mut rest = String::new();
+    let _ = std::io::Read::read_to_string(&mut stdout, &mut rest);
+    let mut err = String::new();
+    let _ = std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut err);
+    let said = format!("{seen}{rest}{err}");
+    assert_eq!(status.code(), Some(1), "{said}");
+    assert!(
+        said.contains("interrupted") && said.contains("removed"),
+        "{said}"
+    );
+    assert_nothing_left(&said);
+}

@@ -1,44 +1,354 @@
-//! A small live demonstration on this machine (root, no Kubernetes): two Istio pods and
-//! a plain pod in network namespaces, sidecar stand-ins, the agent fed a pods file,
-//! and real traffic. Prints each step and what the sidecars saw; removes everything.
-use std::{fs, os::unix::fs::PermissionsExt, time::Duration};
+//! The live demo (root, any Linux with cgroup v2; no Kubernetes): a small node in
+//! network namespaces with two Istio pods (app + sidecar stand-in, uid 1337) and a plain
+//! pod, an HTTPS kubelet stand-in listing them, and the agent reading it. Real traffic
+//! shows each connection's path and the original destination the sidecars saw; then the
+//! same traffic goes through Istio-style iptables rules in the same namespaces and the
+//! two are compared (latency p50/p99, conntrack entries). Everything it made is removed
+//! at the end, on failure and on Ctrl-C; `--keep` leaves it up for poking.
+use std::{
+    fs,
+    io::Write,
+    os::unix::fs::PermissionsExt,
+    process::Command,
+    sync::atomic::{AtomicBool, Ordering},
+    time::{Duration, Instant},
+};
 
 use anyhow::{Context, Result, bail};
 use merbridge_edge_testbed::{
-    Node, PodSpec,
+    Node, Pod, PodSpec,
     agent::Agent,
+    kubelet::{FakeKubelet, Pki, Reply},
     node::missing_prerequisite,
-    podlist::{pod_list, write_pod_list},
+    podlist::pod_list,
+    proc::run,
 };
 
+static INTERRUPTED: AtomicBool = AtomicBool::new(false);
+
+extern "C" fn on_signal(_: libc::c_int) {
+    INTERRUPTED.store(true, Ordering::SeqCst);
+}
+
+/// Stops the demo (and so cleans up) once Ctrl-C was pressed.
+fn check_interrupt() -> Result<()> {
+    if INTERRUPTED.load(Ordering::SeqCst) {
+        bail!("interrupted");
+    }
+    Ok(())
+}
+
+const CHUNKS: usize = 10;
+const CONNS_PER_CHUNK: &str = "30";
+const RR_PER_CONN: &str = "10";
+
 fn main() {
-    if let Err(e) = demo() {
-        eprintln!("demo failed: {e:#}");
-        std::process::exit(1);
+    for sig in [libc::SIGINT, libc::SIGTERM] {
+        // SAFETY: the handler only stores to an atomic.
+        unsafe { libc::signal(sig, on_signal as *const () as libc::sighandler_t) };
+    }
+    let keep = std::env::args().any(|a| a == "--keep");
+    let started = Instant::now();
+    match demo(keep) {
+        Ok(()) => println!("\ndone in {:.0} s", started.elapsed().as_secs_f64()),
+        Err(e) => {
+            eprintln!("\ndemo stopped: {e:#}\neverything it made has been removed");
+            std::process::exit(1);
+        }
     }
 }
 
-fn step(msg: &str) {
-    println!("==> {msg}");
+fn step(n: u32, msg: &str) {
+    println!("\n[{n}/7] {msg}");
 }
 
-fn demo() -> Result<()> {
+fn progress(label: &str, done: usize, total: usize) {
+    // SAFETY: isatty has no preconditions.
+    let tty = unsafe { libc::isatty(1) } == 1;
+    if !tty && done < total {
+        return;
+    }
+    let filled = done * 30 / total;
+    print!(
+        "{}      {label:<28} [{}{}] {:>3}%",
+        if tty { "\r" } else { "" },
+        "#".repeat(filled),
+        ".".repeat(30 - filled),
+        done * 100 / total
+    );
+    let _ = std::io::stdout().flush();
+    if done == total {
+        println!();
+    }
+}
+
+/// Latency samples (µs) and conntrack entries added, for one way of redirecting.
+struct Measured {
+    connect: Vec<u64>,
+    rr: Vec<u64>,
+    conntrack_added: u64,
+}
+
+fn conntrack_count(pod: &Pod) -> u64 {
+    Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            &pod.netns,
+            "cat",
+            "/proc/sys/net/netfilter/nf_conntrack_count",
+        ])
+        .output()
+        .ok()
+        .and_then(|o| String::from_utf8_lossy(&o.stdout).trim().parse().ok())
+        .unwrap_or(0)
+}
+
+fn measure(node: &Node, from: &Pod, to: &Pod, label: &str) -> Result<Measured> {
+    let before: u64 = conntrack_count(from) + conntrack_count(to);
+    let (mut connect, mut rr) = (vec![], vec![]);
+    let target = format!("{}:8080", to.ip4);
+    progress(label, 0, CHUNKS);
+    for chunk in 1..=CHUNKS {
+        check_interrupt()?;
+        let out = node.run_in(
+            from,
+            Some("app"),
+            Some(1000),
+            &["latency", &target, CONNS_PER_CHUNK, RR_PER_CONN, "64"],
+        )?;
+        for line in out.lines() {
+            let (key, values) = line.split_once('=').unwrap_or(("", ""));
+            let samples = values.split(',').filter_map(|v| v.parse::<u64>().ok());
+            match key {
+                "connect_us" => connect.extend(samples),
+                "rr_us" => rr.extend(samples),
+                _ => {}
+            }
+        }
+        progress(label, chunk, CHUNKS);
+    }
+    connect.sort_unstable();
+    rr.sort_unstable();
+    let after = conntrack_count(from) + conntrack_count(to);
+    Ok(Measured {
+        connect,
+        rr,
+        conntrack_added: after.saturating_sub(before),
+    })
+}
+
+fn pct(v: &[u64], p: f64) -> u64 {
+    if v.is_empty() {
+        return 0;
+    }
+    v[((v.len() - 1) as f64 * p).round() as usize]
+}
+
+fn sidecar_lines(node: &Node, pod: &str) -> Vec<String> {
+    fs::read_to_string(node.scratch().join(format!("sidecar-{pod}.log")))
+        .unwrap_or_default()
+        .lines()
+        .map(String::from)
+        .collect()
+}
+
+fn field<'a>(line: &'a str, key: &str) -> &'a str {
+    line.split(' ')
+        .find_map(|p| p.strip_prefix(key))
+        .unwrap_or("?")
+}
+
+/// Sends one connection and prints the path it took, from the sidecars' logs.
+fn show_path(node: &Node, from: &Pod, target: &str, meshed: &[&str]) -> Result<()> {
+    let before: Vec<usize> = meshed
+        .iter()
+        .map(|p| sidecar_lines(node, p).len())
+        .collect();
+    let out = node.run_in(from, Some("app"), Some(1000), &["client", target])?;
+    std::thread::sleep(Duration::from_millis(150));
+    let mut path = vec![format!("{} app", from.spec.name)];
+    for (p, n) in meshed.iter().zip(before) {
+        for l in sidecar_lines(node, p).iter().skip(n) {
+            path.push(format!(
+                "sidecar {p} ({}, original dst {})",
+                field(l, "listener="),
+                field(l, "orig=")
+            ));
+        }
+    }
+    path.push(field(&out, "who=").replace("-app", " app"));
+    println!("      {target:<28} {}", path.join(" → "));
+    Ok(())
+}
+
+fn istio_iptables(pod: &Pod) -> Result<()> {
+    let rules: &[&[&str]] = &[
+        &["-t", "nat", "-N", "ISTIO_REDIRECT"],
+        &[
+            "-t",
+            "nat",
+            "-A",
+            "ISTIO_REDIRECT",
+            "-p",
+            "tcp",
+            "-j",
+            "REDIRECT",
+            "--to-ports",
+            "15001",
+        ],
+        &["-t", "nat", "-N", "ISTIO_IN_REDIRECT"],
+        &[
+            "-t",
+            "nat",
+            "-A",
+            "ISTIO_IN_REDIRECT",
+            "-p",
+            "tcp",
+            "-j",
+            "REDIRECT",
+            "--to-ports",
+            "15006",
+        ],
+        &["-t", "nat", "-N", "ISTIO_INBOUND"],
+        &[
+            "-t",
+            "nat",
+            "-A",
+            "PREROUTING",
+            "-p",
+            "tcp",
+            "-j",
+            "ISTIO_INBOUND",
+        ],
+        &[
+            "-t",
+            "nat",
+            "-A",
+            "ISTIO_INBOUND",
+            "-p",
+            "tcp",
+            "--dport",
+            "15008",
+            "-j",
+            "RETURN",
+        ],
+        &[
+            "-t",
+            "nat",
+            "-A",
+            "ISTIO_INBOUND",
+            "-p",
+            "tcp",
+            "-j",
+            "ISTIO_IN_REDIRECT",
+        ],
+        &["-t", "nat", "-N", "ISTIO_OUTPUT"],
+        &[
+            "-t",
+            "nat",
+            "-A",
+            "OUTPUT",
+            "-p",
+            "tcp",
+            "-j",
+            "ISTIO_OUTPUT",
+        ],
+        &[
+            "-t",
+            "nat",
+            "-A",
+            "ISTIO_OUTPUT",
+            "-o",
+            "lo",
+            "-s",
+            "127.0.0.6/32",
+            "-j",
+            "RETURN",
+        ],
+        &[
+            "-t",
+            "nat",
+            "-A",
+            "ISTIO_OUTPUT",
+            "!",
+            "-d",
+            "127.0.0.1/32",
+            "-o",
+            "lo",
+            "-m",
+            "owner",
+            "--uid-owner",
+            "1337",
+            "-j",
+            "ISTIO_IN_REDIRECT",
+        ],
+        &[
+            "-t",
+            "nat",
+            "-A",
+            "ISTIO_OUTPUT",
+            "-o",
+            "lo",
+            "-m",
+            "owner",
+            "!",
+            "--uid-owner",
+            "1337",
+            "-j",
+            "RETURN",
+        ],
+        &[
+            "-t",
+            "nat",
+            "-A",
+            "ISTIO_OUTPUT",
+            "-m",
+            "owner",
+            "--uid-owner",
+            "1337",
+            "-j",
+            "RETURN",
+        ],
+        &[
+            "-t",
+            "nat",
+            "-A",
+            "ISTIO_OUTPUT",
+            "-d",
+            "127.0.0.1/32",
+            "-j",
+            "RETURN",
+        ],
+        &["-t", "nat", "-A", "ISTIO_OUTPUT", "-j", "ISTIO_REDIRECT"],
+    ];
+    for rule in rules {
+        let mut cmd = Command::new("ip");
+        cmd.args(["netns", "exec", &pod.netns, "iptables", "-w"])
+            .args(*rule);
+        run(&mut cmd).with_context(|| format!("iptables in pod {}", pod.spec.name))?;
+    }
+    Ok(())
+}
+
+fn demo(keep: bool) -> Result<()> {
     if let Some(why) = missing_prerequisite() {
         bail!("the demo {why}");
     }
     let helper = std::env::current_exe()?.with_file_name("mbe-testbed");
     let mut node = Node::new(&helper)?;
-    step(&format!(
-        "node: bridge in netns mbe-{}-node, agent cgroup {}",
-        node.tag,
-        node.cgroup_root.display()
-    ));
+
+    step(
+        1,
+        "a node in network namespaces: pods web and api (Istio), db (plain)",
+    );
     let mut pods = vec![];
     for spec in [
         PodSpec::istio("web"),
         PodSpec::istio("api"),
         PodSpec::plain("db"),
     ] {
+        check_interrupt()?;
         let meshed = spec.containers.iter().any(|c| c == "istio-proxy");
         let pod = node.add_pod(spec)?;
         let name = pod.spec.name.clone();
@@ -56,100 +366,183 @@ fn demo() -> Result<()> {
                 &pod,
                 Some("istio-proxy"),
                 Some(1337),
-                &["sidecar", &name, "15001", "15006", log.to_str().unwrap()],
+                &[
+                    "sidecar",
+                    &name,
+                    "15001",
+                    "15006",
+                    log.to_str().context("path")?,
+                ],
             )?;
             node.wait_listening(&pod, 15006)?;
         }
         node.wait_listening(&pod, 8080)?;
-        step(&format!(
-            "pod {name}: {} / {}{}",
+        println!(
+            "      pod {name:<4} {:<15} {:<22} {}",
             pod.ip4,
             pod.ip6,
             if meshed {
-                ", app (uid 1000) + sidecar stand-in (uid 1337)"
+                "app (uid 1000) + sidecar (uid 1337, ports 15001/15006)"
             } else {
-                ", app only (not meshed)"
+                "app only"
             }
-        ));
+        );
         pods.push(pod);
     }
-    let pods_file = node.scratch().join("pods.json");
-    write_pod_list(&pods_file, &pod_list(pods.iter(), "edge-1"))?;
-    step(&format!(
-        "kubelet-style PodList written to {}",
-        pods_file.display()
-    ));
-    let root = node
-        .cgroup_root
-        .to_str()
-        .context("cgroup path")?
-        .to_string();
+    let (web, api, db) = (pods[0].clone(), pods[1].clone(), pods[2].clone());
+
+    step(
+        2,
+        "an HTTPS kubelet stand-in lists them (test CA, bearer token)",
+    );
+    let pki = Pki::new(&node.scratch().join("pki"), "merbridge-edge-demo-ca")?;
+    let kubelet = FakeKubelet::start(
+        &pki,
+        None,
+        "demo-token",
+        Reply::Body(serde_json::to_vec(&pod_list(pods.iter(), "edge-1"))?),
+    )?;
+    let token = node.scratch().join("token");
+    fs::write(&token, "demo-token")?;
+    println!("      GET {}/pods", kubelet.url());
+
+    step(3, "the agent reads the kubelet and programs the maps");
+    let root = node.cgroup_root.display().to_string();
+    let (url, token_s, ca) = (
+        kubelet.url(),
+        token.display().to_string(),
+        pki.ca_file.display().to_string(),
+    );
     let mut agent = Agent::start(
         &[
             "run",
-            "--pods-file",
-            pods_file.to_str().unwrap(),
             "--cgroup-root",
             &root,
+            "--kubelet-url",
+            &url,
+            "--token-file",
+            &token_s,
+            "--ca-file",
+            &ca,
+            "--node-name",
+            "edge-1",
             "--interval",
-            "200ms",
-            "--log-level",
-            "debug",
+            "1s",
         ],
         &node.scratch().join("agent.log"),
     )?;
-    agent.wait_log_count("added: mesh istio", 2, Duration::from_secs(10))?;
+    agent.wait_log_count("added: mesh istio", 2, Duration::from_secs(15))?;
     for line in agent
         .log()
         .lines()
-        .filter(|l| l.contains("probes attached") || l.contains("] pod "))
+        .filter(|l| l.contains("probes attached") || l.contains(" added: "))
     {
-        println!("    agent: {}", line.split("] ").nth(1).unwrap_or(line));
+        println!("      agent: {}", line.split("] ").nth(1).unwrap_or(line));
     }
-    let (web, api, db) = (&pods[0], &pods[1], &pods[2]);
-    for (from, to, what) in [
-        (web, format!("{}:8080", api.ip4), "web app → api (IPv4)"),
-        (web, format!("[{}]:8080", api.ip6), "web app → api (IPv6)"),
-        (web, format!("{}:8080", db.ip4), "web app → db (not meshed)"),
-        (
-            db,
-            format!("{}:8080", api.ip4),
-            "db app → api (from a plain pod: untouched)",
-        ),
+
+    step(4, "real traffic, and the path each connection took");
+    let meshed = ["web", "api"];
+    show_path(&node, &web, &format!("{}:8080", api.ip4), &meshed)?;
+    show_path(&node, &web, &format!("[{}]:8080", api.ip6), &meshed)?;
+    show_path(&node, &web, &format!("{}:8080", db.ip4), &meshed)?;
+    show_path(&node, &db, &format!("{}:8080", api.ip4), &meshed)?;
+    // The agent publishes its counters once per interval.
+    let sample = |e: &str| format!("merbridge_edge_datapath_events_total{{event=\"{e}\"}}");
+    agent.wait_metric(
+        &sample("getsockopt_answered"),
+        |v| v >= 5.0,
+        Duration::from_secs(5),
+    )?;
+    for event in [
+        "redirect_outbound",
+        "redirect_inbound",
+        "getsockopt_answered",
+        "sk_msg_redirected",
     ] {
-        step(what);
-        let out = node.run_in(
-            from,
-            Some("app"),
-            Some(1000),
-            &["client", &to, "--bytes", "65536", "--conns", "8"],
-        )?;
-        for l in out.lines() {
-            println!("    client: {l}");
-        }
+        let v = agent.metric(&sample(event))?;
+        println!("      counter {event:<22} {v}");
     }
-    std::thread::sleep(Duration::from_millis(500));
-    for name in ["web", "api"] {
-        let log = fs::read_to_string(node.scratch().join(format!("sidecar-{name}.log")))?;
-        step(&format!(
-            "sidecar {name} saw {} connections; first ones:",
-            log.lines().count()
-        ));
-        for l in log.lines().take(3) {
-            println!("    {l}");
-        }
-    }
-    if let Some(c) = agent.log().lines().rev().find(|l| l.contains("counters: ")) {
-        step("kernel counters");
-        println!("    {}", c.split("counters: ").nth(1).unwrap_or(""));
-    }
+
+    step(5, "timing web → api with eBPF (agent running)");
+    let ebpf = measure(&node, &web, &api, "eBPF")?;
+    // Counters are published once per interval.
+    std::thread::sleep(Duration::from_millis(1100));
+    let ebpf_bytes = agent.metric("merbridge_edge_datapath_bytes_total{event=\"sk_msg\"}")?;
+    println!("      sk_msg moved {ebpf_bytes} bytes socket to socket");
+
+    step(
+        6,
+        "the same with Istio-style iptables REDIRECT rules (agent stopped)",
+    );
     agent.proc.signal(libc::SIGTERM);
     agent
         .proc
-        .wait_for(Duration::from_secs(2))
-        .context("agent did not stop within 2 s")?;
-    step("agent stopped: programs detached; removing namespaces and cgroups");
-    drop(node);
-    step("done");
+        .wait_for(Duration::from_secs(3))
+        .context("agent did not stop")?;
+    println!("      agent stopped: its programs are detached");
+    istio_iptables(&web)?;
+    istio_iptables(&api)?;
+    println!("      iptables nat rules installed in pods web and api (istio-iptables' chains)");
+    if let Err(e) = show_path(&node, &web, &format!("{}:8080", api.ip4), &meshed) {
+        for p in meshed {
+            for l in sidecar_lines(&node, p).iter().rev().take(3) {
+                eprintln!("      sidecar {p}: {l}");
+            }
+        }
+        return Err(e);
+    }
+    let iptables = measure(&node, &web, &api, "iptables")?;
+
+    step(7, "side by side (web app → api app through both sidecars)");
+    println!(
+        "      {:<34} {:>12} {:>12} {:>8}",
+        "", "eBPF", "iptables", "ratio"
+    );
+    let rows = [
+        (
+            "connect + greeting p50 (µs)",
+            pct(&ebpf.connect, 0.5),
+            pct(&iptables.connect, 0.5),
+        ),
+        (
+            "connect + greeting p99 (µs)",
+            pct(&ebpf.connect, 0.99),
+            pct(&iptables.connect, 0.99),
+        ),
+        (
+            "64 B request/response p50 (µs)",
+            pct(&ebpf.rr, 0.5),
+            pct(&iptables.rr, 0.5),
+        ),
+        (
+            "64 B request/response p99 (µs)",
+            pct(&ebpf.rr, 0.99),
+            pct(&iptables.rr, 0.99),
+        ),
+        (
+            "conntrack entries added",
+            ebpf.conntrack_added,
+            iptables.conntrack_added,
+        ),
+    ];
+    for (what, e, i) in rows {
+        let ratio = if e > 0 {
+            format!("{:.2}x", i as f64 / e as f64)
+        } else {
+            "-".into()
+        };
+        println!("      {what:<34} {e:>12} {i:>12} {ratio:>8}");
+    }
+    println!(
+        "      ({} connections, {} round trips each way of redirecting)",
+        ebpf.connect.len(),
+        ebpf.rr.len()
+    );
+    if keep {
+        println!(
+            "\n--keep: the sandbox stays up. Remove it with:\n{}",
+            node.keep()
+        );
+    }
     Ok(())
 }

@@ -1,6 +1,7 @@
 //! Stand-ins for what runs in a meshed pod, for the real-kernel tests:
 //! `echo` (an app), `sidecar` (a proxy honouring SO_ORIGINAL_DST), `client`,
-//! `sockopts` (getsockopt pass-through checks), `udp-echo` and `udp-query` (DNS).
+//! `sockopts` (getsockopt pass-through checks), `udp-echo` and `udp-query` (DNS),
+//! `latency` (connection set-up and request/response times, for the demo and benches).
 use std::{
     io::{BufRead, BufReader, Read, Write},
     mem::{size_of, zeroed},
@@ -22,6 +23,14 @@ fn main() {
             log,
         ),
         ["client", addr, rest @ ..] => client(addr, rest),
+        ["latency", addr, conns, rr, size] => latency(
+            addr,
+            conns
+                .parse()
+                .map_err(|_| "bad connection count".to_string()),
+            rr.parse().map_err(|_| "bad round-trip count".to_string()),
+            size.parse().map_err(|_| "bad size".to_string()),
+        ),
         ["sockopts"] => sockopts(),
         ["udp-echo", name, addr] => udp_echo(name, addr),
         ["udp-query", addr, rest @ ..] => udp_query(addr, rest.contains(&"--connected")),
@@ -146,7 +155,15 @@ fn sidecar(name: &str, out_port: u16, in_port: u16, log: &str) -> Result<(), Str
                     let line = format!("accept sidecar={name} listener={which} peer={peer} local={local} orig={orig_text}\n");
                     let _ = log.lock().unwrap().write_all(line.as_bytes());
                     if let Ok(dst) = orig {
-                        if let Ok(up) = TcpStream::connect_timeout(&canonical(dst), Duration::from_secs(3)) {
+                        let dst = canonical(dst);
+                        // Like Envoy's inbound passthrough: from 127.0.0.6, which Istio's
+                        // iptables rules let through instead of redirecting again.
+                        let up = if which == "inbound" && dst.is_ipv4() {
+                            connect_from(Ipv4Addr::new(127, 0, 0, 6), dst)
+                        } else {
+                            TcpStream::connect_timeout(&dst, Duration::from_secs(3))
+                        };
+                        if let Ok(up) = up {
                             pipe(s, up);
                         }
                     }
@@ -158,6 +175,40 @@ fn sidecar(name: &str, out_port: u16, in_port: u16, log: &str) -> Result<(), Str
         let _ = h.join();
     }
     Ok(())
+}
+
+/// A TCP connection to `dst` from `src` (any port).
+fn connect_from(src: Ipv4Addr, dst: SocketAddr) -> std::io::Result<TcpStream> {
+    use std::os::fd::FromRawFd;
+    let SocketAddr::V4(dst) = dst else {
+        return Err(std::io::Error::other("IPv4 only"));
+    };
+    let sin = |ip: Ipv4Addr, port: u16| libc::sockaddr_in {
+        sin_family: libc::AF_INET as libc::sa_family_t,
+        sin_port: port.to_be(),
+        sin_addr: libc::in_addr {
+            s_addr: u32::from(ip).to_be(),
+        },
+        sin_zero: [0; 8],
+    };
+    let len = size_of::<libc::sockaddr_in>() as libc::socklen_t;
+    // SAFETY: a fresh socket owned by the TcpStream on success, closed on failure.
+    unsafe {
+        let fd = libc::socket(libc::AF_INET, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0);
+        if fd < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        let stream = TcpStream::from_raw_fd(fd);
+        let local = sin(src, 0);
+        if libc::bind(fd, &local as *const _ as *const libc::sockaddr, len) != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        let remote = sin(*dst.ip(), dst.port());
+        if libc::connect(fd, &remote as *const _ as *const libc::sockaddr, len) != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        Ok(stream)
+    }
 }
 
 fn canonical(a: SocketAddr) -> SocketAddr {
@@ -191,6 +242,50 @@ fn copy_then_shutdown(mut from: TcpStream, mut to: TcpStream) {
         }
     }
     let _ = to.shutdown(Shutdown::Write);
+}
+
+/// `conns` connections one after another to an echo app; on each, `rr` round trips of
+/// `size` bytes. Prints `connect_us=…` (connect until the greeting arrived) and
+/// `rr_us=…` (one write and its whole echo), comma-separated microseconds.
+fn latency(
+    addr: &str,
+    conns: Result<usize, String>,
+    rr: Result<usize, String>,
+    size: Result<usize, String>,
+) -> Result<(), String> {
+    let (conns, rr, size) = (conns?, rr?, size?);
+    let addr: SocketAddr = addr.parse().map_err(|_| format!("bad address {addr}"))?;
+    let mut connect_us = Vec::with_capacity(conns);
+    let mut rr_us = Vec::with_capacity(conns * rr);
+    let data = pattern(0, size);
+    let mut back = vec![0u8; size];
+    for c in 0..conns {
+        let started = std::time::Instant::now();
+        let s = TcpStream::connect_timeout(&addr, Duration::from_secs(5))
+            .map_err(|e| format!("connect {addr}: {e}"))?;
+        s.set_nodelay(true).ok();
+        s.set_read_timeout(Some(Duration::from_secs(5))).ok();
+        let mut reader = BufReader::new(s.try_clone().map_err(|e| e.to_string())?);
+        let mut hello = String::new();
+        reader
+            .read_line(&mut hello)
+            .map_err(|e| format!("conn {c}: reading hello: {e}"))?;
+        connect_us.push(started.elapsed().as_micros().to_string());
+        let mut w = s.try_clone().map_err(|e| e.to_string())?;
+        for _ in 0..rr {
+            let t = std::time::Instant::now();
+            w.write_all(&data)
+                .map_err(|e| format!("conn {c}: write: {e}"))?;
+            reader
+                .read_exact(&mut back)
+                .map_err(|e| format!("conn {c}: echo: {e}"))?;
+            rr_us.push(t.elapsed().as_micros().to_string());
+        }
+        let _ = s.shutdown(Shutdown::Both);
+    }
+    println!("connect_us={}", connect_us.join(","));
+    println!("rr_us={}", rr_us.join(","));
+    Ok(())
 }
 
 fn pattern(conn: usize, len: usize) -> Vec<u8> {
