@@ -213,15 +213,17 @@ pub fn run_checks() -> Report {
     ));
     items.push(item(
         "capability CAP_PERFMON",
-        true,
+        has(CAP_PERFMON) || has(CAP_SYS_ADMIN),
         if has(CAP_PERFMON) {
             "held".into()
+        } else if has(CAP_SYS_ADMIN) {
+            "not held; CAP_SYS_ADMIN stands in for it".into()
         } else {
-            "not held (not needed)".into()
+            "not held (nor CAP_SYS_ADMIN)".into()
         },
-        "nothing: the probes read no kernel memory",
-        Impact::None,
-        "",
+        "the getsockopt probe (the verifier wants it for reading the option buffer)",
+        Impact::Fatal,
+        "grant CAP_PERFMON (kernels before 5.8: CAP_SYS_ADMIN)",
     ));
 
     let cg = cgroups::detect_cgroup2_mount();

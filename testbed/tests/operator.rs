@@ -24,17 +24,20 @@ fn agent_cmd(args: &[&str]) -> Output {
         .expect("agent binary runs")
 }
 
+/// `merbridge-edge args…` with the capabilities `caps` (setpriv syntax) only.
+fn with_caps(caps: &str, args: &[&str]) -> Command {
+    let mut c = Command::new("setpriv");
+    c.arg(format!("--inh-caps={caps}"))
+        .arg(format!("--bounding-set={caps}"))
+        .arg("--")
+        .arg(agent_binary())
+        .args(args);
+    c
+}
+
 /// `merbridge-edge args…` with CAP_BPF and CAP_SYS_ADMIN out of reach.
 fn without_bpf_caps(args: &[&str]) -> Command {
-    let mut c = Command::new("setpriv");
-    c.args([
-        "--inh-caps=-bpf,-sys_admin",
-        "--bounding-set=-bpf,-sys_admin",
-        "--",
-    ])
-    .arg(agent_binary())
-    .args(args);
-    c
+    with_caps("-bpf,-sys_admin", args)
 }
 
 fn text(o: &Output) -> String {
@@ -71,6 +74,21 @@ fn check_passes_here_and_names_a_missing_capability() {
         serde_json::from_slice(&agent_cmd(&["check", "--json"]).stdout).expect("JSON");
     assert_eq!(json["verdict"], "full");
     assert!(json["items"].as_array().unwrap().len() > 20);
+
+    // Least privilege: these three are enough; without CAP_PERFMON it is named.
+    let out = with_caps("-all,+bpf,+net_admin,+perfmon", &["check"])
+        .output()
+        .expect("setpriv");
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    let out = with_caps("-all,+bpf,+net_admin", &["check"])
+        .output()
+        .expect("setpriv");
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    assert!(
+        text(&out).contains("MISSING  capability CAP_PERFMON"),
+        "{}",
+        text(&out)
+    );
 
     let out = without_bpf_caps(&["check"]).output().expect("setpriv");
     let said = text(&out);
