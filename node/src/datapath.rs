@@ -19,6 +19,16 @@ use merbridge_edge_probes_common::{
 static PROBES: &[u8] =
     aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/merbridge-edge-probes.o"));
 
+/// The cgroup sock_addr programs, attached the same way.
+const SOCK_ADDR_PROGRAMS: [&str; 6] = [
+    progs::CONNECT4,
+    progs::CONNECT6,
+    progs::SENDMSG4,
+    progs::SENDMSG6,
+    progs::RECVMSG4,
+    progs::RECVMSG6,
+];
+
 /// Map sizes, chosen by the agent at load time.
 #[derive(Clone, Copy, Debug)]
 pub struct MapSizes {
@@ -120,14 +130,7 @@ impl Datapath {
         // bpf_link attachments (5.7+) always coexist with other programs; the link API
         // takes no attach flags, which is what `Single` maps to.
         let mode = CgroupAttachMode::Single;
-        for name in [
-            progs::CONNECT4,
-            progs::CONNECT6,
-            progs::SENDMSG4,
-            progs::SENDMSG6,
-            progs::RECVMSG4,
-            progs::RECVMSG6,
-        ] {
+        for name in SOCK_ADDR_PROGRAMS {
             let p: &mut CgroupSockAddr = program(&mut ebpf, name)?;
             p.load()
                 .with_context(|| format!("verifier rejected {name}"))?;
@@ -255,19 +258,9 @@ pub fn verify_probes(accelerate: bool) -> Vec<(&'static str, Result<(), String>)
         Ok(e) => e,
         Err(e) => return vec![("maps", Err(format!("creating the maps: {e:#}")))],
     };
-    let names = [
-        progs::CONNECT4,
-        progs::CONNECT6,
-        progs::SENDMSG4,
-        progs::SENDMSG6,
-        progs::RECVMSG4,
-        progs::RECVMSG6,
-        progs::GETSOCKOPT,
-        progs::SOCKOPS,
-        progs::SK_MSG,
-    ];
-    names
+    SOCK_ADDR_PROGRAMS
         .into_iter()
+        .chain([progs::GETSOCKOPT, progs::SOCKOPS, progs::SK_MSG])
         .map(|name| {
             let result = match ebpf.program_mut(name) {
                 None => Err("missing from the probe object".to_string()),

@@ -184,6 +184,18 @@ impl FakeKubelet {
         format!("https://{}", self.addr)
     }
 
+    /// The agent's flags for reading this stand-in with `token` and `ca` files.
+    pub fn agent_flags(&self, token: &Path, ca: &Path) -> Vec<String> {
+        vec![
+            "--kubelet-url".into(),
+            self.url(),
+            "--token-file".into(),
+            token.display().to_string(),
+            "--ca-file".into(),
+            ca.display().to_string(),
+        ]
+    }
+
     /// Changes the answer.
     pub fn set_reply(&self, reply: Reply) {
         *self.shared.reply.lock().unwrap() = reply;

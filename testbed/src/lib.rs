@@ -4,6 +4,7 @@
 //! also when a test fails.
 pub mod agent;
 pub mod fixture;
+pub mod iptables;
 pub mod kubelet;
 pub mod maps;
 pub mod node;

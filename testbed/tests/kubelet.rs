@@ -50,16 +50,11 @@ impl Kubelet {
 
     /// The agent's source flags.
     fn flags(&self) -> Vec<String> {
-        vec![
-            "--kubelet-url".into(),
-            self.server().url(),
-            "--token-file".into(),
-            self.token_file.display().to_string(),
-            "--ca-file".into(),
-            self.pki.ca_file.display().to_string(),
-            "--kubelet-timeout".into(),
-            "1s".into(),
-        ]
+        let mut flags = self
+            .server()
+            .agent_flags(&self.token_file, &self.pki.ca_file);
+        flags.extend(["--kubelet-timeout".into(), "1s".into()]);
+        flags
     }
 
     fn serve(&self, list: &Value) {

@@ -207,30 +207,13 @@ fn main() -> Result<()> {
     let token = node.scratch().join("token");
     fs::write(&token, "bench-token")?;
     let root = node.cgroup_root.display().to_string();
-    let url = kubelet.url();
-    let (token_s, ca_s) = (
-        token.display().to_string(),
-        pki.ca_file.display().to_string(),
-    );
-    let args = [
-        "run",
-        "--cgroup-root",
-        &root,
-        "--kubelet-url",
-        &url,
-        "--token-file",
-        &token_s,
-        "--ca-file",
-        &ca_s,
-        "--node-name",
-        "edge-1",
-        "--interval",
-        "1s",
-    ];
+    let mut args = vec!["run".to_string(), "--cgroup-root".into(), root];
+    args.extend(kubelet.agent_flags(&token, &pki.ca_file));
+    args.extend(["--node-name", "edge-1", "--interval", "1s"].map(String::from));
     let extra = std::env::var("MBE_BENCH_AGENT_ARGS").unwrap_or_default();
     let args: Vec<&str> = args
         .iter()
-        .copied()
+        .map(String::as_str)
         .chain(extra.split_whitespace())
         .collect();
     let mut agent = Agent::start(&args, &node.scratch().join("agent.log"))?;

@@ -18,10 +18,10 @@ use anyhow::{Context, Result, bail};
 use merbridge_edge_testbed::{
     Node, Pod, PodSpec,
     agent::Agent,
+    iptables::install_istio_iptables,
     kubelet::{FakeKubelet, Pki, Reply},
     node::missing_prerequisite,
     podlist::pod_list,
-    proc::run,
 };
 
 static INTERRUPTED: AtomicBool = AtomicBool::new(false);
@@ -182,155 +182,6 @@ fn show_path(node: &Node, from: &Pod, target: &str, meshed: &[&str]) -> Result<(
     Ok(())
 }
 
-fn istio_iptables(pod: &Pod) -> Result<()> {
-    let rules: &[&[&str]] = &[
-        &["-t", "nat", "-N", "ISTIO_REDIRECT"],
-        &[
-            "-t",
-            "nat",
-            "-A",
-            "ISTIO_REDIRECT",
-            "-p",
-            "tcp",
-            "-j",
-            "REDIRECT",
-            "--to-ports",
-            "15001",
-        ],
-        &["-t", "nat", "-N", "ISTIO_IN_REDIRECT"],
-        &[
-            "-t",
-            "nat",
-            "-A",
-            "ISTIO_IN_REDIRECT",
-            "-p",
-            "tcp",
-            "-j",
-            "REDIRECT",
-            "--to-ports",
-            "15006",
-        ],
-        &["-t", "nat", "-N", "ISTIO_INBOUND"],
-        &[
-            "-t",
-            "nat",
-            "-A",
-            "PREROUTING",
-            "-p",
-            "tcp",
-            "-j",
-            "ISTIO_INBOUND",
-        ],
-        &[
-            "-t",
-            "nat",
-            "-A",
-            "ISTIO_INBOUND",
-            "-p",
-            "tcp",
-            "--dport",
-            "15008",
-            "-j",
-            "RETURN",
-        ],
-        &[
-            "-t",
-            "nat",
-            "-A",
-            "ISTIO_INBOUND",
-            "-p",
-            "tcp",
-            "-j",
-            "ISTIO_IN_REDIRECT",
-        ],
-        &["-t", "nat", "-N", "ISTIO_OUTPUT"],
-        &[
-            "-t",
-            "nat",
-            "-A",
-            "OUTPUT",
-            "-p",
-            "tcp",
-            "-j",
-            "ISTIO_OUTPUT",
-        ],
-        &[
-            "-t",
-            "nat",
-            "-A",
-            "ISTIO_OUTPUT",
-            "-o",
-            "lo",
-            "-s",
-            "127.0.0.6/32",
-            "-j",
-            "RETURN",
-        ],
-        &[
-            "-t",
-            "nat",
-            "-A",
-            "ISTIO_OUTPUT",
-            "!",
-            "-d",
-            "127.0.0.1/32",
-            "-o",
-            "lo",
-            "-m",
-            "owner",
-            "--uid-owner",
-            "1337",
-            "-j",
-            "ISTIO_IN_REDIRECT",
-        ],
-        &[
-            "-t",
-            "nat",
-            "-A",
-            "ISTIO_OUTPUT",
-            "-o",
-            "lo",
-            "-m",
-            "owner",
-            "!",
-            "--uid-owner",
-            "1337",
-            "-j",
-            "RETURN",
-        ],
-        &[
-            "-t",
-            "nat",
-            "-A",
-            "ISTIO_OUTPUT",
-            "-m",
-            "owner",
-            "--uid-owner",
-            "1337",
-            "-j",
-            "RETURN",
-        ],
-        &[
-            "-t",
-            "nat",
-            "-A",
-            "ISTIO_OUTPUT",
-            "-d",
-            "127.0.0.1/32",
-            "-j",
-            "RETURN",
-        ],
-        &["-t", "nat", "-A", "ISTIO_OUTPUT", "-j", "ISTIO_REDIRECT"],
-    ];
-    for rule in rules {
-        let mut cmd = Command::new("ip");
-        cmd.args(["netns", "exec", &pod.netns, "iptables", "-w"])
-            .args(*rule);
-        run(&mut cmd).with_context(|| format!("iptables in pod {}", pod.spec.name))?;
-    }
-    Ok(())
-}
-
 fn demo(keep: bool) -> Result<()> {
     if let Some(why) = missing_prerequisite() {
         bail!("the demo {why}");
@@ -408,29 +259,11 @@ fn demo(keep: bool) -> Result<()> {
 
     step(3, "the agent reads the kubelet and programs the maps");
     let root = node.cgroup_root.display().to_string();
-    let (url, token_s, ca) = (
-        kubelet.url(),
-        token.display().to_string(),
-        pki.ca_file.display().to_string(),
-    );
-    let mut agent = Agent::start(
-        &[
-            "run",
-            "--cgroup-root",
-            &root,
-            "--kubelet-url",
-            &url,
-            "--token-file",
-            &token_s,
-            "--ca-file",
-            &ca,
-            "--node-name",
-            "edge-1",
-            "--interval",
-            "1s",
-        ],
-        &node.scratch().join("agent.log"),
-    )?;
+    let mut args = vec!["run".to_string(), "--cgroup-root".into(), root];
+    args.extend(kubelet.agent_flags(&token, &pki.ca_file));
+    args.extend(["--node-name", "edge-1", "--interval", "1s"].map(String::from));
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let mut agent = Agent::start(&args, &node.scratch().join("agent.log"))?;
     agent.wait_log_count("added: mesh istio", 2, Duration::from_secs(15))?;
     for line in agent
         .log()
@@ -480,8 +313,8 @@ fn demo(keep: bool) -> Result<()> {
         .wait_for(Duration::from_secs(3))
         .context("agent did not stop")?;
     println!("      agent stopped: its programs are detached");
-    istio_iptables(&web)?;
-    istio_iptables(&api)?;
+    install_istio_iptables(&web.netns)?;
+    install_istio_iptables(&api.netns)?;
     println!("      iptables nat rules installed in pods web and api (istio-iptables' chains)");
     if let Err(e) = show_path(&node, &web, &format!("{}:8080", api.ip4), &meshed) {
         for p in meshed {
@@ -498,33 +331,20 @@ fn demo(keep: bool) -> Result<()> {
         "      {:<34} {:>12} {:>12} {:>8}",
         "", "eBPF", "iptables", "ratio"
     );
-    let rows = [
-        (
-            "connect + greeting p50 (µs)",
-            pct(&ebpf.connect, 0.5),
-            pct(&iptables.connect, 0.5),
-        ),
-        (
-            "connect + greeting p99 (µs)",
-            pct(&ebpf.connect, 0.99),
-            pct(&iptables.connect, 0.99),
-        ),
-        (
-            "64 B request/response p50 (µs)",
-            pct(&ebpf.rr, 0.5),
-            pct(&iptables.rr, 0.5),
-        ),
-        (
-            "64 B request/response p99 (µs)",
-            pct(&ebpf.rr, 0.99),
-            pct(&iptables.rr, 0.99),
-        ),
-        (
-            "conntrack entries added",
-            ebpf.conntrack_added,
-            iptables.conntrack_added,
-        ),
-    ];
+    let mut rows: Vec<(String, u64, u64)> = vec![];
+    for (what, e, i) in [
+        ("connect + greeting", &ebpf.connect, &iptables.connect),
+        ("64 B request/response", &ebpf.rr, &iptables.rr),
+    ] {
+        for (p, name) in [(0.5, "p50"), (0.99, "p99")] {
+            rows.push((format!("{what} {name} (µs)"), pct(e, p), pct(i, p)));
+        }
+    }
+    rows.push((
+        "conntrack entries added".into(),
+        ebpf.conntrack_added,
+        iptables.conntrack_added,
+    ));
     for (what, e, i) in rows {
         let ratio = if e > 0 {
             format!("{:.2}x", i as f64 / e as f64)
