@@ -23,6 +23,8 @@ fn main() {
             log,
         ),
         ["client", addr, rest @ ..] => client(addr, rest),
+        ["forward", listen_addr, target] => forward(listen_addr, target),
+        ["load", kind, addr, size, conc, ms] => load(kind, addr, size, conc, ms),
         ["latency", addr, conns, rr, size] => latency(
             addr,
             conns
@@ -242,6 +244,151 @@ fn copy_then_shutdown(mut from: TcpStream, mut to: TcpStream) {
         }
     }
     let _ = to.shutdown(Shutdown::Write);
+}
+
+/// A plain TCP forwarder (an explicitly configured proxy): every connection to
+/// `listen_addr` is piped to `target`.
+fn forward(listen_addr: &str, target: &str) -> Result<(), String> {
+    let l = listen(listen_addr)?;
+    let target: SocketAddr = target.parse().map_err(|_| format!("bad target {target}"))?;
+    for s in l.incoming().flatten() {
+        std::thread::spawn(move || {
+            if let Ok(up) = TcpStream::connect_timeout(&target, Duration::from_secs(3)) {
+                up.set_nodelay(true).ok();
+                s.set_nodelay(true).ok();
+                pipe(s, up);
+            }
+        });
+    }
+    Ok(())
+}
+
+/// Bounded load against an echo app, `conc` connections for `ms` milliseconds:
+/// `rr` (persistent connections, `size`-byte request/response), `conns` (a connection
+/// per 64-byte request) or `stream` (64 KiB writes, echo read back). Every reply is
+/// checked byte for byte. Prints `key=value` figures.
+fn load(kind: &str, addr: &str, size: &str, conc: &str, ms: &str) -> Result<(), String> {
+    let addr: SocketAddr = addr.parse().map_err(|_| format!("bad address {addr}"))?;
+    let size: usize = size.parse().map_err(|_| "bad size")?;
+    let conc: usize = conc.parse().map_err(|_| "bad concurrency")?;
+    let ms: u64 = ms.parse().map_err(|_| "bad duration")?;
+    let deadline = std::time::Instant::now() + Duration::from_millis(ms);
+    let started = std::time::Instant::now();
+    let connect = |addr: SocketAddr| -> Result<(TcpStream, BufReader<TcpStream>), String> {
+        let s = TcpStream::connect_timeout(&addr, Duration::from_secs(5))
+            .map_err(|e| format!("connect {addr}: {e}"))?;
+        s.set_nodelay(true).ok();
+        s.set_read_timeout(Some(Duration::from_secs(5))).ok();
+        let mut r = BufReader::new(s.try_clone().map_err(|e| e.to_string())?);
+        let mut hello = String::new();
+        r.read_line(&mut hello)
+            .map_err(|e| format!("greeting: {e}"))?;
+        Ok((s, r))
+    };
+    let round_trip =
+        |w: &mut TcpStream, r: &mut BufReader<TcpStream>, data: &[u8], back: &mut [u8]| {
+            w.write_all(data).map_err(|e| format!("write: {e}"))?;
+            r.read_exact(back).map_err(|e| format!("read echo: {e}"))?;
+            if back != data {
+                return Err("echo differs from what was sent".to_string());
+            }
+            Ok::<(), String>(())
+        };
+    let results: Vec<Result<(Vec<u32>, u64), String>> = std::thread::scope(|sc| {
+        let handles: Vec<_> = (0..conc)
+            .map(|c| {
+                sc.spawn(move || -> Result<(Vec<u32>, u64), String> {
+                    let data = pattern(c, size.max(1));
+                    let mut back = vec![0u8; data.len()];
+                    let mut samples = Vec::new();
+                    let mut bytes = 0u64;
+                    match kind {
+                        "rr" => {
+                            let (mut w, mut r) = connect(addr)?;
+                            while std::time::Instant::now() < deadline {
+                                let t = std::time::Instant::now();
+                                round_trip(&mut w, &mut r, &data, &mut back)?;
+                                samples.push(t.elapsed().as_micros() as u32);
+                            }
+                        }
+                        "conns" => {
+                            while std::time::Instant::now() < deadline {
+                                let t = std::time::Instant::now();
+                                let (mut w, mut r) = connect(addr)?;
+                                round_trip(&mut w, &mut r, &data, &mut back)?;
+                                let _ = w.shutdown(Shutdown::Both);
+                                samples.push(t.elapsed().as_micros() as u32);
+                            }
+                        }
+                        "stream" => {
+                            let (w, mut r) = connect(addr)?;
+                            let chunk = pattern(c, 64 * 1024);
+                            let expect = chunk.clone();
+                            let writer = std::thread::spawn(move || {
+                                let mut w = w;
+                                let mut sent = 0u64;
+                                while std::time::Instant::now() < deadline {
+                                    if w.write_all(&chunk).is_err() {
+                                        break;
+                                    }
+                                    sent += chunk.len() as u64;
+                                }
+                                (w, sent)
+                            });
+                            let mut buf = vec![0u8; 64 * 1024];
+                            let (w, sent) = loop {
+                                if writer.is_finished() {
+                                    break writer.join().map_err(|_| "writer panicked")?;
+                                }
+                                r.read_exact(&mut buf).map_err(|e| format!("read: {e}"))?;
+                                if buf != expect {
+                                    return Err("stream bytes differ".into());
+                                }
+                                bytes += buf.len() as u64;
+                            };
+                            // Drain what is still in flight, then check it all came back.
+                            while bytes < sent {
+                                r.read_exact(&mut buf).map_err(|e| format!("drain: {e}"))?;
+                                bytes += buf.len() as u64;
+                            }
+                            let _ = w.shutdown(Shutdown::Both);
+                        }
+                        other => return Err(format!("unknown load {other}")),
+                    }
+                    Ok((samples, bytes))
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| h.join().unwrap_or_else(|_| Err("thread panicked".into())))
+            .collect()
+    });
+    let secs = started.elapsed().as_secs_f64();
+    let mut samples = Vec::new();
+    let mut bytes = 0;
+    for r in results {
+        let (s, b) = r?;
+        samples.extend(s);
+        bytes += b;
+    }
+    samples.sort_unstable();
+    let pct = |p: f64| {
+        samples
+            .get(((samples.len().max(1) - 1) as f64 * p).round() as usize)
+            .copied()
+            .unwrap_or(0)
+    };
+    println!(
+        "count={} per_s={:.1} p50_us={} p99_us={} p999_us={} mb_per_s={:.1}",
+        samples.len(),
+        samples.len() as f64 / secs,
+        pct(0.5),
+        pct(0.99),
+        pct(0.999),
+        bytes as f64 / secs / 1e6
+    );
+    Ok(())
 }
 
 /// `conns` connections one after another to an echo app; on each, `rr` round trips of

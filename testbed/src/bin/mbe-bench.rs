@@ -1,0 +1,515 @@
+//! The datapath benchmark: one node, two Istio pods (app + sidecar stand-in each), and
+//! five ways from app A to app B, measured in interleaved rounds in one run:
+//! `direct` (no sidecars), `explicit-proxy` (app A dials sidecar A, which dials sidecar
+//! B: no interception), `iptables` (istio-iptables' nat rules), `ebpf` (the agent with
+//! sk_msg acceleration off) and `ebpf-sockmap` (on). Workloads: request/response on
+//! persistent connections (64 B, 16 KiB; concurrency 1, 16), a connection per request
+//! (concurrency 16, with conntrack entries counted), and 64 KiB streams (1, 4).
+//!
+//! Every reply is checked byte for byte and every variant is checked to have taken its
+//! path before it is timed. Needs root. `--quick` (one short round, for CI) or full;
+//! `--json FILE` writes the cells; `--rounds N`, `--seconds S` per cell.
+use std::{
+    collections::BTreeMap, fmt::Write as _, fs, os::unix::fs::PermissionsExt, process::Command,
+    time::Duration,
+};
+
+use anyhow::{Context, Result, bail};
+use merbridge_edge_testbed::{
+    Node, Pod, PodSpec,
+    agent::Agent,
+    iptables::install_istio_iptables,
+    node::missing_prerequisite,
+    podlist::{pod_list, write_pod_list},
+    proc::run,
+};
+use serde_json::{Value, json};
+
+const VARIANTS: [&str; 5] = [
+    "direct",
+    "explicit-proxy",
+    "iptables",
+    "ebpf",
+    "ebpf-sockmap",
+];
+
+/// One workload setting.
+#[derive(Clone, Copy)]
+struct Cell {
+    workload: &'static str,
+    size: usize,
+    concurrency: usize,
+}
+
+const CELLS: [Cell; 7] = [
+    Cell {
+        workload: "rr",
+        size: 64,
+        concurrency: 1,
+    },
+    Cell {
+        workload: "rr",
+        size: 64,
+        concurrency: 16,
+    },
+    Cell {
+        workload: "rr",
+        size: 16384,
+        concurrency: 1,
+    },
+    Cell {
+        workload: "rr",
+        size: 16384,
+        concurrency: 16,
+    },
+    Cell {
+        workload: "conns",
+        size: 64,
+        concurrency: 16,
+    },
+    Cell {
+        workload: "stream",
+        size: 65536,
+        concurrency: 1,
+    },
+    Cell {
+        workload: "stream",
+        size: 65536,
+        concurrency: 4,
+    },
+];
+
+/// Figures of one cell in one round.
+#[derive(Clone, Default)]
+struct Figures {
+    p50_us: f64,
+    p99_us: f64,
+    p999_us: f64,
+    per_s: f64,
+    mb_per_s: f64,
+    conntrack_added: f64,
+}
+
+fn in_netns(netns: &str, args: &[&str]) -> Result<String> {
+    run(Command::new("ip").args(["netns", "exec", netns]).args(args))
+}
+
+fn conntrack_count(pod: &Pod) -> f64 {
+    in_netns(
+        &pod.netns,
+        &["cat", "/proc/sys/net/netfilter/nf_conntrack_count"],
+    )
+    .ok()
+    .and_then(|s| s.trim().parse().ok())
+    .unwrap_or(0.0)
+}
+
+struct Bench {
+    node: Node,
+    a: Pod,
+    b: Pod,
+    pods_file: std::path::PathBuf,
+}
+
+impl Bench {
+    fn sidecar_lines(&self, pod: &str) -> Vec<String> {
+        fs::read_to_string(self.node.scratch().join(format!("sidecar-{pod}.log")))
+            .unwrap_or_default()
+            .lines()
+            .map(String::from)
+            .collect()
+    }
+
+    fn target(&self, variant: &str) -> String {
+        if variant == "explicit-proxy" {
+            "127.0.0.1:15101".into()
+        } else {
+            format!("{}:8080", self.b.ip4)
+        }
+    }
+
+    /// Turns interception on for `variant`; the agent when it is an eBPF one.
+    fn enable(&self, variant: &str) -> Result<Option<Agent>> {
+        match variant {
+            "iptables" => {
+                install_istio_iptables(&self.a.netns)?;
+                install_istio_iptables(&self.b.netns)?;
+                Ok(None)
+            }
+            "ebpf" | "ebpf-sockmap" => {
+                let root = self.node.cgroup_root.display().to_string();
+                let mut args = vec![
+                    "run",
+                    "--pods-file",
+                    self.pods_file.to_str().context("path")?,
+                    "--cgroup-root",
+                    &root,
+                    "--interval",
+                    "200ms",
+                ];
+                if variant == "ebpf" {
+                    args.push("--no-accelerate");
+                }
+                let mut agent = Agent::start(
+                    &args,
+                    &self.node.scratch().join(format!("agent-{variant}.log")),
+                )?;
+                agent.wait_log_count("added: mesh istio", 2, Duration::from_secs(15))?;
+                Ok(Some(agent))
+            }
+            _ => Ok(None),
+        }
+    }
+
+    fn disable(&self, variant: &str, agent: Option<Agent>) -> Result<()> {
+        if let Some(mut agent) = agent {
+            agent.proc.signal(libc::SIGTERM);
+            agent
+                .proc
+                .wait_for(Duration::from_secs(3))
+                .context("agent did not stop")?;
+        }
+        if variant == "iptables" {
+            for pod in [&self.a, &self.b] {
+                in_netns(&pod.netns, &["iptables", "-w", "-t", "nat", "-F"])?;
+                in_netns(&pod.netns, &["iptables", "-w", "-t", "nat", "-X"])?;
+                // An empty nat table still keeps conntrack on in the namespace, which
+                // would tax the variants that follow: remove the table itself.
+                in_netns(&pod.netns, &["nft", "delete", "table", "ip", "nat"])
+                    .context("removing the nat table (nft, from Debian's nftables)")?;
+            }
+        }
+        Ok(())
+    }
+
+    /// One connection, then: did it take `variant`'s path?
+    fn check_path(&self, variant: &str, agent: Option<&mut Agent>) -> Result<()> {
+        let (before_a, before_b) = (self.sidecar_lines("a").len(), self.sidecar_lines("b").len());
+        let out = self.node.run_in(
+            &self.a,
+            Some("app"),
+            Some(1000),
+            &["client", &self.target(variant)],
+        )?;
+        if !out.contains("who=b-app") {
+            bail!("{variant}: the reply did not come from app B: {out}");
+        }
+        std::thread::sleep(Duration::from_millis(100));
+        let (la, lb) = (self.sidecar_lines("a"), self.sidecar_lines("b"));
+        let orig = format!("orig={}:8080", self.b.ip4);
+        let through_sidecars = la.len() == before_a + 1
+            && lb.len() == before_b + 1
+            && la[before_a].contains(&orig)
+            && lb[before_b].contains(&orig);
+        let intercepted = matches!(variant, "iptables" | "ebpf" | "ebpf-sockmap");
+        if intercepted != through_sidecars {
+            bail!(
+                "{variant}: expected the connection {} the intercepting sidecars; they logged {:?} {:?}",
+                if intercepted {
+                    "through"
+                } else {
+                    "not through"
+                },
+                &la[before_a..],
+                &lb[before_b..]
+            );
+        }
+        if let Some(agent) = agent {
+            let sample = "merbridge_edge_datapath_events_total{event=\"sk_msg_redirected\"}";
+            let moved = agent.wait_metric(sample, |v| v > 0.0, Duration::from_secs(2));
+            match (variant, moved) {
+                ("ebpf-sockmap", Err(e)) => bail!("ebpf-sockmap: sk_msg moved nothing: {e:#}"),
+                ("ebpf", Ok(v)) => bail!("ebpf: sk_msg moved {v} messages with acceleration off"),
+                _ => {}
+            }
+        }
+        Ok(())
+    }
+
+    fn measure(&self, variant: &str, cell: Cell, ms: u64) -> Result<Figures> {
+        let before = conntrack_count(&self.a) + conntrack_count(&self.b);
+        let out = self.node.run_in(
+            &self.a,
+            Some("app"),
+            Some(1000),
+            &[
+                "load",
+                cell.workload,
+                &self.target(variant),
+                &cell.size.to_string(),
+                &cell.concurrency.to_string(),
+                &ms.to_string(),
+            ],
+        )?;
+        let after = conntrack_count(&self.a) + conntrack_count(&self.b);
+        let kv: BTreeMap<&str, f64> = out
+            .split_whitespace()
+            .filter_map(|p| p.split_once('='))
+            .filter_map(|(k, v)| Some((k, v.parse().ok()?)))
+            .collect();
+        let get = |k: &str| kv.get(k).copied().unwrap_or(0.0);
+        if get("count") == 0.0 && cell.workload != "stream" {
+            bail!("{variant} {}: nothing answered: {out}", cell.workload);
+        }
+        Ok(Figures {
+            p50_us: get("p50_us"),
+            p99_us: get("p99_us"),
+            p999_us: get("p999_us"),
+            per_s: get("per_s"),
+            mb_per_s: get("mb_per_s"),
+            conntrack_added: (after - before).max(0.0),
+        })
+    }
+}
+
+fn median(v: &mut [f64]) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    if v.is_empty() { 0.0 } else { v[v.len() / 2] }
+}
+
+fn setup() -> Result<Bench> {
+    let helper = std::env::current_exe()?.with_file_name("mbe-testbed");
+    let mut node = Node::new(&helper)?;
+    let mut pods = vec![];
+    for name in ["a", "b"] {
+        let pod = node.add_pod(PodSpec::istio(name))?;
+        node.spawn(
+            &pod,
+            Some("app"),
+            Some(1000),
+            &["echo", &format!("{name}-app"), "[::]:8080"],
+        )?;
+        let log = node.scratch().join(format!("sidecar-{name}.log"));
+        fs::write(&log, "")?;
+        fs::set_permissions(&log, fs::Permissions::from_mode(0o666))?;
+        node.spawn(
+            &pod,
+            Some("istio-proxy"),
+            Some(1337),
+            &[
+                "sidecar",
+                name,
+                "15001",
+                "15006",
+                log.to_str().context("path")?,
+            ],
+        )?;
+        for sysctl in [
+            "net.ipv4.tcp_tw_reuse=1",
+            "net.ipv4.ip_local_port_range=1024 65000",
+        ] {
+            in_netns(&pod.netns, &["sysctl", "-qw", sysctl])?;
+        }
+        pods.push(pod);
+    }
+    let (a, b) = (pods[0].clone(), pods[1].clone());
+    // The explicit proxy chain: A's app → 127.0.0.1:15101 → B:15106 → B's app.
+    node.spawn(
+        &a,
+        Some("istio-proxy"),
+        Some(1337),
+        &["forward", "[::]:15101", &format!("{}:15106", b.ip4)],
+    )?;
+    node.spawn(
+        &b,
+        Some("istio-proxy"),
+        Some(1337),
+        &["forward", "[::]:15106", "127.0.0.1:8080"],
+    )?;
+    for (pod, port) in [
+        (&a, 8080),
+        (&b, 8080),
+        (&a, 15006),
+        (&b, 15006),
+        (&a, 15101),
+        (&b, 15106),
+    ] {
+        node.wait_listening(pod, port)?;
+    }
+    let pods_file = node.scratch().join("pods.json");
+    write_pod_list(&pods_file, &pod_list([&a, &b], "edge-1"))?;
+    Ok(Bench {
+        node,
+        a,
+        b,
+        pods_file,
+    })
+}
+
+fn main() -> Result<()> {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let flag = |name: &str| {
+        args.iter()
+            .position(|a| a == name)
+            .and_then(|i| args.get(i + 1))
+            .cloned()
+    };
+    let quick = args.iter().any(|a| a == "--quick");
+    let rounds: usize = flag("--rounds")
+        .map(|v| v.parse())
+        .transpose()?
+        .unwrap_or(if quick { 1 } else { 5 });
+    let ms: u64 = flag("--seconds")
+        .map(|v| v.parse::<f64>().map(|s| (s * 1000.0) as u64))
+        .transpose()?
+        .unwrap_or(if quick { 300 } else { 2000 });
+    if let Some(why) = missing_prerequisite() {
+        bail!("the benchmark {why}");
+    }
+    let bench = setup()?;
+    println!("mbe-bench: {rounds} round(s), {ms} ms per cell, variants interleaved");
+    let mut samples: BTreeMap<(usize, usize), Vec<Figures>> = BTreeMap::new();
+    for round in 1..=rounds {
+        for (v, variant) in VARIANTS.iter().enumerate() {
+            let mut agent = bench.enable(variant)?;
+            let result = (|| -> Result<()> {
+                bench.check_path(variant, agent.as_mut())?;
+                for (c, cell) in CELLS.iter().enumerate() {
+                    let f = bench.measure(variant, *cell, ms)?;
+                    samples.entry((v, c)).or_default().push(f);
+                }
+                Ok(())
+            })();
+            bench.disable(variant, agent)?;
+            result?;
+            println!("  round {round}/{rounds}: {variant} done");
+        }
+    }
+    // Medians over rounds.
+    let mut medians: BTreeMap<(usize, usize), (Figures, f64, f64)> = BTreeMap::new();
+    for ((v, c), runs) in &samples {
+        let pick = |f: fn(&Figures) -> f64| median(&mut runs.iter().map(f).collect::<Vec<_>>());
+        let key = |f: &Figures| {
+            if CELLS[*c].workload == "stream" {
+                f.mb_per_s
+            } else {
+                f.p50_us
+            }
+        };
+        let (lo, hi) = runs
+            .iter()
+            .map(key)
+            .fold((f64::MAX, f64::MIN), |(l, h), x| (l.min(x), h.max(x)));
+        medians.insert(
+            (*v, *c),
+            (
+                Figures {
+                    p50_us: pick(|f| f.p50_us),
+                    p99_us: pick(|f| f.p99_us),
+                    p999_us: pick(|f| f.p999_us),
+                    per_s: pick(|f| f.per_s),
+                    mb_per_s: pick(|f| f.mb_per_s),
+                    conntrack_added: pick(|f| f.conntrack_added),
+                },
+                lo,
+                hi,
+            ),
+        );
+    }
+    let mut table = String::new();
+    let mut cells_json = vec![];
+    for (c, cell) in CELLS.iter().enumerate() {
+        let (what, unit): (String, &str) = match cell.workload {
+            "rr" => (
+                format!(
+                    "request/response {} B, concurrency {}",
+                    cell.size, cell.concurrency
+                ),
+                "p50 µs",
+            ),
+            "conns" => (
+                format!("connection per request, concurrency {}", cell.concurrency),
+                "conn/s",
+            ),
+            _ => (format!("64 KiB stream × {}", cell.concurrency), "MB/s"),
+        };
+        let _ = writeln!(table, "\n{what}");
+        let _ = writeln!(
+            table,
+            "  {:<15} {:>10} {:>10} {:>10} {:>12} {:>10} {:>10} {:>9} {:>9}",
+            "variant",
+            "p50 µs",
+            "p99 µs",
+            "p999 µs",
+            "per s",
+            "MB/s",
+            "conntrack",
+            "vs ipt",
+            "vs expl"
+        );
+        let headline = |v: usize| {
+            let f = &medians[&(v, c)].0;
+            match cell.workload {
+                "rr" => f.p50_us,
+                "conns" => f.per_s,
+                _ => f.mb_per_s,
+            }
+        };
+        for (v, variant) in VARIANTS.iter().enumerate() {
+            let (f, lo, hi) = &medians[&(v, c)];
+            let ratio = |base: usize| {
+                let b = headline(base);
+                if b > 0.0 {
+                    format!("{:.2}x", headline(v) / b)
+                } else {
+                    "-".into()
+                }
+            };
+            let shown = |applies: bool, v: f64, digits: usize| {
+                if applies {
+                    format!("{v:.digits$}")
+                } else {
+                    "-".into()
+                }
+            };
+            let (latency, stream) = (cell.workload != "stream", cell.workload == "stream");
+            let _ = writeln!(
+                table,
+                "  {variant:<15} {:>10} {:>10} {:>10} {:>12} {:>10} {:>10} {:>9} {:>9}",
+                shown(latency, f.p50_us, 0),
+                shown(latency, f.p99_us, 0),
+                shown(latency, f.p999_us, 0),
+                shown(latency, f.per_s, 0),
+                shown(stream, f.mb_per_s, 1),
+                f.conntrack_added,
+                ratio(2),
+                ratio(1)
+            );
+            let rr = cell.workload == "rr";
+            cells_json.push(json!({
+                "variant": variant, "workload": cell.workload, "size": cell.size,
+                "concurrency": cell.concurrency,
+                "p50_us": if cell.workload == "stream" { Value::Null } else { json!(f.p50_us) },
+                "p99_us": if cell.workload == "stream" { Value::Null } else { json!(f.p99_us) },
+                "p999_us": if cell.workload == "stream" { Value::Null } else { json!(f.p999_us) },
+                "rps": if rr { json!(f.per_s) } else { Value::Null },
+                "conn_per_s": if cell.workload == "conns" { json!(f.per_s) } else { Value::Null },
+                "conntrack_added": if cell.workload == "conns" { json!(f.conntrack_added) } else { Value::Null },
+                "mb_per_s": if cell.workload == "stream" { json!(f.mb_per_s) } else { Value::Null },
+                "spread": {"unit": unit, "min": lo, "max": hi, "rounds": rounds},
+            }));
+        }
+    }
+    println!("{table}");
+    println!(
+        "ratios: the headline figure (p50 latency, connections/s or MB/s) against iptables and explicit-proxy"
+    );
+    if let Some(path) = flag("--json") {
+        let mut uname = String::new();
+        if let Ok(o) = Command::new("uname").arg("-srm").output() {
+            uname = String::from_utf8_lossy(&o.stdout).trim().to_string();
+        }
+        let cpus = std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(0);
+        let doc = json!({
+            "cells": cells_json,
+            "machine": {"kernel": uname, "cpus": cpus, "rounds": rounds, "ms_per_cell": ms},
+        });
+        fs::write(&path, serde_json::to_string_pretty(&doc)?)
+            .with_context(|| format!("writing {path}"))?;
+        println!("wrote {path}");
+    }
+    drop(bench);
+    Ok(())
+}
