@@ -13,8 +13,19 @@ fn quick_bench_checks_every_variant_and_writes_the_cells() {
         return;
     };
     let json = std::env::temp_dir().join(format!("mbe-bench-{}.json", std::process::id()));
+    let max_file = "/proc/sys/net/netfilter/nf_conntrack_max";
+    let max_before = std::fs::read_to_string(max_file).unwrap_or_default();
     let out = Command::new(env!("CARGO_BIN_EXE_mbe-bench"))
-        .args(["--quick", "--rounds", "2", "--seconds", "0.2", "--json"])
+        .args([
+            "--quick",
+            "--rounds",
+            "2",
+            "--seconds",
+            "0.2",
+            "--conntrack-max",
+            "64",
+            "--json",
+        ])
         .arg(&json)
         .output()
         .unwrap();
@@ -26,8 +37,29 @@ fn quick_bench_checks_every_variant_and_writes_the_cells() {
     assert!(out.status.success(), "{said}");
     let doc: serde_json::Value = serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap();
     let _ = std::fs::remove_file(&json);
-    let cells = doc["cells"].as_array().unwrap();
+    assert_eq!(
+        std::fs::read_to_string(max_file).unwrap_or_default(),
+        max_before,
+        "the host's conntrack limit is put back"
+    );
+    let (limited, cells): (Vec<_>, Vec<_>) = doc["cells"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .partition(|c| c.get("conntrack_max").is_some());
     assert_eq!(cells.len(), 5 * 7, "5 variants × 7 workloads");
+    // With a 64-entry table, iptables loses connections; paths without conntrack do not.
+    for c in &limited {
+        let errors = c["errors"].as_f64().unwrap();
+        match c["variant"].as_str().unwrap() {
+            "iptables" => assert!(errors > 0.0, "{c}"),
+            _ => assert!(
+                errors == 0.0 && c["conn_per_s"].as_f64().unwrap() > 0.0,
+                "{c}"
+            ),
+        }
+    }
+    assert_eq!(limited.len(), 4);
     for c in cells {
         let variant = c["variant"].as_str().unwrap();
         match c["workload"].as_str().unwrap() {
