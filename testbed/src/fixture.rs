@@ -55,30 +55,13 @@ impl Fixture {
             let meshed = spec.containers.iter().any(|c| c == "istio-proxy");
             let name = spec.name.clone();
             let pod = node.add_pod(spec).expect("pod");
-            let app = format!("{name}-app");
-            node.spawn(
+            start_stand_ins(
+                &mut node,
                 &pod,
-                Some("app"),
-                Some(APP_UID),
-                &["echo", &app, "[::]:8080", "[::]:8081", "[::]:9002"],
+                &["[::]:8080", "[::]:8081", "[::]:9002"],
+                meshed,
             )
-            .unwrap();
-            if meshed {
-                let log = node.scratch().join(format!("sidecar-{name}.log"));
-                fs::write(&log, "").unwrap();
-                // The sidecar runs as the proxy uid and appends to it.
-                fs::set_permissions(&log, std::os::unix::fs::PermissionsExt::from_mode(0o666))
-                    .unwrap();
-                node.spawn(
-                    &pod,
-                    Some("istio-proxy"),
-                    Some(PROXY_UID),
-                    &["sidecar", &name, "15001", "15006", log.to_str().unwrap()],
-                )
-                .unwrap();
-                node.wait_listening(&pod, 15006).unwrap();
-            }
-            node.wait_listening(&pod, 8080).unwrap();
+            .expect("stand-ins");
             pods.insert(name, pod);
         }
         let pods_file = node.scratch().join("pods.json");
@@ -155,6 +138,38 @@ impl Fixture {
             .run_in(self.pod(pod), Some("app"), Some(APP_UID), &args)
             .unwrap_or_else(|e| panic!("client {pod} → {target}: {e:#}"))
     }
+}
+
+/// Starts `pod`'s app stand-in (echo on `app_addrs`, as uid 1000, greeting as
+/// `<pod>-app`) and, when `sidecar`, its sidecar stand-in (uid 1337, ports 15001 and
+/// 15006, one line per connection in `sidecar-<pod>.log` in the scratch directory);
+/// returns once they listen.
+pub fn start_stand_ins(
+    node: &mut Node,
+    pod: &Pod,
+    app_addrs: &[&str],
+    sidecar: bool,
+) -> anyhow::Result<()> {
+    let name = pod.spec.name.clone();
+    let app = format!("{name}-app");
+    let mut args = vec!["echo", app.as_str()];
+    args.extend(app_addrs);
+    node.spawn(pod, Some("app"), Some(APP_UID), &args)?;
+    if sidecar {
+        let log = node.scratch().join(format!("sidecar-{name}.log"));
+        fs::write(&log, "")?;
+        // The sidecar runs as the proxy uid and appends to it.
+        fs::set_permissions(&log, std::os::unix::fs::PermissionsExt::from_mode(0o666))?;
+        let log = log.display().to_string();
+        node.spawn(
+            pod,
+            Some("istio-proxy"),
+            Some(PROXY_UID),
+            &["sidecar", &name, "15001", "15006", &log],
+        )?;
+        node.wait_listening(pod, 15006)?;
+    }
+    node.wait_listening(pod, 8080)
 }
 
 /// Istio pods a and b, plain pod c.

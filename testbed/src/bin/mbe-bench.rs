@@ -11,15 +11,13 @@
 //! `--json FILE` writes the cells; `--rounds N`, `--seconds S` per cell;
 //! `--conntrack-max N` adds a short-connection run with the host's conntrack table cut
 //! to N entries (the old size is put back afterwards, also on failure).
-use std::{
-    collections::BTreeMap, fmt::Write as _, fs, os::unix::fs::PermissionsExt, process::Command,
-    time::Duration,
-};
+use std::{collections::BTreeMap, fmt::Write as _, fs, process::Command, time::Duration};
 
 use anyhow::{Context, Result, bail};
 use merbridge_edge_testbed::{
     Node, Pod, PodSpec,
     agent::Agent,
+    fixture::start_stand_ins,
     iptables::install_istio_iptables,
     node::missing_prerequisite,
     podlist::{pod_list, write_pod_list},
@@ -307,27 +305,7 @@ fn setup() -> Result<Bench> {
     let mut pods = vec![];
     for name in ["a", "b"] {
         let pod = node.add_pod(PodSpec::istio(name))?;
-        node.spawn(
-            &pod,
-            Some("app"),
-            Some(1000),
-            &["echo", &format!("{name}-app"), "[::]:8080"],
-        )?;
-        let log = node.scratch().join(format!("sidecar-{name}.log"));
-        fs::write(&log, "")?;
-        fs::set_permissions(&log, fs::Permissions::from_mode(0o666))?;
-        node.spawn(
-            &pod,
-            Some("istio-proxy"),
-            Some(1337),
-            &[
-                "sidecar",
-                name,
-                "15001",
-                "15006",
-                log.to_str().context("path")?,
-            ],
-        )?;
+        start_stand_ins(&mut node, &pod, &["[::]:8080"], true)?;
         for sysctl in [
             "net.ipv4.tcp_tw_reuse=1",
             "net.ipv4.ip_local_port_range=1024 65000",
@@ -350,14 +328,7 @@ fn setup() -> Result<Bench> {
         Some(1337),
         &["forward", "[::]:15106", "127.0.0.1:8080"],
     )?;
-    for (pod, port) in [
-        (&a, 8080),
-        (&b, 8080),
-        (&a, 15006),
-        (&b, 15006),
-        (&a, 15101),
-        (&b, 15106),
-    ] {
+    for (pod, port) in [(&a, 15101), (&b, 15106)] {
         node.wait_listening(pod, port)?;
     }
     let pods_file = node.scratch().join("pods.json");

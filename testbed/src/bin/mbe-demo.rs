@@ -8,7 +8,6 @@
 use std::{
     fs,
     io::Write,
-    os::unix::fs::PermissionsExt,
     process::Command,
     sync::atomic::{AtomicBool, Ordering},
     time::{Duration, Instant},
@@ -18,6 +17,7 @@ use anyhow::{Context, Result, bail};
 use merbridge_edge_testbed::{
     Node, Pod, PodSpec,
     agent::Agent,
+    fixture::start_stand_ins,
     iptables::install_istio_iptables,
     kubelet::{FakeKubelet, Pki, Reply},
     node::missing_prerequisite,
@@ -203,31 +203,7 @@ fn demo(keep: bool) -> Result<()> {
         let meshed = spec.containers.iter().any(|c| c == "istio-proxy");
         let pod = node.add_pod(spec)?;
         let name = pod.spec.name.clone();
-        node.spawn(
-            &pod,
-            Some("app"),
-            Some(1000),
-            &["echo", &format!("{name}-app"), "[::]:8080"],
-        )?;
-        if meshed {
-            let log = node.scratch().join(format!("sidecar-{name}.log"));
-            fs::write(&log, "")?;
-            fs::set_permissions(&log, fs::Permissions::from_mode(0o666))?;
-            node.spawn(
-                &pod,
-                Some("istio-proxy"),
-                Some(1337),
-                &[
-                    "sidecar",
-                    &name,
-                    "15001",
-                    "15006",
-                    log.to_str().context("path")?,
-                ],
-            )?;
-            node.wait_listening(&pod, 15006)?;
-        }
-        node.wait_listening(&pod, 8080)?;
+        start_stand_ins(&mut node, &pod, &["[::]:8080"], meshed)?;
         println!(
             "      pod {name:<4} {:<15} {:<22} {}",
             pod.ip4,
