@@ -25,6 +25,20 @@ use merbridge_edge_testbed::{
 };
 use serde_json::{Value, json};
 
+static INTERRUPTED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+extern "C" fn on_signal(_: libc::c_int) {
+    INTERRUPTED.store(true, std::sync::atomic::Ordering::SeqCst);
+}
+
+/// Ends the run (its guards put the node and the conntrack limit back) after Ctrl-C.
+fn check_interrupt() -> Result<()> {
+    if INTERRUPTED.load(std::sync::atomic::Ordering::SeqCst) {
+        bail!("interrupted");
+    }
+    Ok(())
+}
+
 const VARIANTS: [&str; 5] = [
     "direct",
     "explicit-proxy",
@@ -258,6 +272,7 @@ impl Bench {
     /// Runs one cell; `strict`: nothing answered is an error (off where dropped
     /// connections are the point).
     fn measure(&self, variant: &str, cell: Cell, ms: u64, strict: bool) -> Result<Figures> {
+        check_interrupt()?;
         let before = conntrack_count(&self.a) + conntrack_count(&self.b);
         let out = self.node.run_in(
             &self.a,
@@ -342,6 +357,10 @@ fn setup() -> Result<Bench> {
 }
 
 fn main() -> Result<()> {
+    for sig in [libc::SIGINT, libc::SIGTERM] {
+        // SAFETY: the handler only stores to an atomic.
+        unsafe { libc::signal(sig, on_signal as *const () as libc::sighandler_t) };
+    }
     let args: Vec<String> = std::env::args().skip(1).collect();
     let flag = |name: &str| {
         args.iter()
