@@ -274,19 +274,27 @@ impl Bench {
     fn measure(&self, variant: &str, cell: Cell, ms: u64, strict: bool) -> Result<Figures> {
         check_interrupt()?;
         let before = conntrack_count(&self.a) + conntrack_count(&self.b);
-        let out = self.node.run_in(
-            &self.a,
-            Some("app"),
-            Some(1000),
-            &[
-                "load",
-                cell.workload,
-                &self.target(variant),
-                &cell.size.to_string(),
-                &cell.concurrency.to_string(),
-                &ms.to_string(),
-            ],
-        )?;
+        let out = self
+            .node
+            .run_in(
+                &self.a,
+                Some("app"),
+                Some(1000),
+                &[
+                    "load",
+                    cell.workload,
+                    &self.target(variant),
+                    &cell.size.to_string(),
+                    &cell.concurrency.to_string(),
+                    &ms.to_string(),
+                ],
+            )
+            .with_context(|| {
+                format!(
+                    "{variant}, {} {} B × {}",
+                    cell.workload, cell.size, cell.concurrency
+                )
+            })?;
         let after = conntrack_count(&self.a) + conntrack_count(&self.b);
         let kv: BTreeMap<&str, f64> = out
             .split_whitespace()
@@ -388,6 +396,8 @@ fn main() -> Result<()> {
             let mut agent = bench.enable(variant)?;
             let result = (|| -> Result<()> {
                 bench.check_path(variant, agent.as_mut())?;
+                // Warm-up, not recorded: threads, caches and the sidecars' pools settle.
+                bench.measure(variant, CELLS[1], (ms / 4).max(100), true)?;
                 for (c, cell) in CELLS.iter().enumerate() {
                     let f = bench.measure(variant, *cell, ms, true)?;
                     samples.entry((v, c)).or_default().push(f);
@@ -403,12 +413,11 @@ fn main() -> Result<()> {
     let mut medians: BTreeMap<(usize, usize), (Figures, f64, f64)> = BTreeMap::new();
     for ((v, c), runs) in &samples {
         let pick = |f: fn(&Figures) -> f64| median(&mut runs.iter().map(f).collect::<Vec<_>>());
-        let key = |f: &Figures| {
-            if CELLS[*c].workload == "stream" {
-                f.mb_per_s
-            } else {
-                f.p50_us
-            }
+        // The spread of the headline figure over rounds.
+        let key = |f: &Figures| match CELLS[*c].workload {
+            "stream" => f.mb_per_s,
+            "conns" => f.per_s,
+            _ => f.p50_us,
         };
         let (lo, hi) = runs
             .iter()
@@ -451,7 +460,7 @@ fn main() -> Result<()> {
         let _ = writeln!(table, "\n{what}");
         let _ = writeln!(
             table,
-            "  {:<15} {:>10} {:>10} {:>10} {:>12} {:>10} {:>10} {:>9} {:>9}",
+            "  {:<15} {:>10} {:>10} {:>10} {:>12} {:>10} {:>10} {:>9} {:>9}  {}",
             "variant",
             "p50 µs",
             "p99 µs",
@@ -460,7 +469,8 @@ fn main() -> Result<()> {
             "MB/s",
             "conntrack",
             "vs ipt",
-            "vs expl"
+            "vs expl",
+            "spread"
         );
         let headline = |v: usize| {
             let f = &medians[&(v, c)].0;
@@ -490,7 +500,7 @@ fn main() -> Result<()> {
             let (latency, stream) = (cell.workload != "stream", cell.workload == "stream");
             let _ = writeln!(
                 table,
-                "  {variant:<15} {:>10} {:>10} {:>10} {:>12} {:>10} {:>10} {:>9} {:>9}",
+                "  {variant:<15} {:>10} {:>10} {:>10} {:>12} {:>10} {:>10} {:>9} {:>9}  {:.0}–{:.0}",
                 shown(latency, f.p50_us, 0),
                 shown(latency, f.p99_us, 0),
                 shown(latency, f.p999_us, 0),
@@ -498,7 +508,9 @@ fn main() -> Result<()> {
                 shown(stream, f.mb_per_s, 1),
                 f.conntrack_added,
                 ratio(2),
-                ratio(1)
+                ratio(1),
+                lo,
+                hi
             );
             let rr = cell.workload == "rr";
             cells_json.push(json!({
