@@ -5,14 +5,6 @@ use anyhow::{Context, Result, bail};
 use plotters::prelude::*;
 use serde_json::Value;
 
-const VARIANTS: [&str; 5] = [
-    "direct",
-    "explicit-proxy",
-    "iptables",
-    "ebpf",
-    "ebpf-sockmap",
-];
-
 /// The `field` of the cell of `variant` matching `workload`, `size`, `concurrency`.
 fn figure(
     cells: &[Value],
@@ -38,6 +30,7 @@ fn figure(
 fn bars<DB: DrawingBackend>(
     area: &DrawingArea<DB, plotters::coord::Shift>,
     title: &str,
+    variants: &[String],
     values: &[f64],
 ) -> Result<()>
 where
@@ -49,14 +42,14 @@ where
         .margin(12)
         .x_label_area_size(36)
         .y_label_area_size(56)
-        .build_cartesian_2d((0..VARIANTS.len() - 1).into_segmented(), 0.0..top)?;
+        .build_cartesian_2d((0..variants.len() - 1).into_segmented(), 0.0..top)?;
     chart
         .configure_mesh()
         .disable_x_mesh()
-        .x_labels(VARIANTS.len())
+        .x_labels(variants.len())
         .x_label_formatter(&|x| match x {
             SegmentValue::CenterOf(i) | SegmentValue::Exact(i) => {
-                VARIANTS.get(*i).unwrap_or(&"").to_string()
+                variants.get(*i).cloned().unwrap_or_default()
             }
             SegmentValue::Last => String::new(),
         })
@@ -77,11 +70,18 @@ fn main() -> Result<()> {
     };
     let doc: Value = serde_json::from_slice(&std::fs::read(input).with_context(|| input.clone())?)?;
     let cells = doc["cells"].as_array().context("no cells")?;
-    let latency: Vec<f64> = VARIANTS
+    // The variants in the order the bench ran them.
+    let mut variants: Vec<String> = Vec::new();
+    for v in cells.iter().filter_map(|c| c["variant"].as_str()) {
+        if !variants.iter().any(|x| x == v) {
+            variants.push(v.to_string());
+        }
+    }
+    let latency: Vec<f64> = variants
         .iter()
         .map(|v| figure(cells, v, "rr", 64, 1, "p50_us"))
         .collect::<Result<_>>()?;
-    let stream: Vec<f64> = VARIANTS
+    let stream: Vec<f64> = variants
         .iter()
         .map(|v| figure(cells, v, "stream", 65536, 4, "mb_per_s"))
         .collect::<Result<_>>()?;
@@ -91,11 +91,13 @@ fn main() -> Result<()> {
     bars(
         &left,
         "64 B request/response, c=1: p50 µs (lower is better)",
+        &variants,
         &latency,
     )?;
     bars(
         &right,
         "64 KiB streams ×4: MB/s (higher is better)",
+        &variants,
         &stream,
     )?;
     root.present()?;
