@@ -348,22 +348,54 @@ fn load(kind: &str, addr: &str, size: &str, conc: &str, ms: &str) -> Result<(), 
                                 }
                                 (w, sent)
                             });
+                            // Plain reads with a short timeout: the reader cannot know the
+                            // total until the writer is done, so it must never block for
+                            // bytes that will not come.
+                            r.get_ref()
+                                .set_read_timeout(Some(Duration::from_millis(100)))
+                                .ok();
                             let mut buf = vec![0u8; 64 * 1024];
-                            let (w, sent) = loop {
-                                if writer.is_finished() {
-                                    break writer.join().map_err(|_| "writer panicked")?;
+                            let give_up = deadline + Duration::from_secs(30);
+                            let mut writer = Some(writer);
+                            let mut done: Option<(TcpStream, u64)> = None;
+                            loop {
+                                if done.is_none()
+                                    && writer.as_ref().is_some_and(|h| h.is_finished())
+                                {
+                                    let h = writer.take().expect("present");
+                                    done = Some(h.join().map_err(|_| "writer panicked")?);
                                 }
-                                r.read_exact(&mut buf).map_err(|e| format!("read: {e}"))?;
-                                if buf != expect {
-                                    return Err("stream bytes differ".into());
+                                if let Some((_, sent)) = &done {
+                                    if bytes >= *sent {
+                                        break;
+                                    }
                                 }
-                                bytes += buf.len() as u64;
-                            };
-                            // Drain what is still in flight, then check it all came back.
-                            while bytes < sent {
-                                r.read_exact(&mut buf).map_err(|e| format!("drain: {e}"))?;
-                                bytes += buf.len() as u64;
+                                if std::time::Instant::now() > give_up {
+                                    return Err(format!("stream: {bytes} bytes echoed, stalled"));
+                                }
+                                match r.read(&mut buf) {
+                                    Ok(0) => return Err("stream: closed early".into()),
+                                    Ok(n) => {
+                                        // The echo continues the pattern at this offset.
+                                        let off = bytes as usize % expect.len();
+                                        let first = n.min(expect.len() - off);
+                                        if buf[..first] != expect[off..off + first]
+                                            || buf[first..n] != expect[..n - first]
+                                        {
+                                            return Err("stream bytes differ".into());
+                                        }
+                                        bytes += n as u64;
+                                    }
+                                    Err(e)
+                                        if matches!(
+                                            e.kind(),
+                                            std::io::ErrorKind::WouldBlock
+                                                | std::io::ErrorKind::TimedOut
+                                        ) => {}
+                                    Err(e) => return Err(format!("read: {e}")),
+                                }
                             }
+                            let (w, _) = done.expect("finished");
                             let _ = w.shutdown(Shutdown::Both);
                         }
                         other => return Err(format!("unknown load {other}")),
