@@ -278,9 +278,8 @@ fn load(kind: &str, addr: &str, size: &str, conc: &str, ms: &str) -> Result<(), 
         let s = TcpStream::connect_timeout(&addr, Duration::from_secs(5))
             .map_err(|e| format!("connect {addr}: {e}"))?;
         s.set_nodelay(true).ok();
-        // A safety net against a hung run, not a measure: streams get longer, as TCP's
-        // zero-window probes can pause a saturated connection for seconds.
-        let patience = if kind == "stream" { 30 } else { 5 };
+        // A safety net against a hung run, not a measure.
+        let patience = 5;
         s.set_read_timeout(Some(Duration::from_secs(patience))).ok();
         let mut r = BufReader::new(s.try_clone().map_err(|e| e.to_string())?);
         let mut hello = String::new();
