@@ -29,6 +29,32 @@ pub fn cgroup2_mount_in(mountinfo: &str) -> Option<PathBuf> {
     })
 }
 
+/// The cgroup2 directory the programs attach to: `given` (from `--cgroup-root`) when it
+/// is one, or its `unified/` child when `given` is a hybrid-layout `/sys/fs/cgroup` (a
+/// container mounting the host's /sys/fs/cgroup need not know the host's layout); with
+/// nothing given, the cgroup2 mount found in /proc/self/mountinfo.
+pub fn resolve_cgroup_root(given: Option<&Path>) -> Result<PathBuf> {
+    let Some(given) = given else {
+        let found = detect_cgroup2_mount()?;
+        check_cgroup2(&found)?;
+        return Ok(found);
+    };
+    match check_cgroup2(given) {
+        Ok(()) => Ok(given.to_path_buf()),
+        Err(e) => {
+            let unified = given.join("unified");
+            if check_cgroup2(&unified).is_ok() {
+                Ok(unified)
+            } else {
+                Err(e.context(format!(
+                    "--cgroup-root {}: neither it nor its unified/ is a cgroup v2 filesystem",
+                    given.display()
+                )))
+            }
+        }
+    }
+}
+
 /// Checks that `path` is a cgroup2 directory.
 pub fn check_cgroup2(path: &Path) -> Result<()> {
     // SAFETY: statfs on a NUL-terminated path with a zeroed out-buffer.
@@ -41,7 +67,9 @@ pub fn check_cgroup2(path: &Path) -> Result<()> {
             std::io::Error::last_os_error()
         );
     }
-    if st.f_type != libc::CGROUP2_SUPER_MAGIC {
+    // f_type is signed in glibc and unsigned in musl.
+    #[allow(clippy::unnecessary_cast)]
+    if st.f_type as u64 != libc::CGROUP2_SUPER_MAGIC as u64 {
         bail!(
             "cgroup root {} is not a cgroup v2 filesystem",
             path.display()
@@ -135,6 +163,23 @@ mod tests {
             Some(PathBuf::from("/sys/fs/cgroup/unified"))
         );
         assert_eq!(cgroup2_mount_in("1 0 0:1 / / rw - ext4 /dev/sda rw"), None);
+    }
+
+    #[test]
+    fn cgroup_root_takes_the_mount_or_a_hybrid_parent_and_names_a_wrong_one() {
+        let mount = detect_cgroup2_mount().expect("this machine mounts cgroup2");
+        assert_eq!(resolve_cgroup_root(None).unwrap(), mount);
+        assert_eq!(resolve_cgroup_root(Some(&mount)).unwrap(), mount);
+        if mount.ends_with("unified") {
+            let parent = mount.parent().unwrap();
+            assert_eq!(resolve_cgroup_root(Some(parent)).unwrap(), mount);
+        }
+        let wrong = std::env::temp_dir();
+        let err = format!("{:#}", resolve_cgroup_root(Some(&wrong)).unwrap_err());
+        assert!(
+            err.contains("--cgroup-root") && err.contains(&*wrong.to_string_lossy()),
+            "{err}"
+        );
     }
 
     #[test]

@@ -264,6 +264,14 @@ pub fn run_checks() -> Report {
         "",
     ));
     if old_kernel((5, 11)) {
+        // Kernels before 5.11 charge BPF maps to RLIMIT_MEMLOCK: lift it while we can
+        // (raising the hard limit needs CAP_SYS_RESOURCE; without it this is a no-op).
+        let unlimited = libc::rlimit {
+            rlim_cur: libc::RLIM_INFINITY,
+            rlim_max: libc::RLIM_INFINITY,
+        };
+        // SAFETY: setrlimit reads the struct.
+        unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &unlimited) };
         let mut lim = libc::rlimit {
             rlim_cur: 0,
             rlim_max: 0,
@@ -277,7 +285,8 @@ pub fn run_checks() -> Report {
             format!("{} bytes", lim.rlim_cur),
             "map creation",
             Impact::Fatal,
-            "raise RLIMIT_MEMLOCK (ulimit -l unlimited, or LimitMEMLOCK=infinity)",
+            "grant CAP_SYS_RESOURCE (the agent lifts the limit itself) or raise RLIMIT_MEMLOCK \
+             (ulimit -l unlimited, or LimitMEMLOCK=infinity)",
         ));
     }
 

@@ -104,7 +104,8 @@ struct RunArgs {
     /// read pods from this v1 PodList JSON file instead of the kubelet (re-read when it changes)
     #[argh(option)]
     pods_file: Option<PathBuf>,
-    /// cgroup v2 directory to attach to (default: the cgroup2 mount found in /proc/self/mountinfo)
+    /// cgroup v2 directory to attach to, or a hybrid /sys/fs/cgroup whose unified/ is one
+    /// (default: the cgroup2 mount found in /proc/self/mountinfo)
     #[argh(option)]
     cgroup_root: Option<PathBuf>,
     /// time between polls, like 2s or 500ms (default 2s)

@@ -127,11 +127,7 @@ pub fn run(opts: RunOptions) -> Result<()> {
         })?;
         info!("serving /metrics, /healthz and /readyz on http://{bound}");
     }
-    let cgroup_root = match opts.cgroup_root.clone() {
-        Some(p) => p,
-        None => cgroups::detect_cgroup2_mount()?,
-    };
-    cgroups::check_cgroup2(&cgroup_root)?;
+    let cgroup_root = cgroups::resolve_cgroup_root(opts.cgroup_root.as_deref())?;
     let report = check::run_checks();
     let mut accelerate = opts.accelerate;
     match report.verdict {

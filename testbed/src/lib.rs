@@ -3,9 +3,11 @@
 //! layout, and processes are started inside both. Everything made is removed on drop,
 //! also when a test fails.
 pub mod agent;
+pub mod dist;
 pub mod fixture;
 pub mod iptables;
 pub mod kubelet;
+pub mod manifest;
 pub mod maps;
 pub mod node;
 pub mod podlist;

@@ -13,6 +13,7 @@ use merbridge_edge_testbed::{
     Node,
     agent::{Agent, agent_binary},
     fixture::kernel_test,
+    manifest::Manifest,
 };
 
 const HELPER: &str = env!("CARGO_BIN_EXE_mbe-testbed");
@@ -75,20 +76,22 @@ fn check_passes_here_and_names_a_missing_capability() {
     assert_eq!(json["verdict"], "full");
     assert!(json["items"].as_array().unwrap().len() > 20);
 
-    // Least privilege: these three are enough; without CAP_PERFMON it is named.
-    let out = with_caps("-all,+bpf,+net_admin,+perfmon", &["check"])
-        .output()
-        .expect("setpriv");
-    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
-    let out = with_caps("-all,+bpf,+net_admin", &["check"])
-        .output()
-        .expect("setpriv");
-    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
-    assert!(
-        text(&out).contains("MISSING  capability CAP_PERFMON"),
-        "{}",
-        text(&out)
-    );
+    // Least privilege: the capabilities the k3s manifest grants are enough, and each
+    // one taken away is named.
+    let manifest = Manifest::load();
+    let granted = manifest.setpriv_capabilities();
+    let out = with_caps(&granted, &["check"]).output().expect("setpriv");
+    assert_eq!(out.status.code(), Some(0), "{granted}: {}", text(&out));
+    for cap in manifest.agent_capabilities() {
+        let fewer = granted.replace(&format!(",+{}", cap.to_lowercase()), "");
+        let out = with_caps(&fewer, &["check"]).output().expect("setpriv");
+        let said = text(&out);
+        assert_eq!(out.status.code(), Some(1), "{fewer}: {said}");
+        assert!(
+            said.contains(&format!("MISSING  capability CAP_{cap}")),
+            "{fewer}: {said}"
+        );
+    }
 
     let out = without_bpf_caps(&["check"]).output().expect("setpriv");
     let said = text(&out);

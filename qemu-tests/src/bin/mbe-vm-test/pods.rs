@@ -1,0 +1,295 @@
+//! The test node inside the VM, as testbed's `Node` builds it on a host: each pod a
+//! network namespace with a veth pair to the node (routed: Debian builds the bridge as
+//! a module, veth alone is enough) and a cgroup per container in the kubelet's
+//! cgroupfs layout; processes placed in a pod by setns, cgroup.procs and setuid.
+use std::{
+    fs,
+    io::Write,
+    net::Ipv4Addr,
+    os::{
+        fd::{AsRawFd, OwnedFd},
+        unix::{fs::PermissionsExt, process::CommandExt},
+    },
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context, Result, bail};
+use serde_json::{Value, json};
+
+use crate::{netlink::Netlink, sys};
+
+/// The node's own address (on lo), the pods' gateway.
+pub const GATEWAY: Ipv4Addr = Ipv4Addr::new(10, 231, 0, 1);
+/// The environment variable that selects a stand-in role in a child.
+pub const ROLE_ENV: &str = "MBE_VM_TEST_ROLE";
+
+/// A container: name, runtime id, cgroup.
+pub struct Container {
+    /// Name, like `app` or `istio-proxy`.
+    pub name: String,
+    /// Runtime id (64 hex digits).
+    pub id: String,
+    /// Its cgroup directory.
+    pub cgroup: PathBuf,
+}
+
+/// A pod on the node.
+pub struct Pod {
+    /// Name (namespace `default`).
+    pub name: String,
+    /// Kubernetes uid.
+    pub uid: String,
+    /// IPv4 address.
+    pub ip: Ipv4Addr,
+    /// Its network namespace.
+    pub netns: OwnedFd,
+    /// Containers.
+    pub containers: Vec<Container>,
+    /// Annotations.
+    pub annotations: Vec<(String, String)>,
+}
+
+impl Pod {
+    /// The cgroup of container `name`.
+    pub fn cgroup(&self, name: &str) -> Result<&Path> {
+        self.containers
+            .iter()
+            .find(|c| c.name == name)
+            .map(|c| c.cgroup.as_path())
+            .with_context(|| format!("pod {} has no container {name}", self.name))
+    }
+}
+
+/// The node: its cgroup root (the agent attaches there) and its pods.
+pub struct Node {
+    /// The cgroup the agent attaches to.
+    pub cgroup_root: PathBuf,
+    /// The pods.
+    pub pods: Vec<Pod>,
+    root_nl: Netlink,
+}
+
+impl Node {
+    /// Sets up the node's namespace: lo up, the gateway address, forwarding on.
+    pub fn new(cgroup_root: &Path) -> Result<Self> {
+        fs::create_dir_all(cgroup_root)
+            .with_context(|| format!("creating cgroup {}", cgroup_root.display()))?;
+        let mut root_nl = Netlink::open()?;
+        root_nl.link_up("lo")?;
+        root_nl.add_addr("lo", GATEWAY, 32)?;
+        sys::write("/proc/sys/net/ipv4/ip_forward", "1")?;
+        Ok(Self {
+            cgroup_root: cgroup_root.to_path_buf(),
+            pods: vec![],
+            root_nl,
+        })
+    }
+
+    /// Adds pod `name` with `containers` at the next address (10.231.0.2, .3, …).
+    pub fn add_pod(
+        &mut self,
+        name: &str,
+        containers: &[&str],
+        annotations: &[(&str, &str)],
+    ) -> Result<&Pod> {
+        let index = self.pods.len() + 2;
+        let ip = Ipv4Addr::new(10, 231, 0, index as u8);
+        let netns = sys::new_netns()?;
+        let host_end = format!("veth-{name}");
+        self.root_nl.add_veth(&host_end, "eth0", &netns)?;
+        self.root_nl.link_up(&host_end)?;
+        self.root_nl.add_route(ip, 32, None, &host_end)?;
+        sys::in_netns(&netns, || {
+            let mut nl = Netlink::open()?;
+            nl.link_up("lo")?;
+            nl.link_up("eth0")?;
+            nl.add_addr("eth0", ip, 32)?;
+            nl.add_route(Ipv4Addr::UNSPECIFIED, 0, Some(GATEWAY), "eth0")
+        })
+        .with_context(|| format!("network of pod {name}"))?;
+        let uid = format!("00000000-0000-4000-8000-{index:012x}");
+        let pod_dir = self
+            .cgroup_root
+            .join(format!("kubepods/burstable/pod{uid}"));
+        let mut list = vec![];
+        for (i, c) in containers.iter().enumerate() {
+            let id = format!("{:056x}{index:04x}{i:04x}", 0xabcu32);
+            let cgroup = pod_dir.join(&id);
+            fs::create_dir_all(&cgroup)
+                .with_context(|| format!("creating cgroup {}", cgroup.display()))?;
+            list.push(Container {
+                name: c.to_string(),
+                id,
+                cgroup,
+            });
+        }
+        self.pods.push(Pod {
+            name: name.into(),
+            uid,
+            ip,
+            netns,
+            containers: list,
+            annotations: annotations
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+        });
+        Ok(self.pods.last().unwrap())
+    }
+
+    /// The pod called `name`.
+    pub fn pod(&self, name: &str) -> &Pod {
+        self.pods
+            .iter()
+            .find(|p| p.name == name)
+            .expect("pod exists")
+    }
+
+    /// A command re-executing this driver in stand-in `role`, placed in `pod`'s
+    /// namespace and container cgroup, as `uid`.
+    pub fn stand_in(
+        &self,
+        pod: &str,
+        container: &str,
+        uid: u32,
+        role: &str,
+        args: &[&str],
+    ) -> Result<Command> {
+        let pod = self.pod(pod);
+        let procs = fs::OpenOptions::new()
+            .write(true)
+            .open(pod.cgroup(container)?.join("cgroup.procs"))
+            .with_context(|| format!("cgroup of {}/{container}", pod.name))?;
+        let ns = pod.netns.as_raw_fd();
+        let mut cmd = Command::new("/proc/self/exe");
+        cmd.args(args).env(ROLE_ENV, role).stdin(Stdio::null());
+        // SAFETY: only async-signal-safe calls (write, setns, setgroups, setgid, setuid).
+        unsafe {
+            cmd.pre_exec(move || {
+                (&procs).write_all(b"0")?;
+                if libc::setns(ns, libc::CLONE_NEWNET) != 0
+                    || libc::setgroups(0, std::ptr::null()) != 0
+                    || libc::setgid(uid) != 0
+                    || libc::setuid(uid) != 0
+                {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        Ok(cmd)
+    }
+
+    /// Starts a long-running stand-in and waits until it listens on `port`.
+    pub fn start(
+        &self,
+        pod: &str,
+        container: &str,
+        uid: u32,
+        role: &str,
+        args: &[&str],
+        port: u16,
+    ) -> Result<Child> {
+        let mut child = self
+            .stand_in(pod, container, uid, role, args)?
+            .stdout(Stdio::null())
+            .spawn()
+            .with_context(|| format!("starting {role} in pod {pod}"))?;
+        let end = Instant::now() + Duration::from_secs(30);
+        while !listening(child.id(), port) {
+            if let Ok(Some(s)) = child.try_wait() {
+                bail!("{role} in pod {pod} exited ({s}) before listening on {port}");
+            }
+            if Instant::now() > end {
+                bail!("{role} in pod {pod} does not listen on {port}");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Ok(child)
+    }
+
+    /// Runs the client stand-in in `pod`'s app container as `uid`: its output, or
+    /// its error output.
+    pub fn client(
+        &self,
+        pod: &str,
+        container: &str,
+        uid: u32,
+        target: &str,
+        bytes: usize,
+    ) -> Result<String, String> {
+        let mut cmd = self
+            .stand_in(pod, container, uid, "client", &[target, &bytes.to_string()])
+            .map_err(|e| format!("{e:#}"))?;
+        let out = cmd
+            .output()
+            .map_err(|e| format!("running the client: {e}"))?;
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        if out.status.success() {
+            Ok(text)
+        } else {
+            Err(format!(
+                "client {pod} → {target} failed ({}): {text}{}",
+                out.status,
+                String::from_utf8_lossy(&out.stderr)
+            ))
+        }
+    }
+
+    /// The pods as the kubelet's `/pods` lists them (v1 PodList), on node edge-1.
+    pub fn pod_list(&self) -> Value {
+        let items: Vec<Value> = self
+            .pods
+            .iter()
+            .map(|p| {
+                let annotations: serde_json::Map<String, Value> =
+                    p.annotations.iter().map(|(k, v)| (k.clone(), json!(v))).collect();
+                let containers: Vec<Value> =
+                    p.containers.iter().map(|c| json!({"name": c.name, "image": format!("example/{}:1", c.name)})).collect();
+                let statuses: Vec<Value> = p
+                    .containers
+                    .iter()
+                    .map(|c| {
+                        json!({
+                            "name": c.name, "ready": true, "restartCount": 0,
+                            "image": format!("example/{}:1", c.name), "imageID": "",
+                            "containerID": format!("containerd://{}", c.id),
+                            "state": {"running": {"startedAt": "2026-11-25T10:00:00Z"}}
+                        })
+                    })
+                    .collect();
+                json!({
+                    "metadata": {"name": p.name, "namespace": "default", "uid": p.uid, "annotations": annotations},
+                    "spec": {"nodeName": "edge-1", "containers": containers},
+                    "status": {
+                        "phase": "Running", "qosClass": "Burstable", "hostIP": GATEWAY.to_string(),
+                        "podIP": p.ip.to_string(), "podIPs": [{"ip": p.ip.to_string()}],
+                        "containerStatuses": statuses
+                    }
+                })
+            })
+            .collect();
+        json!({"kind": "PodList", "apiVersion": "v1", "metadata": {}, "items": items})
+    }
+}
+
+/// Whether process `pid` sees a TCP socket listening on `port` (IPv4, its netns).
+fn listening(pid: u32, port: u16) -> bool {
+    let Ok(text) = fs::read_to_string(format!("/proc/{pid}/net/tcp")) else {
+        return false;
+    };
+    let want = format!(":{port:04X}");
+    text.lines().skip(1).any(|l| {
+        let f: Vec<&str> = l.split_whitespace().collect();
+        f.len() > 3 && f[1].ends_with(&want) && f[3] == "0A"
+    })
+}
+
+/// Creates an empty log file any uid may append to (the sidecar runs as the proxy uid).
+pub fn shared_log(path: &str) -> Result<()> {
+    fs::write(path, "").with_context(|| format!("creating {path}"))?;
+    fs::set_permissions(path, fs::Permissions::from_mode(0o666))
+        .with_context(|| format!("chmod {path}"))
+}
