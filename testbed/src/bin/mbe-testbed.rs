@@ -4,12 +4,13 @@
 //! `latency` (connection set-up and request/response times, for the demo and benches).
 use std::{
     io::{BufRead, BufReader, Read, Write},
-    mem::{size_of, zeroed},
-    net::{IpAddr, Ipv4Addr, Ipv6Addr, Shutdown, SocketAddr, TcpListener, TcpStream, UdpSocket},
+    mem::size_of,
+    net::{Shutdown, SocketAddr, TcpListener, TcpStream, UdpSocket},
     os::fd::AsRawFd,
-    sync::{Arc, Mutex},
     time::Duration,
 };
+
+use merbridge_edge_standins::{canonical, echo, listen, pipe, sidecar};
 
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -18,6 +19,7 @@ fn main() {
         ["echo", name, addrs @ ..] => echo(name, addrs),
         ["sidecar", name, out_port, in_port, log] => sidecar(
             name,
+            "[::]",
             out_port.parse().unwrap(),
             in_port.parse().unwrap(),
             log,
@@ -44,206 +46,6 @@ fn main() {
         eprintln!("mbe-testbed: {e}");
         std::process::exit(1);
     }
-}
-
-fn listen(addr: &str) -> Result<TcpListener, String> {
-    TcpListener::bind(addr).map_err(|e| format!("listen {addr}: {e}"))
-}
-
-/// An app: greets each connection with who it is and what it sees, then echoes.
-fn echo(name: &str, addrs: &[&str]) -> Result<(), String> {
-    let mut handles = vec![];
-    for addr in addrs {
-        let l = listen(addr)?;
-        let name = name.to_string();
-        handles.push(std::thread::spawn(move || {
-            for s in l.incoming().flatten() {
-                let name = name.clone();
-                std::thread::spawn(move || {
-                    let _ = serve_echo(&name, s);
-                });
-            }
-        }));
-    }
-    for h in handles {
-        let _ = h.join();
-    }
-    Ok(())
-}
-
-fn serve_echo(name: &str, mut s: TcpStream) -> std::io::Result<()> {
-    let hello = format!(
-        "hello who={name} local={} peer={}\n",
-        s.local_addr()?,
-        s.peer_addr()?
-    );
-    s.write_all(hello.as_bytes())?;
-    let mut buf = vec![0u8; 64 * 1024];
-    loop {
-        let n = s.read(&mut buf)?;
-        if n == 0 {
-            let _ = s.shutdown(Shutdown::Write);
-            return Ok(());
-        }
-        s.write_all(&buf[..n])?;
-    }
-}
-
-/// SO_ORIGINAL_DST of an accepted socket, asked the way Envoy asks it.
-fn original_dst(s: &TcpStream) -> Result<SocketAddr, std::io::Error> {
-    let v4 = match s.local_addr()?.ip() {
-        IpAddr::V4(_) => true,
-        IpAddr::V6(a) => a.to_ipv4_mapped().is_some(),
-    };
-    let fd = s.as_raw_fd();
-    // SAFETY: getsockopt into properly sized zeroed sockaddr buffers.
-    unsafe {
-        if v4 {
-            let mut sa: libc::sockaddr_in = zeroed();
-            let mut len = size_of::<libc::sockaddr_in>() as libc::socklen_t;
-            if libc::getsockopt(fd, libc::SOL_IP, 80, &mut sa as *mut _ as *mut _, &mut len) != 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            Ok(SocketAddr::new(
-                IpAddr::V4(Ipv4Addr::from(u32::from_be(sa.sin_addr.s_addr))),
-                u16::from_be(sa.sin_port),
-            ))
-        } else {
-            let mut sa: libc::sockaddr_in6 = zeroed();
-            let mut len = size_of::<libc::sockaddr_in6>() as libc::socklen_t;
-            if libc::getsockopt(
-                fd,
-                libc::SOL_IPV6,
-                80,
-                &mut sa as *mut _ as *mut _,
-                &mut len,
-            ) != 0
-            {
-                return Err(std::io::Error::last_os_error());
-            }
-            Ok(SocketAddr::new(
-                IpAddr::V6(Ipv6Addr::from(sa.sin6_addr.s6_addr)),
-                u16::from_be(sa.sin6_port),
-            ))
-        }
-    }
-}
-
-/// A sidecar: accepts on its outbound and inbound ports, asks SO_ORIGINAL_DST, logs
-/// one line per connection, then forwards to the original destination.
-fn sidecar(name: &str, out_port: u16, in_port: u16, log: &str) -> Result<(), String> {
-    let log = Arc::new(Mutex::new(
-        std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(log)
-            .map_err(|e| format!("log {log}: {e}"))?,
-    ));
-    let mut handles = vec![];
-    for (port, which) in [(out_port, "outbound"), (in_port, "inbound")] {
-        let l = listen(&format!("[::]:{port}"))?;
-        let (name, log) = (name.to_string(), log.clone());
-        handles.push(std::thread::spawn(move || {
-            for s in l.incoming().flatten() {
-                let (name, log) = (name.clone(), log.clone());
-                std::thread::spawn(move || {
-                    let orig = original_dst(&s);
-                    let peer = s.peer_addr().map(|a| a.to_string()).unwrap_or_default();
-                    let local = s.local_addr().map(|a| a.to_string()).unwrap_or_default();
-                    let orig_text = match &orig {
-                        Ok(a) => canonical(*a).to_string(),
-                        Err(e) => format!("error:{}", e.raw_os_error().unwrap_or(0)),
-                    };
-                    let line = format!("accept sidecar={name} listener={which} peer={peer} local={local} orig={orig_text}\n");
-                    let _ = log.lock().unwrap().write_all(line.as_bytes());
-                    if let Ok(dst) = orig {
-                        let dst = canonical(dst);
-                        // Like Envoy's inbound passthrough: from 127.0.0.6, which Istio's
-                        // iptables rules let through instead of redirecting again.
-                        let up = if which == "inbound" && dst.is_ipv4() {
-                            connect_from(Ipv4Addr::new(127, 0, 0, 6), dst)
-                        } else {
-                            TcpStream::connect_timeout(&dst, Duration::from_secs(3))
-                        };
-                        if let Ok(up) = up {
-                            pipe(s, up);
-                        }
-                    }
-                });
-            }
-        }));
-    }
-    for h in handles {
-        let _ = h.join();
-    }
-    Ok(())
-}
-
-/// A TCP connection to `dst` from `src` (any port).
-fn connect_from(src: Ipv4Addr, dst: SocketAddr) -> std::io::Result<TcpStream> {
-    use std::os::fd::FromRawFd;
-    let SocketAddr::V4(dst) = dst else {
-        return Err(std::io::Error::other("IPv4 only"));
-    };
-    let sin = |ip: Ipv4Addr, port: u16| libc::sockaddr_in {
-        sin_family: libc::AF_INET as libc::sa_family_t,
-        sin_port: port.to_be(),
-        sin_addr: libc::in_addr {
-            s_addr: u32::from(ip).to_be(),
-        },
-        sin_zero: [0; 8],
-    };
-    let len = size_of::<libc::sockaddr_in>() as libc::socklen_t;
-    // SAFETY: a fresh socket owned by the TcpStream on success, closed on failure.
-    unsafe {
-        let fd = libc::socket(libc::AF_INET, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0);
-        if fd < 0 {
-            return Err(std::io::Error::last_os_error());
-        }
-        let stream = TcpStream::from_raw_fd(fd);
-        let local = sin(src, 0);
-        if libc::bind(fd, &local as *const _ as *const libc::sockaddr, len) != 0 {
-            return Err(std::io::Error::last_os_error());
-        }
-        let remote = sin(*dst.ip(), dst.port());
-        if libc::connect(fd, &remote as *const _ as *const libc::sockaddr, len) != 0 {
-            return Err(std::io::Error::last_os_error());
-        }
-        Ok(stream)
-    }
-}
-
-fn canonical(a: SocketAddr) -> SocketAddr {
-    match a.ip() {
-        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
-            Some(v4) => SocketAddr::new(IpAddr::V4(v4), a.port()),
-            None => a,
-        },
-        _ => a,
-    }
-}
-
-/// Copies both ways with plain read/write until both sides are done.
-fn pipe(a: TcpStream, b: TcpStream) {
-    let (a2, b2) = (a.try_clone().unwrap(), b.try_clone().unwrap());
-    let t = std::thread::spawn(move || copy_then_shutdown(a2, b2));
-    copy_then_shutdown(b, a);
-    let _ = t.join();
-}
-
-fn copy_then_shutdown(mut from: TcpStream, mut to: TcpStream) {
-    let mut buf = vec![0u8; 64 * 1024];
-    loop {
-        match from.read(&mut buf) {
-            Ok(0) | Err(_) => break,
-            Ok(n) => {
-                if to.write_all(&buf[..n]).is_err() {
-                    break;
-                }
-            }
-        }
-    }
-    let _ = to.shutdown(Shutdown::Write);
 }
 
 /// A plain TCP forwarder (an explicitly configured proxy): every connection to
