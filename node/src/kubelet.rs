@@ -135,15 +135,34 @@ impl KubeletClient {
             Err(e) => return Err(self.describe_transport_error(e)),
         };
         let status = response.status().as_u16();
+        if status != 200 {
+            // Only the start of an error body is shown; no need to read more.
+            let said = response
+                .body_mut()
+                .with_config()
+                .limit(64 << 10)
+                .read_to_vec()
+                .map(|b| snippet(&b))
+                .unwrap_or_default();
+            return Err(self.describe_status(status, &said));
+        }
+        if let Some(announced) = response.body().content_length()
+            && announced > MAX_PODLIST_BYTES
+        {
+            return Err(PollError::new(
+                ErrorKind::TooLarge,
+                format!(
+                    "kubelet {}: the PodList announces {announced} bytes, over the \
+                     {MAX_PODLIST_BYTES} byte limit; not read",
+                    self.pods_url
+                ),
+            ));
+        }
         let body = response
             .body_mut()
             .with_config()
             .limit(MAX_PODLIST_BYTES)
             .read_to_vec();
-        if status != 200 {
-            let said = body.as_deref().map(snippet).unwrap_or_default();
-            return Err(self.describe_status(status, &said));
-        }
         let body = body.map_err(|e| match e {
             ureq::Error::BodyExceedsLimit(_) => PollError::new(
                 ErrorKind::TooLarge,
@@ -273,13 +292,17 @@ fn snippet(body: &[u8]) -> String {
     out
 }
 
+/// Token, certificate and key files are small; anything larger is not one.
+const MAX_CREDENTIAL_BYTES: u64 = 1 << 20;
+
 fn read_token(file: &Path) -> Result<String, PollError> {
-    let token = fs::read_to_string(file).map_err(|e| {
+    let token = crate::files::read_beneath(file, MAX_CREDENTIAL_BYTES).map_err(|e| {
         PollError::new(
             ErrorKind::Credentials,
             format!("token file {}: {e}", file.display()),
         )
     })?;
+    let token = String::from_utf8_lossy(&token);
     let token = token.trim();
     if token.is_empty() {
         return Err(PollError::new(
@@ -307,7 +330,8 @@ fn credential_error(file: &Path, what: &str) -> PollError {
 }
 
 fn read_pem(file: &Path, role: &str) -> Result<Vec<u8>, PollError> {
-    fs::read(file).map_err(|e| credential_error(file, &format!("{role}: {e}")))
+    crate::files::read_beneath(file, MAX_CREDENTIAL_BYTES)
+        .map_err(|e| credential_error(file, &format!("{role}: {e}")))
 }
 
 fn build_agent(config: &KubeletConfig) -> Result<ureq::Agent, PollError> {

@@ -1,26 +1,18 @@
 //! `merbridge-edge`: eBPF traffic interception and acceleration for service meshes.
-mod annotations;
-mod cgroup_watch;
-mod cgroups;
-mod check;
-mod cleanup;
-mod datapath;
-mod kubelet;
-mod mesh;
-mod metrics;
-mod policy;
-mod run;
-mod source;
-mod status;
-mod sync;
+//! The command line over the library (`src/lib.rs`), which holds everything else.
 
 use std::path::PathBuf;
 
 use argh::FromArgs;
 
-use crate::{
-    datapath::MapSizes, kubelet::KubeletConfig, mesh::Mesh, policy::MeshSelection,
-    run::SourceConfig,
+use merbridge_edge::{
+    check, cleanup,
+    datapath::MapSizes,
+    kubelet::{self, KubeletConfig},
+    mesh::Mesh,
+    policy::MeshSelection,
+    run::{self, SourceConfig},
+    status,
 };
 
 /// Merbridge Edge: redirects meshed pods' traffic to their sidecars with eBPF.

@@ -73,7 +73,7 @@ pub struct RunOptions {
 const MAX_BACKOFF: Duration = Duration::from_secs(30);
 
 /// Delay before the next poll after `failures` failures in a row: the interval,
-/// doubling with each failure, capped at [`MAX_BACKOFF`] (or the interval if longer).
+/// doubling with each failure, capped at `MAX_BACKOFF` (or the interval if longer).
 pub fn backoff(interval: Duration, failures: u32) -> Duration {
     let doubled = interval.saturating_mul(1 << failures.saturating_sub(1).min(16));
     doubled.min(MAX_BACKOFF.max(interval))

@@ -205,7 +205,7 @@ impl PodsFile {
                 ),
             ));
         }
-        let body = fs::read(&self.path).map_err(unreadable)?;
+        let body = crate::files::read_beneath(&self.path, MAX_PODLIST_BYTES).map_err(unreadable)?;
         parse_pod_list(&origin, &body)
             .map(Some)
             .map_err(|e| PollError::new(ErrorKind::Body, format!("{e:#}")))

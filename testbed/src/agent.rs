@@ -10,7 +10,7 @@ use std::{
 
 use anyhow::{Context, Result, bail};
 
-use crate::proc::Guarded;
+use crate::{manifest::Manifest, proc::Guarded};
 
 /// The agent binary: `$MERBRIDGE_EDGE_BIN`, else target/release/merbridge-edge of this workspace.
 pub fn agent_binary() -> PathBuf {
@@ -30,7 +30,8 @@ pub struct Agent {
 }
 
 impl Agent {
-    /// Starts `merbridge-edge` with `args`, logging to `log_path`.
+    /// Starts `merbridge-edge` with `args`, logging to `log_path`; `run` gets only the
+    /// capabilities of the k3s manifest.
     pub fn start(args: &[&str], log_path: &Path) -> Result<Self> {
         let bin = agent_binary();
         if !bin.exists() {
@@ -45,7 +46,20 @@ impl Agent {
         if args.first() == Some(&"run") && !args.contains(&"--metrics-addr") {
             args.extend(["--metrics-addr", "127.0.0.1:0"]);
         }
-        let child = Command::new(&bin)
+        // `run` holds exactly the capabilities the k3s manifest grants, nothing more
+        // (root's other capabilities are dropped from its bounding set by setpriv).
+        let mut cmd = if args.first() == Some(&"run") {
+            let caps = Manifest::load().setpriv_capabilities();
+            let mut c = Command::new("setpriv");
+            c.arg(format!("--inh-caps={caps}"))
+                .arg(format!("--bounding-set={caps}"))
+                .arg("--")
+                .arg(&bin);
+            c
+        } else {
+            Command::new(&bin)
+        };
+        let child = cmd
             .args(&args)
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
@@ -59,6 +73,17 @@ impl Agent {
             },
             log_path: log_path.to_path_buf(),
         })
+    }
+
+    /// The process's effective capability set (CapEff of /proc/PID/status).
+    pub fn effective_capabilities(&self) -> u64 {
+        let status = fs::read_to_string(format!("/proc/{}/status", self.proc.child.id()))
+            .unwrap_or_default();
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("CapEff:"))
+            .and_then(|hex| u64::from_str_radix(hex.trim(), 16).ok())
+            .unwrap_or(u64::MAX)
     }
 
     /// Everything logged so far.

@@ -116,6 +116,12 @@ impl Fixture {
         agent
             .wait_log_count("added: mesh istio", meshed, Duration::from_secs(10))
             .unwrap();
+        // Least privilege: the running agent holds what the k3s manifest grants, no more.
+        assert_eq!(
+            agent.effective_capabilities(),
+            crate::manifest::Manifest::load().capability_mask(),
+            "the agent's effective capabilities"
+        );
         agent
     }
 
@@ -271,4 +277,31 @@ pub fn assert_outbound_ipv4_through_both_sidecars(f: &Fixture) {
     let out = f.client("a", "127.0.0.1:8080", &[]);
     assert_eq!(who(&out), "a-app");
     assert_eq!(f.sidecar_log("a").len(), 2);
+}
+
+/// Nothing of the agent is attached below the node's cgroup root (waiting up to 3 s:
+/// link release after a kill is asynchronous), and a → b:8080 reaches b's app directly,
+/// past sidecar a.
+pub fn assert_detached_and_direct(f: &Fixture) {
+    let end = Instant::now() + Duration::from_secs(3);
+    while !programs_attached_below(&f.node.cgroup_root).is_empty() && Instant::now() < end {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let b = f.pod("b").clone();
+    assert_eq!(
+        programs_attached_below(&f.node.cgroup_root),
+        "",
+        "nothing of the agent stays attached"
+    );
+    let before = f.sidecar_log("a").len();
+    assert_eq!(
+        who(&f.client("a", &format!("{}:8080", b.ip4), &[])),
+        "b-app"
+    );
+    std::thread::sleep(Duration::from_millis(200));
+    assert_eq!(
+        f.sidecar_log("a").len(),
+        before,
+        "traffic flows directly again"
+    );
 }

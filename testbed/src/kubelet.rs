@@ -114,6 +114,8 @@ pub enum Reply {
     Stall(Duration),
     /// Close the connection as soon as the request is read.
     Hangup,
+    /// 200 with this body sent chunked: no Content-Length announces its size.
+    Chunked(Vec<u8>),
 }
 
 struct Shared {
@@ -283,6 +285,21 @@ fn serve_one(tcp: TcpStream, config: Arc<ServerConfig>, shared: &Shared) -> Resu
         shared.reply.lock().unwrap().clone()
     };
     let (status, body) = match reply {
+        Reply::Chunked(body) => {
+            write!(
+                tls,
+                "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n"
+            )?;
+            for chunk in body.chunks(64 << 10) {
+                write!(tls, "{:x}\r\n", chunk.len())?;
+                tls.write_all(chunk)?;
+                tls.write_all(b"\r\n")?;
+            }
+            tls.write_all(b"0\r\n\r\n")?;
+            tls.conn.send_close_notify();
+            tls.flush()?;
+            return Ok(());
+        }
         Reply::Body(b) => (200, b),
         Reply::Status(s, b) => (s, b.into_bytes()),
         Reply::Stall(d) => {

@@ -70,6 +70,20 @@ impl Manifest {
             .unwrap_or_default()
     }
 
+    /// Those capabilities as a bit mask (CapEff in /proc/PID/status).
+    pub fn capability_mask(&self) -> u64 {
+        self.agent_capabilities()
+            .iter()
+            .map(|cap| match cap.as_str() {
+                "NET_ADMIN" => 1u64 << 12,
+                "SYS_RESOURCE" => 1 << 24,
+                "PERFMON" => 1 << 38,
+                "BPF" => 1 << 39,
+                other => panic!("capability {other} has no bit here"),
+            })
+            .fold(0, |a, b| a | b)
+    }
+
     /// Those capabilities in setpriv's syntax, every other one removed:
     /// `-all,+bpf,+net_admin,+perfmon`.
     pub fn setpriv_capabilities(&self) -> String {

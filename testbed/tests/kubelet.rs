@@ -21,6 +21,9 @@ use serde_json::{Value, json};
 
 const HELPER: &str = env!("CARGO_BIN_EXE_mbe-testbed");
 const WAIT: Duration = Duration::from_secs(10);
+/// Service-account tokens of the test: distinctive, so a leak into logs or metrics shows.
+const TOKEN_1: &str = "mbe-sa-token-7Qx2vLp9fKd3";
+const TOKEN_2: &str = "mbe-sa-token-Zk4mW8r3nTb6";
 
 /// A kubelet stand-in with its PKI and a token file.
 struct Kubelet {
@@ -33,9 +36,9 @@ struct Kubelet {
 impl Kubelet {
     fn start(dir: PathBuf, body: Vec<u8>) -> Self {
         let pki = Pki::new(&dir, "mbe-test-ca").unwrap();
-        let server = FakeKubelet::start(&pki, None, "token-1", Reply::Body(body)).unwrap();
+        let server = FakeKubelet::start(&pki, None, TOKEN_1, Reply::Body(body)).unwrap();
         let token_file = dir.join("token");
-        fs::write(&token_file, "token-1").unwrap();
+        fs::write(&token_file, TOKEN_1).unwrap();
         Self {
             dir,
             pki,
@@ -303,7 +306,7 @@ fn kubelet_faults_keep_the_last_good_state_and_recover() {
     let before = agent
         .metric("merbridge_edge_poll_errors_total{kind=\"unauthorized\"}")
         .unwrap();
-    kubelet.server().set_token(Some("token-2"));
+    kubelet.server().set_token(Some(TOKEN_2));
     agent
         .wait_metric(
             "merbridge_edge_poll_errors_total{kind=\"unauthorized\"}",
@@ -321,7 +324,7 @@ fn kubelet_faults_keep_the_last_good_state_and_recover() {
         )
         .unwrap();
     let recovered = agent.log().matches("answers again").count();
-    fs::write(&kubelet.token_file, "token-2").unwrap();
+    fs::write(&kubelet.token_file, TOKEN_2).unwrap();
     agent
         .wait_log_count("answers again", recovered + 1, WAIT)
         .unwrap();
@@ -357,7 +360,7 @@ fn kubelet_faults_keep_the_last_good_state_and_recover() {
     let wrong = FakeKubelet::start(
         &stranger,
         Some(addr),
-        "token-2",
+        TOKEN_2,
         Reply::Body(KUBELET_FIXTURE.into()),
     )
     .unwrap();
@@ -389,7 +392,7 @@ fn kubelet_faults_keep_the_last_good_state_and_recover() {
         FakeKubelet::start(
             &kubelet.pki,
             Some(addr),
-            "token-2",
+            TOKEN_2,
             Reply::Body(KUBELET_FIXTURE.into()),
         )
         .unwrap(),
@@ -397,6 +400,17 @@ fn kubelet_faults_keep_the_last_good_state_and_recover() {
     agent
         .wait_log_count("answers again", recovered + 1, Duration::from_secs(40))
         .unwrap();
+
+    // Through every fault above (debug logging on), neither token was ever shown.
+    let (_, metrics) = agent.http_get("/metrics").unwrap();
+    let log = agent.log();
+    for secret in [TOKEN_1, TOKEN_2] {
+        assert!(
+            !log.contains(secret),
+            "the token leaked into the log:\n{log}"
+        );
+        assert!(!metrics.contains(secret), "the token leaked into /metrics");
+    }
 }
 
 #[test]

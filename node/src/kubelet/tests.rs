@@ -210,9 +210,23 @@ fn a_pod_list_over_the_limit_is_refused() {
     let mut body = br#"{"kind":"PodList","items":[],"pad":""#.to_vec();
     body.resize(MAX_PODLIST_BYTES as usize + 1024, b'x');
     body.extend_from_slice(b"\"}");
-    s.kubelet.set_reply(Reply::Body(body));
+    // Announced by Content-Length: refused before reading a byte of it.
+    s.kubelet.set_reply(Reply::Body(body.clone()));
     let e = s.fetch(s.config()).unwrap_err();
     assert_eq!(e.kind, ErrorKind::TooLarge, "{e}");
+    assert!(
+        e.to_string().contains("announces") && e.to_string().contains("not read"),
+        "{e}"
+    );
+    // Sent chunked, with no size said: reading stops at the limit.
+    s.kubelet.set_reply(Reply::Chunked(body));
+    let e = s.fetch(s.config()).unwrap_err();
+    assert_eq!(e.kind, ErrorKind::TooLarge, "{e}");
+    assert!(e.to_string().contains("byte limit"), "{e}");
+    // A chunked list within the limit is read as any other.
+    let list = br#"{"kind":"PodList","apiVersion":"v1","items":[]}"#.to_vec();
+    s.kubelet.set_reply(Reply::Chunked(list));
+    assert_eq!(s.fetch(s.config()).unwrap().pods.len(), 0);
 }
 
 #[test]
@@ -286,4 +300,35 @@ fn default_url_follows_host_ip() {
     assert_eq!(default_url(Some("fd00::5")), "https://[fd00::5]:10250");
     assert_eq!(default_url(Some(" ")), "https://127.0.0.1:10250");
     assert_eq!(default_url(None), "https://127.0.0.1:10250");
+}
+
+#[test]
+fn credential_files_linking_out_of_their_directory_are_refused() {
+    let s = setup("links");
+    // The service-account layout (token -> ..data/token) is followed.
+    let mounted = s.dir.join("sa");
+    fs::create_dir_all(mounted.join("..v1")).unwrap();
+    fs::write(mounted.join("..v1/token"), "token-1").unwrap();
+    std::os::unix::fs::symlink("..v1", mounted.join("..data")).unwrap();
+    std::os::unix::fs::symlink("..data/token", mounted.join("token")).unwrap();
+    let mut config = s.config();
+    config.token_file = Some(mounted.join("token"));
+    assert_eq!(s.fetch(config.clone()).unwrap().pods.len(), 7);
+
+    // A link out of the directory to another file of the host is not read.
+    std::os::unix::fs::symlink(&s.token_file, mounted.join("elsewhere")).unwrap();
+    config.token_file = Some(mounted.join("elsewhere"));
+    let e = s.fetch(config.clone()).unwrap_err();
+    assert_eq!(e.kind, ErrorKind::Credentials, "{e}");
+    assert!(
+        e.to_string().contains("leading out of its directory"),
+        "{e}"
+    );
+
+    std::os::unix::fs::symlink(&s.pki.ca_file, mounted.join("ca.crt")).unwrap();
+    config.token_file = Some(mounted.join("token"));
+    config.ca_file = mounted.join("ca.crt");
+    let e = s.fetch(config).unwrap_err();
+    assert_eq!(e.kind, ErrorKind::Credentials, "{e}");
+    assert!(e.to_string().contains("CA file"), "{e}");
 }
