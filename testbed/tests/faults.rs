@@ -347,3 +347,101 @@ fn a_flapping_kubelet_under_load_changes_no_redirect_and_the_agent_stays_up() {
         rounds.len()
     );
 }
+
+#[test]
+fn a_container_exiting_under_live_connections_leaves_no_stale_entry() {
+    use merbridge_edge_testbed::maps::pod_cgroups;
+    use std::{collections::BTreeSet, os::unix::fs::MetadataExt};
+    let Some(_serial) = kernel_test("container_exit") else {
+        return;
+    };
+    let f = Fixture::new(HELPER.as_ref(), istio_abc());
+    let mut agent = f.start_agent(&[]);
+    let ids = || -> BTreeSet<u64> {
+        pod_cgroups()
+            .unwrap()
+            .into_iter()
+            .map(|(id, _)| id)
+            .collect()
+    };
+    let before = ids();
+    let b_app = f.pod("b").container("app").cgroup.clone();
+    let b_app_id = std::fs::metadata(&b_app).unwrap().ino();
+    assert!(before.contains(&b_app_id));
+    let target = format!("{}:8080", f.pod("b").ip4);
+
+    let took = std::thread::scope(|s| {
+        // Eight connections into b's app, each sending 512 MiB: live when it exits.
+        let live = s.spawn(|| {
+            let t = Instant::now();
+            let r = f.node.run_in(
+                f.pod("a"),
+                Some("app"),
+                Some(APP_UID),
+                &["client", &target, "--conns", "8", "--bytes", "536870912"],
+            );
+            (t.elapsed(), r)
+        });
+        wait_sidecar_lines(&f, "b", 0, 8);
+        // Bytes are flowing (the client first builds its 512 MiB patterns).
+        let end = Instant::now() + Duration::from_secs(20);
+        while counters(&mut agent)
+            .get("sk_msg_bytes")
+            .copied()
+            .unwrap_or(0)
+            < 256 << 20
+        {
+            assert!(Instant::now() < end, "the streams never started");
+        }
+        // The container exits: its processes die, then the runtime removes its cgroup.
+        let procs = std::fs::read_to_string(b_app.join("cgroup.procs")).unwrap();
+        for pid in procs.split_whitespace() {
+            // SAFETY: kill(2) on a pid of the test's own stand-in.
+            unsafe { libc::kill(pid.parse().unwrap(), libc::SIGKILL) };
+        }
+        let killed = Instant::now();
+        let end = Instant::now() + Duration::from_secs(5);
+        while std::fs::remove_dir(&b_app).is_err() {
+            assert!(
+                Instant::now() < end,
+                "cgroup {} not removable",
+                b_app.display()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let (_, result) = live.join().unwrap();
+        eprintln!("client: {result:?}");
+        assert!(result.is_err(), "the connections were cut by the exit");
+        killed.elapsed()
+    });
+    eprintln!("cut connections ended {took:?} after the kill");
+    assert!(
+        took < Duration::from_secs(5),
+        "the cut connections did not hang: {took:?}"
+    );
+
+    // The agent drops the gone cgroup at once (inotify, then a poll), nothing else.
+    let end = Instant::now() + Duration::from_secs(2);
+    while ids().contains(&b_app_id) {
+        assert!(
+            Instant::now() < end,
+            "stale entry for the removed cgroup {b_app_id}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let mut want = before.clone();
+    want.remove(&b_app_id);
+    assert_eq!(ids(), want, "only the removed container's entry went");
+    // Other pods are unharmed: a → c still goes through sidecar a, byte for byte.
+    let seen = f.sidecar_log("a").len();
+    let out = f.client(
+        "a",
+        &format!("{}:8080", f.pod("c").ip4),
+        &["--bytes", "1048576"],
+    );
+    assert!(
+        out.contains("who=c-app") && out.contains("ok conns=1"),
+        "{out}"
+    );
+    assert_eq!(wait_sidecar_lines(&f, "a", seen, 1).len(), 1);
+}
