@@ -108,6 +108,7 @@ impl Datapath {
     pub fn load(opts: &DatapathOptions) -> Result<Self> {
         let s = opts.sizes;
         let accelerate: u32 = opts.accelerate.into();
+        let tuple_capacity = u64::from(s.connections);
         // The probes read only context fields and their own maps: no CO-RE relocations,
         // so the kernel's BTF (megabytes to parse) is not needed.
         let mut ebpf = EbpfLoader::new()
@@ -118,8 +119,10 @@ impl Datapath {
             .map_max_entries(maps::CIDR_RULES, s.rules)
             .map_max_entries(maps::ORIGINAL_DST_BY_COOKIE, s.connections)
             .map_max_entries(maps::ORIGINAL_DST_BY_TUPLE, s.connections)
+            .map_max_entries(maps::DNS_ORIGINAL_BY_COOKIE, s.connections)
             .map_max_entries(maps::SOCK_BY_TUPLE, s.connections)
             .override_global(global_names::ACCELERATE, &accelerate, true)
+            .override_global(global_names::TUPLE_CAPACITY, &tuple_capacity, true)
             .load(PROBES)
             .context(
                 "loading the eBPF probes (is this kernel 5.7+ with BPF, cgroup-bpf and sockmap?)",
@@ -250,6 +253,7 @@ pub fn verify_probes(accelerate: bool) -> Vec<(&'static str, Result<(), String>)
         maps::CIDR_RULES,
         maps::ORIGINAL_DST_BY_COOKIE,
         maps::ORIGINAL_DST_BY_TUPLE,
+        maps::DNS_ORIGINAL_BY_COOKIE,
         maps::SOCK_BY_TUPLE,
     ] {
         loader.map_max_entries(name, 16);

@@ -208,14 +208,10 @@ fn restart_under_load_keeps_connections_and_redirects_new_ones_again() {
     );
 }
 
-/// Known to fail today (so not run by `scripts/test`; run it with `--ignored`): the
-/// per-connection maps are LRU, and past their capacity they evict the entries of
-/// connections whose sidecar has not yet asked SO_ORIGINAL_DST; those sidecars get no
-/// original destination and close the connection (measured: 178 of 300 at sidecar a
-/// with --max-connections 64). Failing open needs the connect hooks to refuse a
-/// redirect when the maps have no room, instead of evicting. README, "Known limits".
+/// Past the per-connection maps' capacity the connect hooks stop redirecting (fail
+/// open, counted as map_full) instead of evicting the original destination of a
+/// connection whose sidecar has not asked for it yet.
 #[test]
-#[ignore = "fails: LRU eviction of unanswered original destinations (see the doc comment)"]
 fn connection_maps_past_capacity_fail_open_and_count_it() {
     let Some(_serial) = kernel_test("connection_maps_full") else {
         return;
@@ -271,6 +267,20 @@ fn connection_maps_past_capacity_fail_open_and_count_it() {
     );
     let k = counters(&mut agent);
     assert!(k["sk_msg_bytes"] >= before.1 + 4 * 1048576, "{k:?}");
+    // Every promised tuple entry came back once the connections closed: no leak.
+    let promised = || {
+        let entries = merbridge_edge_testbed::maps::dump("TUPLE_SLOTS").unwrap();
+        u64::from_ne_bytes(entries[0].1[..8].try_into().unwrap())
+    };
+    let end = Instant::now() + Duration::from_secs(3);
+    while promised() != 0 {
+        assert!(
+            Instant::now() < end,
+            "{} tuple entries still promised",
+            promised()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
 }
 
 #[test]

@@ -23,6 +23,10 @@ pub mod map_names {
     pub const ORIGINAL_DST_BY_TUPLE: &str = "ORIGINAL_DST_BY_TUPLE";
     /// Established local sockets keyed by their own [`super::SocketTuple`] (sockhash).
     pub const SOCK_BY_TUPLE: &str = "SOCK_BY_TUPLE";
+    /// Socket cookie → original destination of DNS sent over UDP (LRU).
+    pub const DNS_ORIGINAL_BY_COOKIE: &str = "DNS_ORIGINAL_BY_COOKIE";
+    /// One `u64`: entries of ORIGINAL_DST_BY_TUPLE promised to connections.
+    pub const TUPLE_SLOTS: &str = "TUPLE_SLOTS";
     /// Per-CPU `u64` counters indexed by [`super::Counter`].
     pub const COUNTERS: &str = "COUNTERS";
 }
@@ -53,6 +57,9 @@ pub mod program_names {
 pub mod global_names {
     /// `u32`: 1 = record local socket pairs and let sk_msg redirect between them.
     pub const ACCELERATE: &str = "ACCELERATE";
+    /// `u64`: the size of ORIGINAL_DST_BY_TUPLE; connect hooks redirect only while
+    /// the promised entries fit in it.
+    pub const TUPLE_CAPACITY: &str = "TUPLE_CAPACITY";
 }
 
 /// The pod redirects DNS (UDP and TCP port 53) to its sidecar's DNS port.

@@ -18,7 +18,10 @@ use merbridge_edge_probes_common::{
 
 use crate::{
     addr::{AF_INET, LOCALHOST4, LOCALHOST6, is_loopback, read_words, write_words},
-    maps::{POD_BY_CGROUP, POD_BY_IP, accelerate, count, remember},
+    maps::{
+        POD_BY_CGROUP, POD_BY_IP, accelerate, count, release_tuple_slots, remember, remember_dns,
+        reserve_tuple_slots,
+    },
     rules::{inbound_redirected, outbound_redirected},
 };
 
@@ -175,14 +178,17 @@ fn apply(
         Decision::Pass => count(Counter::PassPolicy, 1),
         Decision::PairOnly => {
             count(Counter::PassPolicy, 1);
-            if accelerate() {
+            // Accelerated only if both ends' entries fit (else just not accelerated).
+            if accelerate() && reserve_tuple_slots(2) {
                 let original = OriginalDst {
                     addr: dst,
                     port,
                     flags: ORIGINAL_PAIR_ONLY,
                     pod_id: pod.pod_id,
                 };
-                remember(&cookie, &original);
+                if !remember(&cookie, &original) {
+                    release_tuple_slots(2);
+                }
             }
         }
         Decision::Rewrite {
@@ -191,6 +197,13 @@ fn apply(
             flags,
             bind_loopback,
         } => {
+            // A TCP redirect to a proxy needs two tuple entries (this socket and its
+            // peer) for the proxy's SO_ORIGINAL_DST: promised now, or no redirect.
+            let tcp = flags & ORIGINAL_REDIRECTED != 0;
+            if tcp && !reserve_tuple_slots(2) {
+                count(Counter::MapFull, 1);
+                return;
+            }
             if bind_loopback {
                 let source = SockaddrIn {
                     family: AF_INET as u16,
@@ -207,6 +220,9 @@ fn apply(
                     )
                 };
                 if ret != 0 {
+                    if tcp {
+                        release_tuple_slots(2);
+                    }
                     count(Counter::PassPolicy, 1);
                     return;
                 }
@@ -217,7 +233,18 @@ fn apply(
                 flags,
                 pod_id: pod.pod_id,
             };
-            remember(&cookie, &original);
+            // Nowhere to remember it: no redirect (fail open).
+            let remembered = if tcp {
+                remember(&cookie, &original)
+            } else {
+                remember_dns(&cookie, &original)
+            };
+            if !remembered {
+                if tcp {
+                    release_tuple_slots(2);
+                }
+                return;
+            }
             // SAFETY: sa is this program's context.
             unsafe { set_destination(sa, &addr, new_port, v4_ctx) };
             let counter = if flags & ORIGINAL_REDIRECTED == 0 {

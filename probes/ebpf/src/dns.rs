@@ -10,7 +10,7 @@ use merbridge_edge_probes_common::{Counter, ORIGINAL_DNS, OriginalDst, as_v4, v4
 use crate::{
     addr::{LOCALHOST4, LOCALHOST6, read_words, write_words},
     connect::{Decision, current_pod, decide, set_destination, user_port},
-    maps::{ORIGINAL_DST_BY_COOKIE, count, remember},
+    maps::{DNS_ORIGINAL_BY_COOKIE, count, remember_dns},
 };
 
 const IPPROTO_UDP: u32 = 17;
@@ -42,15 +42,15 @@ fn on_sendmsg(ctx: &SockAddrContext, v4_ctx: bool) {
     }
     // SAFETY: the helper takes the program context.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
-    remember(
-        &cookie,
-        &OriginalDst {
-            addr: dst,
-            port,
-            flags,
-            pod_id: pod.pod_id,
-        },
-    );
+    let original = OriginalDst {
+        addr: dst,
+        port,
+        flags,
+        pod_id: pod.pod_id,
+    };
+    if !remember_dns(&cookie, &original) {
+        return;
+    }
     // SAFETY: sa is this program's context.
     unsafe { set_destination(sa, &addr, to_port, v4_ctx) };
     count(Counter::DnsRedirected, 1);
@@ -62,7 +62,7 @@ fn on_recvmsg(ctx: &SockAddrContext, v4_ctx: bool) {
     // SAFETY: the helper takes the program context.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
     // SAFETY: the value is copied out at once.
-    let Some(original) = (unsafe { ORIGINAL_DST_BY_COOKIE.get(&cookie).copied() }) else {
+    let Some(original) = (unsafe { DNS_ORIGINAL_BY_COOKIE.get(&cookie).copied() }) else {
         return;
     };
     if original.flags & ORIGINAL_DNS == 0 {

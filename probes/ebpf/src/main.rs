@@ -1,6 +1,9 @@
 //! Merbridge Edge eBPF programs: one module per hook, maps in `maps`.
 #![no_std]
 #![no_main]
+// Atomic add on map values (the BPF target has no core::sync::atomic RMW).
+#![feature(core_intrinsics)]
+#![allow(internal_features)]
 
 mod addr;
 mod connect;

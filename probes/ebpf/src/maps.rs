@@ -2,8 +2,9 @@
 //! defaults; the agent sets the real ones at load time.
 use aya_ebpf::{
     macros::map,
-    maps::{HashMap, LpmTrie, LruHashMap, PerCpuArray, SockHash},
+    maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, SockHash},
 };
+use core::intrinsics::{AtomicOrdering, atomic_xadd};
 use merbridge_edge_probes_common::{
     COUNTER_COUNT, CidrRuleKey, Counter, LocalPod, OriginalDst, PodInfo, PortRuleKey, SocketTuple,
 };
@@ -24,15 +25,64 @@ pub static PORT_RULES: LpmTrie<PortRuleKey, u8> = LpmTrie::with_max_entries(1638
 #[map]
 pub static CIDR_RULES: LpmTrie<CidrRuleKey, u8> = LpmTrie::with_max_entries(16384, 0);
 
-/// Original destination of a connection between the connect hook and establishment.
+/// Original destination of a TCP connection between the connect hook and
+/// establishment. A plain hash map: when full, the redirect is refused (fail open)
+/// instead of evicting the entry of another connection in flight.
 #[map]
-pub static ORIGINAL_DST_BY_COOKIE: LruHashMap<u64, OriginalDst> =
+pub static ORIGINAL_DST_BY_COOKIE: HashMap<u64, OriginalDst> = HashMap::with_max_entries(65536, 0);
+
+/// Original destination of DNS sent over UDP, for the reply's source. LRU: UDP sockets
+/// give no close callback to remove it, and an evicted entry costs one retried query.
+#[map]
+pub static DNS_ORIGINAL_BY_COOKIE: LruHashMap<u64, OriginalDst> =
     LruHashMap::with_max_entries(65536, 0);
 
 /// Original destination by each established socket's own view of its connection.
+/// A plain hash map, never evicting: its room is promised at connect time
+/// ([`reserve_tuple_slots`]) and entries go when their socket closes.
 #[map]
-pub static ORIGINAL_DST_BY_TUPLE: LruHashMap<SocketTuple, OriginalDst> =
-    LruHashMap::with_max_entries(65536, 0);
+pub static ORIGINAL_DST_BY_TUPLE: HashMap<SocketTuple, OriginalDst> =
+    HashMap::with_max_entries(65536, 0);
+
+/// Slot 0: entries of ORIGINAL_DST_BY_TUPLE promised to connections (two per local
+/// leg at connect, given back as the entries go).
+#[map]
+pub static TUPLE_SLOTS: Array<u64> = Array::with_max_entries(1, 0);
+
+/// The size of ORIGINAL_DST_BY_TUPLE, set by the agent.
+#[unsafe(no_mangle)]
+static TUPLE_CAPACITY: u64 = 65536;
+
+/// Promises `n` entries of ORIGINAL_DST_BY_TUPLE; false (nothing promised) when they
+/// would not fit.
+#[inline(always)]
+pub fn reserve_tuple_slots(n: u64) -> bool {
+    let Some(slot) = TUPLE_SLOTS.get_ptr_mut(0) else {
+        return false;
+    };
+    // SAFETY: a plain read of a global the loader may have rewritten; the slot is an
+    // aligned u64 in a map value, updated only atomically.
+    // (The BPF target has no core::sync::atomic read-modify-write; the intrinsic with
+    // its result unused is the kernel's atomic add, on every kernel.)
+    unsafe {
+        let capacity = core::ptr::read_volatile(&TUPLE_CAPACITY);
+        atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(slot, n);
+        if core::ptr::read_volatile(slot) > capacity {
+            atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(slot, n.wrapping_neg());
+            return false;
+        }
+    }
+    true
+}
+
+/// Gives back `n` promised entries.
+#[inline(always)]
+pub fn release_tuple_slots(n: u64) {
+    if let Some(slot) = TUPLE_SLOTS.get_ptr_mut(0) {
+        // SAFETY: as in reserve_tuple_slots.
+        unsafe { atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(slot, n.wrapping_neg()) };
+    }
+}
 
 /// Established local sockets, for sk_msg to find a socket's peer.
 #[map]
@@ -62,10 +112,23 @@ pub fn count(counter: Counter, n: u64) {
     }
 }
 
-/// Inserts into a hash map, counting a failure (full map) instead of failing the caller.
+/// Remembers a TCP connection's original destination by socket cookie; false (and
+/// counted) when the map is full.
 #[inline(always)]
-pub fn remember(key: &u64, value: &OriginalDst) {
+pub fn remember(key: &u64, value: &OriginalDst) -> bool {
     if ORIGINAL_DST_BY_COOKIE.insert(key, value, 0).is_err() {
         count(Counter::MapFull, 1);
+        return false;
     }
+    true
+}
+
+/// Remembers the original destination of DNS by socket cookie (LRU: always room).
+#[inline(always)]
+pub fn remember_dns(key: &u64, value: &OriginalDst) -> bool {
+    if DNS_ORIGINAL_BY_COOKIE.insert(key, value, 0).is_err() {
+        count(Counter::MapFull, 1);
+        return false;
+    }
+    true
 }

@@ -3,8 +3,9 @@
 //! and put both local sockets into the sockhash (for sk_msg).
 use aya_ebpf::{
     bindings::{
-        BPF_ANY, BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB, BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB,
-        BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_STATE_CB_FLAG, BPF_TCP_CLOSE, bpf_sock_ops,
+        BPF_ANY, BPF_EXIST, BPF_NOEXIST, BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB,
+        BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB, BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_STATE_CB_FLAG,
+        BPF_SOCK_OPS_TCP_CONNECT_CB, BPF_TCP_CLOSE, bpf_sock_ops,
     },
     helpers::generated::bpf_get_socket_cookie,
     macros::sock_ops,
@@ -14,7 +15,10 @@ use merbridge_edge_probes_common::{Counter, OriginalDst, SocketTuple};
 
 use crate::{
     addr::{AF_INET, AF_INET6, both_loopback, normalise, read_words},
-    maps::{ORIGINAL_DST_BY_COOKIE, ORIGINAL_DST_BY_TUPLE, SOCK_BY_TUPLE, accelerate, count},
+    maps::{
+        ORIGINAL_DST_BY_COOKIE, ORIGINAL_DST_BY_TUPLE, SOCK_BY_TUPLE, accelerate, count,
+        release_tuple_slots,
+    },
 };
 
 /// This socket's own view of its connection, or None for non-IP sockets.
@@ -49,12 +53,20 @@ fn own_tuple(ops: *const bpf_sock_ops) -> Option<SocketTuple> {
 
 #[inline(always)]
 fn record(ctx: &SockOpsContext, tuple: &SocketTuple, original: &OriginalDst) {
+    // A new entry takes the slot promised at connect; replacing one (the same tuple
+    // still listed) gives the promise back.
     if ORIGINAL_DST_BY_TUPLE
-        .insert(tuple, original, BPF_ANY as u64)
+        .insert(tuple, original, BPF_NOEXIST as u64)
         .is_err()
     {
-        count(Counter::MapFull, 1);
-        return;
+        release_tuple_slots(1);
+        if ORIGINAL_DST_BY_TUPLE
+            .insert(tuple, original, BPF_EXIST as u64)
+            .is_err()
+        {
+            count(Counter::MapFull, 1);
+            return;
+        }
     }
     // Ask for state callbacks so the entry goes when the socket closes.
     let _ = ctx.set_cb_flags((ctx.cb_flags() | BPF_SOCK_OPS_STATE_CB_FLAG) as i32);
@@ -85,9 +97,20 @@ pub fn mb_sockops(ctx: SockOpsContext) -> u32 {
             };
             let _ = ORIGINAL_DST_BY_COOKIE.remove(&cookie);
             if both_loopback(&tuple.local_addr, &tuple.remote_addr) {
+                release_tuple_slots(2);
                 return 1;
             }
             record(&ctx, &tuple, &original);
+        }
+        BPF_SOCK_OPS_TCP_CONNECT_CB => {
+            // SAFETY: the helper takes the sock_ops context.
+            let cookie = unsafe { bpf_get_socket_cookie(ctx.ops as *mut _) };
+            // A remembered connect: if it never gets established, its close gives
+            // the promised tuple entries back.
+            // SAFETY: only presence is checked.
+            if unsafe { ORIGINAL_DST_BY_COOKIE.get(&cookie) }.is_some() {
+                let _ = ctx.set_cb_flags((ctx.cb_flags() | BPF_SOCK_OPS_STATE_CB_FLAG) as i32);
+            }
         }
         BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB => {
             // SAFETY: copied out at once.
@@ -99,7 +122,15 @@ pub fn mb_sockops(ctx: SockOpsContext) -> u32 {
         }
         BPF_SOCK_OPS_STATE_CB => {
             if ctx.arg(1) == BPF_TCP_CLOSE {
-                let _ = ORIGINAL_DST_BY_TUPLE.remove(&tuple);
+                if ORIGINAL_DST_BY_TUPLE.remove(&tuple).is_ok() {
+                    release_tuple_slots(1);
+                }
+                // SAFETY: the helper takes the sock_ops context.
+                let cookie = unsafe { bpf_get_socket_cookie(ctx.ops as *mut _) };
+                if ORIGINAL_DST_BY_COOKIE.remove(&cookie).is_ok() {
+                    // Closed before it was established: both promised entries return.
+                    release_tuple_slots(2);
+                }
             }
         }
         _ => {}
