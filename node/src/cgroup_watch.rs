@@ -93,6 +93,7 @@ impl CgroupWatch {
     /// Picks up QoS and pod directories that appeared without an event (made before
     /// their parent was watched); true when a pod directory was newly found.
     pub fn refresh(&mut self) -> bool {
+        self.forget_removed();
         let root = self.root.clone();
         self.add(&root, Holds::Parents);
         for prefix in ["k3s", "kubelet"] {
@@ -115,6 +116,31 @@ impl CgroupWatch {
             }
         }
         found
+    }
+
+    /// Drops the watches of directories that are gone. cgroupfs (kernfs) does not
+    /// end a watch when its directory is removed (no IN_IGNORED), so without this every
+    /// pod that ever ran would keep a watch, and the watch would pin its dead cgroup.
+    fn forget_removed(&mut self) {
+        let gone: Vec<i32> = self
+            .watched
+            .iter()
+            .filter(|(_, (path, _))| !path.is_dir())
+            .map(|(wd, _)| *wd)
+            .collect();
+        for wd in gone {
+            // SAFETY: plain syscall on our descriptor; a stale wd just fails.
+            unsafe { libc::inotify_rm_watch(self.fd.as_raw_fd(), wd) };
+            if let Some((path, _)) = self.watched.remove(&wd) {
+                self.paths.remove(&path);
+            }
+        }
+    }
+
+    /// Directories watched now.
+    #[cfg(test)]
+    fn watch_count(&self) -> usize {
+        self.watched.len()
     }
 
     /// Sleeps until an event is pending or `limit` passes.
@@ -221,6 +247,12 @@ mod tests {
         // A pod directory with a container made in one go (before its watch).
         fs::create_dir_all(root.join("kubepods/burstable/podxyz/c1")).unwrap();
         assert!(w.changed());
+        // Removed pods give their watches back at the next refresh, events read or not.
+        let before = w.watch_count();
+        fs::remove_dir_all(root.join("kubepods/burstable/podxyz")).unwrap();
+        fs::remove_dir_all(&pod).unwrap();
+        w.refresh();
+        assert_eq!(w.watch_count(), before - 2);
         let _ = fs::remove_dir_all(&root);
     }
 }

@@ -190,6 +190,8 @@ pub fn run(opts: RunOptions) -> Result<()> {
         opts.interval.as_secs_f64()
     );
     let mut desired: Option<Desired> = None;
+    // A new PodList was parsed and not yet synced.
+    let mut fresh_list = false;
     let mut failures = FailureLog::default();
     let tick = Duration::from_millis(100);
     let mut next_poll = Instant::now();
@@ -229,6 +231,7 @@ pub fn run(opts: RunOptions) -> Result<()> {
                         programmer.warn_once(&w.0);
                     }
                     desired = Some(d);
+                    fresh_list = true;
                     polled = Some(Ok(()));
                     next_sync = started;
                     next_poll = started + poll_delay(&source, opts.interval, burst_until, started);
@@ -253,6 +256,9 @@ pub fn run(opts: RunOptions) -> Result<()> {
             if let Some(desired) = &desired {
                 let sync_started = Instant::now();
                 let report = programmer.sync(&mut dp, &desired.pods);
+                if std::mem::take(&mut fresh_list) {
+                    programmer.end_warning_generation();
+                }
                 log::trace!("sync took {:?}", sync_started.elapsed());
                 log::debug!("sync: {report:?}");
                 let pods = desired

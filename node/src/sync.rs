@@ -3,7 +3,7 @@
 //! differences. New entries go in rules-first and cgroups-last, removals the other way
 //! round, so a half-applied pod is never redirected without its exclusions.
 use std::{
-    collections::{BTreeMap, BTreeSet, HashSet},
+    collections::{BTreeMap, BTreeSet, HashMap},
     net::IpAddr,
     path::PathBuf,
 };
@@ -177,13 +177,18 @@ struct Programmed {
     pod_id: u32,
     name: String,
     entries: PodEntries,
+    /// Some container cgroup of the pod was found once: when none is left, its
+    /// containers exited (no warning), rather than not having started yet.
+    had_cgroups: bool,
 }
 
 /// Owns the datapath's pod maps and keeps them in step with the desired state.
 pub struct Programmer {
     cgroup_root: PathBuf,
     pods: BTreeMap<String, Programmed>,
-    warned: HashSet<String>,
+    /// Warnings logged, with the generation that last raised them.
+    warned: HashMap<String, u64>,
+    generation: u64,
     full_maps: BTreeSet<&'static str>,
 }
 
@@ -193,16 +198,37 @@ impl Programmer {
         Self {
             cgroup_root,
             pods: BTreeMap::new(),
-            warned: HashSet::new(),
+            warned: HashMap::new(),
+            generation: 0,
             full_maps: BTreeSet::new(),
         }
     }
 
-    /// Logs a warning the first time it is seen.
+    /// Logs a warning the first time it is raised; raised again while it lasts (see
+    /// [`Programmer::end_warning_generation`]) it stays quiet.
     pub fn warn_once(&mut self, msg: &str) {
-        if self.warned.insert(msg.to_string()) {
-            warn!("{msg}");
+        match self.warned.get_mut(msg) {
+            Some(g) => *g = self.generation,
+            None => {
+                warn!("{msg}");
+                self.warned.insert(msg.to_string(), self.generation);
+            }
         }
+    }
+
+    /// Ends a PodList's round of warnings (call after the sync of a new PodList):
+    /// warnings it did not raise again are forgotten, so a pod that is gone takes its
+    /// warnings with it (memory stays bounded under churn) and a problem that comes back
+    /// later is logged again.
+    pub fn end_warning_generation(&mut self) {
+        let current = self.generation;
+        self.warned.retain(|_, g| *g == current);
+        self.generation += 1;
+    }
+
+    /// Warnings remembered now.
+    pub fn warnings_remembered(&self) -> usize {
+        self.warned.len()
     }
 
     /// The number of container cgroups programmed for the pod `uid`, if it is programmed.
@@ -273,7 +299,16 @@ impl Programmer {
                     )),
                 }
             }
-            if cgroup_ids.is_empty() {
+            let had_cgroups = self.pods.get(&policy.uid).is_some_and(|p| p.had_cgroups);
+            if cgroup_ids.is_empty() && had_cgroups {
+                // Its containers exited (or the pod is being deleted and the kubelet
+                // has not listed that yet): its cgroup entries go below.
+                report.waiting_for_cgroups += 1;
+                log::debug!(
+                    "pod {}: its container cgroups are gone; cgroup entries removed until one is back",
+                    policy.name
+                );
+            } else if cgroup_ids.is_empty() {
                 report.waiting_for_cgroups += 1;
                 self.warn_once(&format!(
                     "pod {}: no cgroup found yet for its containers under {}; it is not redirected until one appears",
@@ -307,6 +342,7 @@ impl Programmer {
                     Programmed {
                         pod_id,
                         name: policy.name.clone(),
+                        had_cgroups: had_cgroups || !new.cgroups.is_empty(),
                         entries: new,
                     },
                 );
@@ -455,4 +491,29 @@ fn apply(dp: &mut Datapath, old: &PodEntries, new: &PodEntries, pod_id: u32) -> 
         );
     }
     errors
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn warnings_last_while_raised_and_are_forgotten_with_their_cause() {
+        let mut p = Programmer::new(PathBuf::from("/nonexistent"));
+        p.warn_once("pod a/x: bad annotation");
+        p.warn_once("pod a/y: no cgroup found yet");
+        p.warn_once("pod a/x: bad annotation");
+        assert_eq!(p.warnings_remembered(), 2);
+        p.end_warning_generation();
+        // The next PodList still has x's problem; y is gone.
+        p.warn_once("pod a/x: bad annotation");
+        p.end_warning_generation();
+        assert_eq!(p.warnings_remembered(), 1);
+        // A long churn of pods, each warned about once, leaves nothing behind.
+        for i in 0..10_000 {
+            p.warn_once(&format!("pod a/churn-{i}: no cgroup found yet"));
+            p.end_warning_generation();
+        }
+        assert_eq!(p.warnings_remembered(), 1);
+    }
 }

@@ -3,6 +3,7 @@
 //! layout, and processes are started inside both. Everything made is removed on drop,
 //! also when a test fails.
 pub mod agent;
+pub mod churn;
 pub mod dist;
 pub mod fixture;
 pub mod iptables;

@@ -19,9 +19,9 @@ fn bytes(v: &Value) -> Vec<u8> {
         .collect()
 }
 
-/// Every entry of the one loaded map called `name` (kernel names are cut at 15 bytes).
+/// The id of the one loaded map called `name` (kernel names are cut at 15 bytes).
 /// More than one such map means another agent is running: an error.
-pub fn dump(name: &str) -> Result<Vec<Entry>> {
+pub fn map_id(name: &str) -> Result<u64> {
     let kernel_name = &name[..name.len().min(15)];
     let out = Command::new("bpftool")
         .args(["-j", "map", "show"])
@@ -38,10 +38,21 @@ pub fn dump(name: &str) -> Result<Vec<Entry>> {
     let [id] = ids[..] else {
         bail!("expected one map {kernel_name}, found {}", ids.len());
     };
+    Ok(id)
+}
+
+/// Every entry of the map with kernel id `id`.
+pub fn dump_id(id: u64) -> Result<Vec<Entry>> {
     let out = Command::new("bpftool")
         .args(["-j", "map", "dump", "id", &id.to_string()])
         .output()
         .context("running bpftool")?;
+    if !out.status.success() {
+        bail!(
+            "bpftool map dump id {id}: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
     let entries: Value = serde_json::from_slice(&out.stdout).context("bpftool map dump output")?;
     Ok(entries
         .as_array()
@@ -49,6 +60,11 @@ pub fn dump(name: &str) -> Result<Vec<Entry>> {
         .flatten()
         .map(|e| (bytes(&e["key"]), bytes(&e["value"])))
         .collect())
+}
+
+/// Every entry of the one loaded map called `name` (see [`map_id`]).
+pub fn dump(name: &str) -> Result<Vec<Entry>> {
+    dump_id(map_id(name)?)
 }
 
 /// A 16-byte key as the probes store addresses (IPv4 v4-mapped).

@@ -188,7 +188,8 @@ impl Node {
         &self.scratch
     }
 
-    fn mkdir_cgroup(&mut self, path: &Path) -> Result<()> {
+    /// Creates the cgroup `path` and any missing parents; all are removed with the node.
+    pub fn mkdir_cgroup(&mut self, path: &Path) -> Result<()> {
         let mut missing = vec![];
         let mut p = path.to_path_buf();
         while !p.exists() {
