@@ -244,9 +244,9 @@ pub fn run_checks() -> Report {
         true,
         match &bpffs {
             Some(p) => format!("mounted at {}", p.display()),
-            None => "not mounted (not needed: the agent pins nothing)".into(),
+            None => "not mounted: accelerated connections lose bytes not yet read when the agent restarts".into(),
         },
-        "cleanup of pins left by other tools",
+        "keeping accelerated connections whole across agent restarts (the sockhash is pinned)",
         Impact::None,
         "",
     ));

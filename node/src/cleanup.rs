@@ -20,7 +20,7 @@ pub const PIN_DIR: &str = "merbridge-edge";
 const PROGRAM_PREFIX: &str = "mb_";
 
 /// Every bpffs mount point, from /proc/self/mountinfo.
-fn bpffs_mounts() -> Vec<PathBuf> {
+pub(crate) fn bpffs_mounts() -> Vec<PathBuf> {
     let text = fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
     text.lines()
         .filter_map(|line| {

@@ -9,7 +9,7 @@ use aya::{
 };
 use log::info;
 
-use crate::metrics::MapUsage;
+use crate::{metrics::MapUsage, sockhash_pin::SockhashPins};
 use merbridge_edge_probes_common::{
     COUNTER_COUNT, CidrRuleKey, LocalPod, OriginalDst, PodInfo, PortRuleKey, SocketTuple,
     global_names, map_names as maps, program_names as progs,
@@ -67,6 +67,8 @@ impl Default for MapSizes {
 pub struct DatapathOptions {
     /// cgroup2 directory the programs attach to (every process below it is covered).
     pub cgroup_root: std::path::PathBuf,
+    /// bpffs mount for the sockhash pin; found when None.
+    pub bpffs: Option<std::path::PathBuf>,
     /// Whether sk_msg moves data between local sockets directly.
     pub accelerate: bool,
     /// Map sizes.
@@ -75,9 +77,12 @@ pub struct DatapathOptions {
 
 /// The loaded and attached programs and their maps. Dropping it (or the process
 /// ending in any way) detaches everything: all attachments are bpf_links or belong to
-/// maps owned by this process.
+/// maps owned by this process. Only the sockhash may stay, pinned, while connections
+/// it accelerated are open (see [`crate::sockhash_pin`]).
 pub struct Datapath {
-    _ebpf: Ebpf,
+    /// Programs and their links; None once dropped.
+    ebpf: Option<Ebpf>,
+    pins: Option<SockhashPins>,
     /// Pod identity by container cgroup id.
     pub pod_by_cgroup: HashMap<MapData, u64, PodInfo>,
     /// Local meshed pods by IP.
@@ -149,13 +154,35 @@ impl Datapath {
         p.load().context("verifier rejected the sockops program")?;
         p.attach(&cgroup, mode).context("attaching sockops")?;
 
-        let sockhash: SockHash<MapData, SocketTuple> = take(&mut ebpf, maps::SOCK_BY_TUPLE)?;
-        let p: &mut SkMsg = program(&mut ebpf, progs::SK_MSG)?;
-        p.load().context("verifier rejected the sk_msg program")?;
-        if opts.accelerate {
-            p.attach(sockhash.fd())
-                .context("attaching sk_msg to the sockhash")?;
-        }
+        let map = ebpf
+            .take_map(maps::SOCK_BY_TUPLE)
+            .ok_or_else(|| anyhow!("probe object has no map {}", maps::SOCK_BY_TUPLE))?;
+        // Pinned before sk_msg is attached, so that no accelerated socket is ever in a
+        // sockhash that dies with the agent.
+        let pins = opts
+            .accelerate
+            .then(|| SockhashPins::pin(&map, opts.bpffs.as_deref()));
+        let attached = (|| -> Result<SockHash<MapData, SocketTuple>> {
+            let sockhash: SockHash<MapData, SocketTuple> =
+                SockHash::try_from(map).with_context(|| format!("map {}", maps::SOCK_BY_TUPLE))?;
+            let p: &mut SkMsg = program(&mut ebpf, progs::SK_MSG)?;
+            p.load().context("verifier rejected the sk_msg program")?;
+            if opts.accelerate {
+                p.attach(sockhash.fd())
+                    .context("attaching sk_msg to the sockhash")?;
+            }
+            Ok(sockhash)
+        })();
+        let sockhash = match attached {
+            Ok(s) => s,
+            Err(e) => {
+                drop(ebpf);
+                if let Some(p) = pins {
+                    p.release();
+                }
+                return Err(e);
+            }
+        };
         info!(
             "probes attached to {} (connect4/6, sendmsg/recvmsg4/6, getsockopt, sockops{})",
             opts.cgroup_root.display(),
@@ -175,8 +202,20 @@ impl Datapath {
             original_dst_by_tuple: take(&mut ebpf, maps::ORIGINAL_DST_BY_TUPLE)?,
             sock_by_tuple: sockhash,
             sizes: opts.sizes,
-            _ebpf: ebpf,
+            ebpf: Some(ebpf),
+            pins,
         })
+    }
+
+    /// Removes the empty sockhash pins of earlier agents; returns the sockets their
+    /// other pins still carry.
+    pub fn sweep_pins(&self) -> usize {
+        self.pins.as_ref().map_or(0, SockhashPins::sweep)
+    }
+
+    /// Where this agent's sockhash is pinned, if it is.
+    pub fn sockhash_pin(&self) -> Option<&std::path::Path> {
+        self.pins.as_ref().and_then(SockhashPins::own)
     }
 
     /// The kernel counters summed over CPUs, indexed by `Counter`.
@@ -190,6 +229,17 @@ impl Datapath {
             *slot = values.iter().sum();
         }
         Ok(out)
+    }
+}
+
+impl Drop for Datapath {
+    fn drop(&mut self) {
+        // Programs first (their links go with them): once sockops is gone nothing adds
+        // sockets, and the pin can be judged by what the sockhash still holds.
+        drop(self.ebpf.take());
+        if let Some(pins) = self.pins.take() {
+            pins.release();
+        }
     }
 }
 

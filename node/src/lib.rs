@@ -15,6 +15,7 @@ pub mod mesh;
 pub mod metrics;
 pub mod policy;
 pub mod run;
+pub mod sockhash_pin;
 pub mod source;
 pub mod status;
 pub mod sync;

@@ -100,6 +100,10 @@ struct RunArgs {
     /// (default: the cgroup2 mount found in /proc/self/mountinfo)
     #[argh(option)]
     cgroup_root: Option<PathBuf>,
+    /// bpffs mount where the sockhash is pinned, so accelerated connections outlive an
+    /// agent restart (default /sys/fs/bpf, else the first bpffs mount)
+    #[argh(option)]
+    bpffs: Option<PathBuf>,
     /// time between polls, like 2s or 500ms (default 2s)
     #[argh(
         option,
@@ -279,6 +283,7 @@ fn main() {
         source,
         metrics_addr: args.metrics_addr,
         cgroup_root: args.cgroup_root,
+        bpffs: args.bpffs,
         interval: args.interval,
         node_name: args
             .node_name

@@ -79,6 +79,9 @@ pub struct Snapshot {
     pub pods_map_full: u64,
     /// Map writes that failed since start.
     pub map_write_errors: u64,
+    /// Open sockets accelerated by an earlier agent (its sockhash stays pinned until
+    /// they close).
+    pub earlier_agent_sockets: u64,
     /// Kernel maps.
     pub maps: Vec<MapUsage>,
     /// Kernel counters by name.
@@ -204,6 +207,17 @@ pub fn render(s: &Snapshot) -> String {
         o,
         "merbridge_edge_map_write_errors_total {}",
         s.map_write_errors
+    );
+    family(
+        &mut o,
+        "merbridge_edge_earlier_agent_sockets",
+        "gauge",
+        "Open sockets accelerated by an earlier agent; its sockhash stays pinned until they close.",
+    );
+    let _ = writeln!(
+        o,
+        "merbridge_edge_earlier_agent_sockets {}",
+        s.earlier_agent_sockets
     );
     type MapField = fn(&MapUsage) -> u64;
     let per_map: [(&str, &str, MapField); 2] = [

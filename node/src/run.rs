@@ -55,6 +55,8 @@ pub struct RunOptions {
     pub source: SourceConfig,
     /// cgroup2 directory to attach to; detected when None.
     pub cgroup_root: Option<PathBuf>,
+    /// bpffs mount for the sockhash pin; found when None.
+    pub bpffs: Option<PathBuf>,
     /// Time between polls.
     pub interval: Duration,
     /// Only pods bound to this node are programmed.
@@ -154,6 +156,7 @@ pub fn run(opts: RunOptions) -> Result<()> {
     }
     let mut dp = Datapath::load(&DatapathOptions {
         cgroup_root: cgroup_root.clone(),
+        bpffs: opts.bpffs.clone(),
         accelerate,
         sizes: opts.sizes,
     })?;
@@ -297,10 +300,12 @@ pub fn run(opts: RunOptions) -> Result<()> {
             }
             let mut occupancy = dp.pod_map_usage(programmer.entry_counts());
             occupancy.extend(connection_maps.iter().cloned());
+            let earlier_agent_sockets = dp.sweep_pins() as u64;
             let counters = dp.counters().ok();
             log_counters_if_changed(counters.as_ref(), &mut last_counters);
             metrics.update(|m| {
                 m.maps = occupancy;
+                m.earlier_agent_sockets = earlier_agent_sockets;
                 if let Some(c) = counters {
                     m.counters = Counter::ALL
                         .iter()

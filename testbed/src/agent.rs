@@ -29,6 +29,17 @@ pub struct Agent {
     pub log_path: PathBuf,
 }
 
+impl Drop for Agent {
+    /// Stops the agent as its supervisor would (SIGTERM, then SIGKILL after 5 s), so
+    /// it removes what it pinned.
+    fn drop(&mut self) {
+        if let Ok(None) = self.proc.child.try_wait() {
+            self.proc.signal(libc::SIGTERM);
+            self.proc.wait_for(Duration::from_secs(5));
+        }
+    }
+}
+
 impl Agent {
     /// Starts `merbridge-edge` with `args`, logging to `log_path`; `run` gets only the
     /// capabilities of the k3s manifest.

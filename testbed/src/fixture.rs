@@ -96,7 +96,8 @@ impl Fixture {
             .scratch()
             .join(format!("agent-{}.log", self.node.tag));
         let root = self.node.cgroup_root.to_str().unwrap().to_string();
-        let mut args = vec!["run", "--cgroup-root", &root];
+        let bpffs = self.node.bpffs.to_str().unwrap().to_string();
+        let mut args = vec!["run", "--cgroup-root", &root, "--bpffs", &bpffs];
         args.extend(source);
         args.extend([
             "--interval",

@@ -108,6 +108,8 @@ pub struct Node {
     pub helper: PathBuf,
     /// Pods made so far.
     pub pods: Vec<Pod>,
+    /// A bpffs of the node's own, for the agent's pins (`--bpffs`); unmounted with it.
+    pub bpffs: PathBuf,
     node_ns: String,
     netns: Vec<String>,
     cgroups: Vec<PathBuf>,
@@ -159,12 +161,17 @@ impl Node {
         let cgroup_root = cgroup2_mount()?.join(format!("mbe-test-{tag}"));
         let scratch = std::env::temp_dir().join(format!("mbe-test-{tag}"));
         fs::create_dir_all(&scratch)?;
+        let bpffs = scratch.join("bpffs");
+        fs::create_dir_all(&bpffs)?;
+        crate::proc::run(Command::new("mount").args(["-t", "bpf", "bpf"]).arg(&bpffs))
+            .context("mounting a bpffs for the node")?;
         let mut node = Self {
             tag: tag.clone(),
             cgroup_root: cgroup_root.clone(),
             subnet,
             helper: helper.to_path_buf(),
             pods: vec![],
+            bpffs,
             node_ns: format!("mbe-{tag}-node"),
             netns: vec![],
             cgroups: vec![],
@@ -455,6 +462,7 @@ impl Node {
         for cg in self.cgroups.iter().rev() {
             how.push_str(&format!("rmdir {}\n", cg.display()));
         }
+        how.push_str(&format!("umount {}\n", self.bpffs.display()));
         how.push_str(&format!("rm -r {}\n", self.scratch.display()));
         std::mem::forget(self);
         how
@@ -476,6 +484,8 @@ impl Drop for Node {
                 eprintln!("testbed cleanup: {e:#}");
             }
         }
+        // Pins in it are released with the mount.
+        let _ = Command::new("umount").arg("-l").arg(&self.bpffs).status();
         let _ = fs::remove_dir_all(&self.scratch);
     }
 }

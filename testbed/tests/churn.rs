@@ -216,9 +216,18 @@ fn churn_soak_keeps_the_maps_equal_to_the_desired_state_and_the_agent_flat() {
     let server = FakeKubelet::start(&pki, None, TOKEN, Reply::Body(body.clone())).unwrap();
     let root = node.cgroup_root.to_str().unwrap().to_string();
     let log = node.scratch().join("agent.log");
-    let mut args: Vec<String> = ["run", "--cgroup-root", &root, "--node-name", NODE_NAME]
-        .map(String::from)
-        .to_vec();
+    let bpffs = node.bpffs.to_str().unwrap().to_string();
+    let mut args: Vec<String> = [
+        "run",
+        "--cgroup-root",
+        &root,
+        "--bpffs",
+        &bpffs,
+        "--node-name",
+        NODE_NAME,
+    ]
+    .map(String::from)
+    .to_vec();
     args.extend(server.agent_flags(&token, &pki.ca_file));
     args.extend(["--interval", "50ms", "--log-level", "info"].map(String::from));
     let args: Vec<&str> = args.iter().map(String::as_str).collect();

@@ -7,6 +7,8 @@
 //! Needs root (see datapath.rs); skipped with a note otherwise, a failure when
 //! MBE_REQUIRE_KERNEL_TESTS=1.
 use std::{
+    collections::BTreeSet,
+    path::PathBuf,
     sync::atomic::{AtomicBool, Ordering},
     time::{Duration, Instant},
 };
@@ -133,20 +135,13 @@ fn log_seconds(log: &str, needle: &str, last: bool) -> f64 {
     parts[0] * 3600.0 + parts[1] * 60.0 + parts[2]
 }
 
-/// Why the accelerated variants are not run by `scripts/test`.
-const SOCKMAP_TEARDOWN_LOSS: &str = "intermittent: bytes redirected by sk_msg into a peer \
-    socket but not yet read are dropped when the agent's sockhash is torn down (seen once \
-    in CI: a 100 MB stream got 52 MB back); see README, Known limits";
-
 #[test]
 fn sigkill_under_load_keeps_every_stream_intact_and_new_connections_go_direct() {
     sigkill_under_load(&["--no-accelerate"]);
 }
 
 #[test]
-#[ignore = "intermittent data loss at sockhash teardown (SOCKMAP_TEARDOWN_LOSS)"]
 fn sigkill_under_load_with_sk_msg_keeps_every_stream_intact() {
-    eprintln!("known issue: {SOCKMAP_TEARDOWN_LOSS}");
     sigkill_under_load(&[]);
 }
 
@@ -178,6 +173,49 @@ fn sigkill_under_load(extra: &[&str]) {
     assert!(rounds.last().unwrap().1.is_none(), "{:?}", rounds.last());
     assert!(failed <= 2, "{failed} rounds failed: {rounds:?}");
     assert_detached_and_direct(&f);
+    if accelerated {
+        assert_dead_agents_pin_swept(&f);
+    }
+}
+
+/// The sockhash pins in the agents' pin directory on the fixture's bpffs.
+fn sockhash_pins(f: &Fixture) -> BTreeSet<PathBuf> {
+    std::fs::read_dir(f.node.bpffs.join("merbridge-edge"))
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| p.to_string_lossy().contains("/sockhash-"))
+        .collect()
+}
+
+/// A killed agent's sockhash stays pinned (the connections it accelerated may still be
+/// open); once they are closed, the next agent removes the pin, and that agent, stopped,
+/// leaves no pin of its own.
+fn assert_dead_agents_pin_swept(f: &Fixture) {
+    let left = sockhash_pins(f);
+    assert_eq!(
+        left.len(),
+        1,
+        "the killed agent's sockhash is pinned: {left:?}"
+    );
+    let mut next = f.start_agent(&[]);
+    next.wait_log(
+        "an earlier agent's sockhash, its connections all closed",
+        Duration::from_secs(5),
+    )
+    .unwrap();
+    let now = sockhash_pins(f);
+    assert!(
+        now.is_disjoint(&left) && now.len() == 1,
+        "{left:?} → {now:?}"
+    );
+    drop(next);
+    assert_eq!(
+        sockhash_pins(f),
+        BTreeSet::new(),
+        "a stopped agent removes its empty pin"
+    );
 }
 
 #[test]
@@ -186,9 +224,7 @@ fn restart_under_load_keeps_connections_and_redirects_new_ones_again() {
 }
 
 #[test]
-#[ignore = "intermittent data loss at sockhash teardown (SOCKMAP_TEARDOWN_LOSS)"]
 fn restart_under_load_with_sk_msg_keeps_every_stream_intact() {
-    eprintln!("known issue: {SOCKMAP_TEARDOWN_LOSS}");
     restart_under_load(&[]);
 }
 
@@ -208,7 +244,7 @@ fn restart_under_load(extra: &[&str]) {
         // start_agent returns once the first poll has programmed both meshed pods.
         restarted = Some((f.start_agent(extra), t.elapsed()));
     });
-    let (agent, took) = restarted.unwrap();
+    let (mut agent, took) = restarted.unwrap();
     // From the new agent attaching to both pods programmed: its first poll, at once.
     let log = agent.log();
     let attached = log_seconds(&log, "probes attached", false);
@@ -229,6 +265,21 @@ fn restart_under_load(extra: &[&str]) {
         first_poll < 0.2,
         "programmed {first_poll:.3} s after attaching:\n{log}"
     );
+    if accelerated {
+        // The stopped agent left its sockhash pinned for the streams it accelerated;
+        // they are done, so the new agent removes it.
+        agent
+            .wait_log(
+                "an earlier agent's sockhash, its connections all closed",
+                Duration::from_secs(5),
+            )
+            .unwrap();
+        assert_eq!(
+            sockhash_pins(&f).len(),
+            1,
+            "only the new agent's pin is left"
+        );
+    }
     // New connections are redirected again.
     let before = f.sidecar_log("a").len();
     let b = f.pod("b").clone();
