@@ -4,7 +4,7 @@ use std::fs::File;
 use anyhow::{Context, Result, anyhow};
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{HashMap, LpmTrie, MapData, PerCpuArray, SockHash, lpm_trie::Key},
+    maps::{Array, HashMap, LpmTrie, MapData, PerCpuArray, SockHash, lpm_trie::Key},
     programs::{CgroupAttachMode, CgroupSockAddr, CgroupSockopt, SkMsg, SockOps},
 };
 use log::info;
@@ -92,6 +92,7 @@ pub struct Datapath {
     /// Address rules.
     pub cidr_rules: LpmTrie<MapData, CidrRuleKey, u8>,
     counters: PerCpuArray<MapData, u64>,
+    tuple_slots: Array<MapData, u64>,
     original_dst_by_cookie: HashMap<MapData, u64, OriginalDst>,
     original_dst_by_tuple: HashMap<MapData, SocketTuple, OriginalDst>,
     sock_by_tuple: SockHash<MapData, SocketTuple>,
@@ -198,6 +199,7 @@ impl Datapath {
             port_rules: take(&mut ebpf, maps::PORT_RULES)?,
             cidr_rules: take(&mut ebpf, maps::CIDR_RULES)?,
             counters: take(&mut ebpf, maps::COUNTERS)?,
+            tuple_slots: take(&mut ebpf, maps::TUPLE_SLOTS)?,
             original_dst_by_cookie: take(&mut ebpf, maps::ORIGINAL_DST_BY_COOKIE)?,
             original_dst_by_tuple: take(&mut ebpf, maps::ORIGINAL_DST_BY_TUPLE)?,
             sock_by_tuple: sockhash,
@@ -205,6 +207,14 @@ impl Datapath {
             ebpf: Some(ebpf),
             pins,
         })
+    }
+
+    /// Original-destination tuple entries the connect hooks have promised (in use, or
+    /// reserved for connections being set up), out of `--max-connections`.
+    pub fn promised_tuple_entries(&self) -> Result<u64> {
+        self.tuple_slots
+            .get(&0, 0)
+            .context("reading the promised tuple entries")
     }
 
     /// Removes the empty sockhash pins of earlier agents; returns the sockets their

@@ -82,6 +82,9 @@ pub struct Snapshot {
     /// Open sockets accelerated by an earlier agent (its sockhash stays pinned until
     /// they close).
     pub earlier_agent_sockets: u64,
+    /// Original-destination tuple entries the connect hooks have promised (real-time
+    /// occupancy of ORIGINAL_DST_BY_TUPLE, bounded by its capacity).
+    pub promised_tuple_entries: u64,
     /// Kernel maps.
     pub maps: Vec<MapUsage>,
     /// Kernel counters by name.
@@ -218,6 +221,17 @@ pub fn render(s: &Snapshot) -> String {
         o,
         "merbridge_edge_earlier_agent_sockets {}",
         s.earlier_agent_sockets
+    );
+    family(
+        &mut o,
+        "merbridge_edge_promised_tuple_entries",
+        "gauge",
+        "Original-destination tuple entries promised by the connect hooks (in use or being set up); at the map's capacity new connections go unredirected (map_full).",
+    );
+    let _ = writeln!(
+        o,
+        "merbridge_edge_promised_tuple_entries {}",
+        s.promised_tuple_entries
     );
     type MapField = fn(&MapUsage) -> u64;
     let per_map: [(&str, &str, MapField); 2] = [

@@ -301,11 +301,15 @@ pub fn run(opts: RunOptions) -> Result<()> {
             let mut occupancy = dp.pod_map_usage(programmer.entry_counts());
             occupancy.extend(connection_maps.iter().cloned());
             let earlier_agent_sockets = dp.sweep_pins() as u64;
+            let promised = dp.promised_tuple_entries().ok();
             let counters = dp.counters().ok();
             log_counters_if_changed(counters.as_ref(), &mut last_counters);
             metrics.update(|m| {
                 m.maps = occupancy;
                 m.earlier_agent_sockets = earlier_agent_sockets;
+                if let Some(p) = promised {
+                    m.promised_tuple_entries = p;
+                }
                 if let Some(c) = counters {
                     m.counters = Counter::ALL
                         .iter()

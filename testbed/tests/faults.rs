@@ -367,6 +367,27 @@ fn connection_maps_past_capacity_fail_open_and_count_it() {
         );
         std::thread::sleep(Duration::from_millis(50));
     }
+    // While connections are open /metrics shows their promised entries (two per
+    // redirected or accelerated leg), and 0 once they are closed.
+    let seen = std::thread::scope(|s| {
+        let streams = s.spawn(|| f.client("a", &target, &["--conns", "4", "--bytes", "268435456"]));
+        let seen = agent.wait_metric(
+            "merbridge_edge_promised_tuple_entries",
+            |v| v > 0.0,
+            Duration::from_secs(10),
+        );
+        let out = streams.join().unwrap();
+        assert!(out.contains("ok conns=4 bytes=268435456"), "{out}");
+        seen.unwrap()
+    });
+    assert!(seen >= 8.0, "4 connections a → b promised {seen} entries");
+    agent
+        .wait_metric(
+            "merbridge_edge_promised_tuple_entries",
+            |v| v == 0.0,
+            Duration::from_secs(3),
+        )
+        .unwrap();
 }
 
 #[test]
