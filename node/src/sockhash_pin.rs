@@ -1,10 +1,10 @@
 //! Accelerated connections outliving the agent.
 //!
-//! sk_msg moves bytes straight into the peer socket's receive queue. When a socket
-//! leaves the sockhash because the sockhash itself is freed, the kernel drops what is
-//! queued there and not yet read. A sockhash held only by the agent's descriptors is
-//! freed when the agent exits, so a restart or a crash under load would cut bytes out
-//! of live streams. The agent therefore pins its sockhash in bpffs
+//! When the sockhash holding a socket is freed, the kernel takes the socket out of
+//! sk_msg under whoever is using it: a reader blocked on it is woken and its blocking
+//! read returns EAGAIN, which many apps treat as fatal. A sockhash held only by the
+//! agent's descriptors is freed when the agent exits, so a restart or a crash under load
+//! could cut live connections. The agent therefore pins its sockhash in bpffs
 //! (`<bpffs>/merbridge-edge/sockhash-<map id>`): the pin keeps the sockhash and its
 //! sk_msg program working for the connections already in it until they close by
 //! themselves (new connections are not added: sockops goes with the agent). A pin whose
