@@ -12,13 +12,13 @@
 //! runs, or by `merbridge-edge cleanup`.
 use std::{
     fs,
-    os::fd::{AsFd, AsRawFd},
     path::{Path, PathBuf},
 };
 
 use anyhow::{Context, Result};
-use aya::maps::{Map, MapData};
+use aya::maps::{Map, MapData, SockHash};
 use log::{info, warn};
+use merbridge_edge_probes_common::SocketTuple;
 
 use crate::cleanup::{PIN_DIR, bpffs_mounts};
 
@@ -73,54 +73,12 @@ pub fn pinned_entries(path: &Path) -> Result<usize> {
     // MapData, not MapInfo::from_pin: that one reopens the map by id, which needs
     // CAP_SYS_ADMIN.
     let map = MapData::from_pin(path).with_context(|| format!("opening pin {}", path.display()))?;
-    let key_size = map
-        .info()
-        .with_context(|| format!("reading pin {}", path.display()))?
-        .key_size();
-    count_keys(map.fd().as_fd().as_raw_fd(), key_size as usize)
-        .with_context(|| format!("reading the sockhash pinned at {}", path.display()))
-}
-
-/// Walks a map's keys with BPF_MAP_GET_NEXT_KEY (any key size).
-fn count_keys(fd: i32, key_size: usize) -> std::io::Result<usize> {
-    const BPF_MAP_GET_NEXT_KEY: libc::c_long = 4;
-    #[repr(C)]
-    struct Attr {
-        map_fd: u32,
-        _pad: u32,
-        key: u64,
-        next_key: u64,
-    }
-    let mut key = vec![0u8; key_size.max(1)];
-    let mut next = vec![0u8; key_size.max(1)];
+    let sockhash: SockHash<MapData, SocketTuple> = SockHash::try_from(Map::SockHash(map))
+        .with_context(|| format!("the pin {} is not one of our sockhashes", path.display()))?;
     let mut count = 0;
-    let mut first = true;
-    while count < COUNT_LIMIT {
-        let mut attr = Attr {
-            map_fd: fd as u32,
-            _pad: 0,
-            key: if first { 0 } else { key.as_ptr() as u64 },
-            next_key: next.as_mut_ptr() as u64,
-        };
-        // SAFETY: bpf(2) reads the attr and writes key_size bytes into `next`.
-        let r = unsafe {
-            libc::syscall(
-                libc::SYS_bpf,
-                BPF_MAP_GET_NEXT_KEY,
-                &mut attr as *mut Attr,
-                size_of::<Attr>(),
-            )
-        };
-        if r < 0 {
-            let e = std::io::Error::last_os_error();
-            return match e.raw_os_error() {
-                Some(libc::ENOENT) => Ok(count),
-                _ => Err(e),
-            };
-        }
+    for key in sockhash.keys().take(COUNT_LIMIT) {
+        key.with_context(|| format!("reading the sockhash pinned at {}", path.display()))?;
         count += 1;
-        first = false;
-        std::mem::swap(&mut key, &mut next);
     }
     Ok(count)
 }
