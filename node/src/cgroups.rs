@@ -85,6 +85,27 @@ pub fn cgroup_id(path: &Path) -> Result<u64> {
         .ino())
 }
 
+/// The ids of every cgroup at or below `root` now (a walk of the directory tree;
+/// unreadable directories are skipped).
+pub fn cgroup_ids_below(root: &Path) -> std::collections::HashSet<u64> {
+    let mut out = std::collections::HashSet::new();
+    let mut stack = vec![root.to_path_buf()];
+    while let Some(dir) = stack.pop() {
+        if let Ok(id) = cgroup_id(&dir) {
+            out.insert(id);
+        }
+        let Ok(entries) = fs::read_dir(&dir) else {
+            continue;
+        };
+        for e in entries.flatten() {
+            if e.file_type().is_ok_and(|t| t.is_dir()) {
+                stack.push(e.path());
+            }
+        }
+    }
+    out
+}
+
 /// Where the kubelet puts pods, relative to the cgroup2 root, for both cgroup drivers
 /// and every QoS class.
 fn pod_dir_candidates(pod_uid: &str, qos: &str) -> Vec<PathBuf> {

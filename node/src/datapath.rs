@@ -5,15 +5,28 @@ use anyhow::{Context, Result, anyhow};
 use aya::{
     Ebpf, EbpfLoader,
     maps::{Array, HashMap, LpmTrie, MapData, PerCpuArray, SockHash, lpm_trie::Key},
-    programs::{CgroupAttachMode, CgroupSockAddr, CgroupSockopt, SkMsg, SockOps},
+    programs::{
+        CgroupAttachMode, CgroupSock, CgroupSockAddr, CgroupSockopt, SkLookup, SkMsg, SockOps,
+    },
 };
-use log::info;
+use log::{info, warn};
 
-use crate::{metrics::MapUsage, sockhash_pin::SockhashPins};
-use merbridge_edge_probes_common::{
-    COUNTER_COUNT, CidrRuleKey, LocalPod, OriginalDst, PodInfo, PortRuleKey, SocketTuple,
-    global_names, map_names as maps, program_names as progs,
+use crate::{
+    metrics::MapUsage,
+    pod_netns::{NetnsReport, PodNetns},
+    sockhash_pin::{SockhashPins, pin_dir},
 };
+use merbridge_edge_probes_common::{
+    COUNTER_COUNT, CidrRuleKey, ListenerKey, LocalPod, OriginalDst, PodInfo, PortRuleKey,
+    SocketTuple, global_names, map_names as maps, program_names as progs,
+};
+
+/// File name of the pinned inbound-listener sockhash in the pin directory (the key
+/// layout's version in the name: a pin of another layout is never adopted).
+pub const LISTENERS_PIN: &str = "inbound-listeners-v1";
+
+/// The cgroup sock programs (post_bind), attached the same way.
+const SOCK_PROGRAMS: [&str; 2] = [progs::POST_BIND4, progs::POST_BIND6];
 
 /// The compiled probe object, embedded at build time.
 static PROBES: &[u8] =
@@ -73,6 +86,11 @@ pub struct DatapathOptions {
     pub accelerate: bool,
     /// Map sizes.
     pub sizes: MapSizes,
+    /// Directory of pod network namespace files for inbound capture; None = no
+    /// inbound capture.
+    pub netns_dir: Option<std::path::PathBuf>,
+    /// The sidecar inbound ports whose listeners receive captured connections.
+    pub inbound_ports: Vec<u16>,
 }
 
 /// The loaded and attached programs and their maps. Dropping it (or the process
@@ -96,8 +114,23 @@ pub struct Datapath {
     original_dst_by_cookie: HashMap<MapData, u64, OriginalDst>,
     original_dst_by_tuple: HashMap<MapData, SocketTuple, OriginalDst>,
     sock_by_tuple: SockHash<MapData, SocketTuple>,
+    inbound_listeners: SockHash<MapData, ListenerKey>,
+    bypass_by_pod: HashMap<MapData, [u32; 4], u64>,
+    /// Where the inbound-listener sockhash is pinned (adopted from an earlier agent or
+    /// pinned by this one); None when unpinned.
+    listeners_pin: Option<std::path::PathBuf>,
+    netns: Option<PodNetns>,
+    /// The links of the redirecting hooks, detached first when the agent stops.
+    rewrite_links: Vec<(
+        &'static str,
+        aya::programs::cgroup_sock_addr::CgroupSockAddrLinkId,
+    )>,
     sizes: MapSizes,
 }
+
+/// How long the answering hooks (getsockopt, sockops) outlive the redirecting ones when
+/// the agent stops: connections redirected just before get their original destination.
+const STOP_GRACE: std::time::Duration = std::time::Duration::from_millis(300);
 
 fn take<T: TryFrom<aya::maps::Map, Error = aya::maps::MapError>>(
     ebpf: &mut Ebpf,
@@ -115,37 +148,69 @@ impl Datapath {
         let s = opts.sizes;
         let accelerate: u32 = opts.accelerate.into();
         let tuple_capacity = u64::from(s.connections);
-        // The probes read only context fields and their own maps: no CO-RE relocations,
-        // so the kernel's BTF (megabytes to parse) is not needed.
-        let mut ebpf = EbpfLoader::new()
-            .btf(None)
-            .map_max_entries(maps::POD_BY_CGROUP, s.cgroups)
-            .map_max_entries(maps::POD_BY_IP, s.pod_ips)
-            .map_max_entries(maps::PORT_RULES, s.rules)
-            .map_max_entries(maps::CIDR_RULES, s.rules)
-            .map_max_entries(maps::ORIGINAL_DST_BY_COOKIE, s.connections)
-            .map_max_entries(maps::ORIGINAL_DST_BY_TUPLE, s.connections)
-            .map_max_entries(maps::DNS_ORIGINAL_BY_COOKIE, s.connections)
-            .map_max_entries(maps::SOCK_BY_TUPLE, s.connections)
-            .override_global(global_names::ACCELERATE, &accelerate, true)
-            .override_global(global_names::TUPLE_CAPACITY, &tuple_capacity, true)
-            .load(PROBES)
-            .context(
+        let load = |listeners_pin: Option<&std::path::Path>| {
+            let mut loader = EbpfLoader::new();
+            // The probes read only context fields and their own maps: no CO-RE
+            // relocations, so the kernel's BTF (megabytes to parse) is not needed.
+            loader
+                .btf(None)
+                .map_max_entries(maps::POD_BY_CGROUP, s.cgroups)
+                .map_max_entries(maps::POD_BY_IP, s.pod_ips)
+                .map_max_entries(maps::PORT_RULES, s.rules)
+                .map_max_entries(maps::CIDR_RULES, s.rules)
+                .map_max_entries(maps::ORIGINAL_DST_BY_COOKIE, s.connections)
+                .map_max_entries(maps::ORIGINAL_DST_BY_TUPLE, s.connections)
+                .map_max_entries(maps::DNS_ORIGINAL_BY_COOKIE, s.connections)
+                .map_max_entries(maps::SOCK_BY_TUPLE, s.connections)
+                .map_max_entries(maps::INBOUND_LISTENERS, s.cgroups)
+                .map_max_entries(maps::CAPTURED_BY_TUPLE, (s.connections / 4).max(1024))
+                .map_max_entries(maps::BYPASS_BY_POD, s.pod_ips)
+                .override_global(global_names::ACCELERATE, &accelerate, true)
+                .override_global(global_names::TUPLE_CAPACITY, &tuple_capacity, true);
+            if let Some(pin) = listeners_pin {
+                // Adopted when an earlier agent pinned it: its sidecars' listeners
+                // stay known across a restart.
+                loader.map_pin_path(maps::INBOUND_LISTENERS, pin);
+            }
+            loader.load(PROBES).context(
                 "loading the eBPF probes (is this kernel 5.7+ with BPF, cgroup-bpf and sockmap?)",
-            )?;
+            )
+        };
+        let wanted_pin = match pin_dir(opts.bpffs.as_deref()) {
+            Ok(Some(dir)) => match std::fs::create_dir_all(&dir) {
+                Ok(()) => Some(dir.join(LISTENERS_PIN)),
+                Err(e) => {
+                    warn!(
+                        "cannot create the pin directory {}: {e}; the inbound listeners are not pinned, so after an agent restart meshed pods refuse inbound connections until their sidecars listen again",
+                        dir.display()
+                    );
+                    None
+                }
+            },
+            _ => None,
+        };
+        let (mut ebpf, listeners_pin) = match wanted_pin {
+            Some(pin) => match load(Some(&pin)) {
+                Ok(e) => (e, Some(pin)),
+                Err(e) => {
+                    warn!(
+                        "pinning the inbound-listener map at {} failed ({e:#}); running unpinned: after an agent restart meshed pods refuse inbound connections until their sidecars listen again",
+                        pin.display()
+                    );
+                    (load(None)?, None)
+                }
+            },
+            None => (load(None)?, None),
+        };
 
         let cgroup = File::open(&opts.cgroup_root)
             .with_context(|| format!("opening cgroup root {}", opts.cgroup_root.display()))?;
         // bpf_link attachments (5.7+) always coexist with other programs; the link API
         // takes no attach flags, which is what `Single` maps to.
         let mode = CgroupAttachMode::Single;
-        for name in SOCK_ADDR_PROGRAMS {
-            let p: &mut CgroupSockAddr = program(&mut ebpf, name)?;
-            p.load()
-                .with_context(|| format!("verifier rejected {name}"))?;
-            p.attach(&cgroup, mode)
-                .with_context(|| format!("attaching {name} to {}", opts.cgroup_root.display()))?;
-        }
+        // Order matters under load: everything that records or answers a redirected
+        // connection is attached before the hooks that redirect (connect, sendmsg), so
+        // no connection is ever rewritten without its original destination kept.
         let p: &mut CgroupSockopt = program(&mut ebpf, progs::GETSOCKOPT)?;
         p.load()
             .context("verifier rejected the getsockopt program")?;
@@ -154,6 +219,22 @@ impl Datapath {
         let p: &mut SockOps = program(&mut ebpf, progs::SOCKOPS)?;
         p.load().context("verifier rejected the sockops program")?;
         p.attach(&cgroup, mode).context("attaching sockops")?;
+        let mut inbound_ports: HashMap<MapData, u16, u8> = take(&mut ebpf, maps::INBOUND_PORTS)?;
+        for port in &opts.inbound_ports {
+            inbound_ports
+                .insert(port, 1, 0)
+                .with_context(|| format!("writing inbound port {port}"))?;
+        }
+        for name in SOCK_PROGRAMS {
+            let p: &mut CgroupSock = program(&mut ebpf, name)?;
+            p.load()
+                .with_context(|| format!("verifier rejected {name}"))?;
+            p.attach(&cgroup, mode)
+                .with_context(|| format!("attaching {name} to {}", opts.cgroup_root.display()))?;
+        }
+        let p: &mut SkLookup = program(&mut ebpf, progs::SK_LOOKUP)?;
+        p.load()
+            .context("verifier rejected the sk_lookup program")?;
 
         let map = ebpf
             .take_map(maps::SOCK_BY_TUPLE)
@@ -174,7 +255,20 @@ impl Datapath {
             }
             Ok(sockhash)
         })();
-        let sockhash = match attached {
+        let rewriting = attached.and_then(|sockhash| {
+            let mut links = Vec::new();
+            for name in SOCK_ADDR_PROGRAMS {
+                let p: &mut CgroupSockAddr = program(&mut ebpf, name)?;
+                p.load()
+                    .with_context(|| format!("verifier rejected {name}"))?;
+                let link = p.attach(&cgroup, mode).with_context(|| {
+                    format!("attaching {name} to {}", opts.cgroup_root.display())
+                })?;
+                links.push((name, link));
+            }
+            Ok((sockhash, links))
+        });
+        let (sockhash, rewrite_links) = match rewriting {
             Ok(s) => s,
             Err(e) => {
                 drop(ebpf);
@@ -185,12 +279,19 @@ impl Datapath {
             }
         };
         info!(
-            "probes attached to {} (connect4/6, sendmsg/recvmsg4/6, getsockopt, sockops{})",
+            "probes attached to {} (connect4/6, sendmsg/recvmsg4/6, post_bind4/6, getsockopt, sockops{}){}",
             opts.cgroup_root.display(),
             if opts.accelerate {
                 ", sk_msg"
             } else {
                 "; sk_msg acceleration off"
+            },
+            match &opts.netns_dir {
+                Some(d) => format!(
+                    "; sk_lookup in each network namespace under {}",
+                    d.display()
+                ),
+                None => "; inbound capture off".to_string(),
             }
         );
         Ok(Self {
@@ -203,6 +304,11 @@ impl Datapath {
             original_dst_by_cookie: take(&mut ebpf, maps::ORIGINAL_DST_BY_COOKIE)?,
             original_dst_by_tuple: take(&mut ebpf, maps::ORIGINAL_DST_BY_TUPLE)?,
             sock_by_tuple: sockhash,
+            inbound_listeners: take(&mut ebpf, maps::INBOUND_LISTENERS)?,
+            bypass_by_pod: take(&mut ebpf, maps::BYPASS_BY_POD)?,
+            listeners_pin,
+            rewrite_links,
+            netns: opts.netns_dir.as_deref().map(PodNetns::new),
             sizes: opts.sizes,
             ebpf: Some(ebpf),
             pins,
@@ -215,6 +321,40 @@ impl Datapath {
         self.tuple_slots
             .get(&0, 0)
             .context("reading the promised tuple entries")
+    }
+
+    /// Attaches sk_lookup to pod network namespaces that appeared since the last call
+    /// and releases the links of those gone; None when inbound capture is off.
+    pub fn refresh_netns(&mut self) -> Option<NetnsReport> {
+        let netns = self.netns.as_mut()?;
+        let ebpf = self.ebpf.as_mut()?;
+        let p: &mut SkLookup = program(ebpf, progs::SK_LOOKUP).ok()?;
+        Some(netns.refresh(p))
+    }
+
+    /// Network namespaces with sk_lookup attached, and their directory.
+    pub fn netns_attached(&self) -> Option<(usize, &std::path::Path)> {
+        self.netns.as_ref().map(|n| (n.attached(), n.dir()))
+    }
+
+    /// Where the inbound-listener sockhash is pinned, if it is.
+    pub fn listeners_pin(&self) -> Option<&std::path::Path> {
+        self.listeners_pin.as_deref()
+    }
+
+    /// The cgroups with a registered inbound listener (keys of the listener sockhash).
+    pub fn listener_cgroups(&self) -> std::collections::BTreeSet<u64> {
+        self.inbound_listeners
+            .keys()
+            .filter_map(Result::ok)
+            .map(|k| k.cgroup)
+            .collect()
+    }
+
+    /// The bypass ledger: per pod address, inbound connections that reached a meshed
+    /// app without its sidecar.
+    pub fn bypass_by_pod(&self) -> Vec<([u32; 4], u64)> {
+        self.bypass_by_pod.iter().filter_map(Result::ok).collect()
     }
 
     /// Removes the empty sockhash pins of earlier agents; returns the sockets their
@@ -244,6 +384,20 @@ impl Datapath {
 
 impl Drop for Datapath {
     fn drop(&mut self) {
+        // New connections stop being redirected first; the ones redirected just before
+        // still find their original destination (a proxy asks as soon as it accepts).
+        if let Some(ebpf) = self.ebpf.as_mut() {
+            let links = std::mem::take(&mut self.rewrite_links);
+            let detached = !links.is_empty();
+            for (name, link) in links {
+                if let Ok(p) = program::<CgroupSockAddr>(ebpf, name) {
+                    let _ = p.detach(link);
+                }
+            }
+            if detached {
+                std::thread::sleep(STOP_GRACE);
+            }
+        }
         // Programs first (their links go with them): once sockops is gone nothing adds
         // sockets, and the pin can be judged by what the sockhash still holds.
         drop(self.ebpf.take());
@@ -315,6 +469,9 @@ pub fn verify_probes(accelerate: bool) -> Vec<(&'static str, Result<(), String>)
         maps::ORIGINAL_DST_BY_TUPLE,
         maps::DNS_ORIGINAL_BY_COOKIE,
         maps::SOCK_BY_TUPLE,
+        maps::INBOUND_LISTENERS,
+        maps::CAPTURED_BY_TUPLE,
+        maps::BYPASS_BY_POD,
     ] {
         loader.map_max_entries(name, 16);
     }
@@ -324,7 +481,13 @@ pub fn verify_probes(accelerate: bool) -> Vec<(&'static str, Result<(), String>)
     };
     SOCK_ADDR_PROGRAMS
         .into_iter()
-        .chain([progs::GETSOCKOPT, progs::SOCKOPS, progs::SK_MSG])
+        .chain(SOCK_PROGRAMS)
+        .chain([
+            progs::GETSOCKOPT,
+            progs::SOCKOPS,
+            progs::SK_MSG,
+            progs::SK_LOOKUP,
+        ])
         .map(|name| {
             let result = match ebpf.program_mut(name) {
                 None => Err("missing from the probe object".to_string()),
@@ -332,6 +495,8 @@ pub fn verify_probes(accelerate: bool) -> Vec<(&'static str, Result<(), String>)
                 Some(aya::programs::Program::CgroupSockopt(p)) => p.load().map_err(short),
                 Some(aya::programs::Program::SockOps(p)) => p.load().map_err(short),
                 Some(aya::programs::Program::SkMsg(p)) => p.load().map_err(short),
+                Some(aya::programs::Program::CgroupSock(p)) => p.load().map_err(short),
+                Some(aya::programs::Program::SkLookup(p)) => p.load().map_err(short),
                 Some(_) => Err("unexpected program type".to_string()),
             };
             (name, result)

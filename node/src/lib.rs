@@ -13,6 +13,7 @@ mod files;
 pub mod kubelet;
 pub mod mesh;
 pub mod metrics;
+pub mod pod_netns;
 pub mod policy;
 pub mod run;
 pub mod sockhash_pin;

@@ -120,6 +120,17 @@ struct RunArgs {
     /// turn off sk_msg acceleration between local sockets (on by default)
     #[argh(switch)]
     no_accelerate: bool,
+    /// directory of pod network namespace files, where inbound capture (sk_lookup) is
+    /// attached (default /var/run/netns, where containerd's CRI plugin puts them)
+    #[argh(
+        option,
+        default = "PathBuf::from(merbridge_edge::pod_netns::DEFAULT_NETNS_DIR)"
+    )]
+    netns_dir: PathBuf,
+    /// leave inbound to the meshes' own iptables (no sk_lookup): inbound from anything
+    /// but a local sidecar then reaches apps directly where those rules are absent
+    #[argh(switch)]
+    no_inbound_capture: bool,
     /// size of the per-connection maps (default 65536)
     #[argh(option, default = "65536")]
     max_connections: u32,
@@ -290,6 +301,7 @@ fn main() {
             .or_else(|| std::env::var("NODE_NAME").ok().filter(|s| !s.is_empty())),
         meshes: args.mesh,
         accelerate: !args.no_accelerate,
+        netns_dir: (!args.no_inbound_capture).then_some(args.netns_dir),
         sizes: MapSizes {
             connections: args.max_connections,
             ..MapSizes::for_pods(args.max_pods)

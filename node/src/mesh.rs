@@ -23,6 +23,15 @@ pub enum Marker {
     LabelAndContainer(&'static str, &'static str),
 }
 
+impl Marker {
+    /// The sidecar container's name.
+    pub fn sidecar_container(self) -> &'static str {
+        match self {
+            Marker::Container(c) | Marker::LabelAndContainer(_, c) => c,
+        }
+    }
+}
+
 /// Which annotation fills which rule.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum AnnotationRole {

@@ -42,6 +42,10 @@ pub struct PodStatus {
     pub proxy: String,
     /// Exclusions and inclusions, like `out-exclude port 5432`.
     pub rules: Vec<String>,
+    /// The bypass ledger: inbound connections that reached the app without the
+    /// sidecar (0 whenever inbound capture works).
+    #[serde(default)]
+    pub bypassed: u64,
 }
 
 /// What the agent knows about itself, published after every poll.
@@ -89,6 +93,15 @@ pub struct Snapshot {
     pub maps: Vec<MapUsage>,
     /// Kernel counters by name.
     pub counters: Vec<(String, u64)>,
+    /// Inbound capture: where sk_lookup is attached, or why not.
+    #[serde(default)]
+    pub inbound_capture: String,
+    /// Network namespaces with sk_lookup attached.
+    #[serde(default)]
+    pub netns_attached: u64,
+    /// Sidecar inbound listeners registered.
+    #[serde(default)]
+    pub inbound_listeners: u64,
 }
 
 impl Snapshot {
@@ -233,6 +246,37 @@ pub fn render(s: &Snapshot) -> String {
         "merbridge_edge_promised_tuple_entries {}",
         s.promised_tuple_entries
     );
+    family(
+        &mut o,
+        "merbridge_edge_netns_attached",
+        "gauge",
+        "Pod network namespaces with the inbound-capture program (sk_lookup) attached.",
+    );
+    let _ = writeln!(o, "merbridge_edge_netns_attached {}", s.netns_attached);
+    family(
+        &mut o,
+        "merbridge_edge_inbound_listeners",
+        "gauge",
+        "Sidecar inbound listening sockets registered for inbound capture.",
+    );
+    let _ = writeln!(
+        o,
+        "merbridge_edge_inbound_listeners {}",
+        s.inbound_listeners
+    );
+    family(
+        &mut o,
+        "merbridge_edge_inbound_bypassed_total",
+        "counter",
+        "The bypass ledger: inbound connections that reached a meshed pod's app without its sidecar.",
+    );
+    for p in &s.pods {
+        let _ = writeln!(
+            o,
+            "merbridge_edge_inbound_bypassed_total{{pod=\"{}\"}} {}",
+            p.name, p.bypassed
+        );
+    }
     type MapField = fn(&MapUsage) -> u64;
     let per_map: [(&str, &str, MapField); 2] = [
         (

@@ -98,6 +98,9 @@ pub struct PodPolicy {
     pub cidr_rules: BTreeSet<(CidrRuleKind, Cidr)>,
     /// Runtime ids of the pod's containers (scheme stripped), sidecar included.
     pub container_ids: BTreeSet<String>,
+    /// Runtime id of the sidecar container (its inbound listener receives the pod's
+    /// captured connections), when the status names it.
+    pub proxy_container_id: Option<String>,
     /// The pod's QoS class (`Guaranteed`, `Burstable`, `BestEffort`), for cgroup paths.
     pub qos_class: String,
 }
@@ -273,6 +276,7 @@ fn pod_policy(pod: &Pod, meshes: MeshSelection, warnings: &mut Vec<Warning>) -> 
         port_rules: BTreeSet::new(),
         cidr_rules: BTreeSet::new(),
         container_ids: BTreeSet::new(),
+        proxy_container_id: None,
         qos_class: status
             .qos_class
             .clone()
@@ -329,6 +333,9 @@ fn pod_policy(pod: &Pod, meshes: MeshSelection, warnings: &mut Vec<Warning>) -> 
                 .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
         {
             p.container_ids.insert(id.to_string());
+            if cs.name == mesh.marker.sidecar_container() {
+                p.proxy_container_id = Some(id.to_string());
+            }
         } else {
             warnings.push(Warning(format!(
                 "pod {name}: container id {id:?} is malformed; ignored"

@@ -1,5 +1,6 @@
 //! `merbridge-edge run`: load the datapath, then keep its maps in step with the pods.
 use std::{
+    collections::BTreeMap,
     net::SocketAddr,
     path::PathBuf,
     sync::{
@@ -17,8 +18,9 @@ use crate::{
     cgroup_watch::CgroupWatch,
     cgroups,
     check::{self, Verdict},
-    datapath::{Datapath, DatapathOptions, MapSizes},
+    datapath::{Datapath, DatapathOptions, MapSizes, kernel_addr},
     kubelet::{KubeletClient, KubeletConfig},
+    mesh::MESHES,
     metrics::{self, Metrics, PodStatus},
     policy::{Desired, MeshSelection, PodPolicy, desired_state},
     source::{PodsFile, PollError, Source},
@@ -69,6 +71,9 @@ pub struct RunOptions {
     pub sizes: MapSizes,
     /// Where to serve /metrics, /healthz and /readyz; None turns the listener off.
     pub metrics_addr: Option<SocketAddr>,
+    /// Directory of pod network namespace files for inbound capture; None turns
+    /// inbound capture off.
+    pub netns_dir: Option<PathBuf>,
 }
 
 /// Longest wait between polls while the source keeps failing.
@@ -154,16 +159,27 @@ pub fn run(opts: RunOptions) -> Result<()> {
             );
         }
     }
+    let mut inbound_ports: Vec<u16> = MESHES.iter().map(|m| m.inbound_port).collect();
+    inbound_ports.sort_unstable();
+    inbound_ports.dedup();
     let mut dp = Datapath::load(&DatapathOptions {
         cgroup_root: cgroup_root.clone(),
         bpffs: opts.bpffs.clone(),
         accelerate,
         sizes: opts.sizes,
+        netns_dir: opts.netns_dir.clone(),
+        inbound_ports,
     })?;
+    let inbound_capture = match (&opts.netns_dir, dp.listeners_pin()) {
+        (None, _) => "off (--no-inbound-capture): inbound reaches apps directly unless the mesh's iptables capture it".to_string(),
+        (Some(d), Some(pin)) => format!("sk_lookup in each network namespace under {}; listeners pinned at {}", d.display(), pin.display()),
+        (Some(d), None) => format!("sk_lookup in each network namespace under {}; listeners not pinned (no writable bpffs)", d.display()),
+    };
     metrics.update(|s| {
         s.attached = true;
+        s.inbound_capture = inbound_capture;
         s.attached_to = format!(
-            "{} (connect4/6, sendmsg/recvmsg4/6, getsockopt, sockops{})",
+            "{} (connect4/6, sendmsg/recvmsg4/6, post_bind4/6, getsockopt, sockops{})",
             cgroup_root.display(),
             if accelerate {
                 ", sk_msg"
@@ -172,6 +188,7 @@ pub fn run(opts: RunOptions) -> Result<()> {
             }
         );
     });
+
     release_free_memory();
     let mut watch = match CgroupWatch::new(&cgroup_root) {
         Ok(w) => Some(w),
@@ -255,6 +272,22 @@ pub fn run(opts: RunOptions) -> Result<()> {
                 }
             }
         }
+        if started >= next_sync || started >= next_stats {
+            // New pod network namespaces get the inbound-capture program before (or as)
+            // their pods are programmed.
+            if let Some(r) = dp.refresh_netns() {
+                for f in &r.failed {
+                    programmer.warn_once(f);
+                }
+                if r.attached + r.released > 0 {
+                    log::debug!(
+                        "network namespaces: {} attached, {} released",
+                        r.attached,
+                        r.released
+                    );
+                }
+            }
+        }
         if started >= next_sync {
             if let Some(desired) = &desired {
                 let sync_started = Instant::now();
@@ -301,12 +334,30 @@ pub fn run(opts: RunOptions) -> Result<()> {
             let mut occupancy = dp.pod_map_usage(programmer.entry_counts());
             occupancy.extend(connection_maps.iter().cloned());
             let earlier_agent_sockets = dp.sweep_pins() as u64;
+            let bypass: BTreeMap<[u32; 4], u64> = dp.bypass_by_pod().into_iter().collect();
+            let netns_attached = dp.netns_attached().map_or(0, |(n, _)| n as u64);
+            let listening = dp.listener_cgroups();
+            let inbound_listeners = listening.len() as u64;
+            if programmer.saw_listening(listening) {
+                // A sidecar was seen listening: arm its pod (a sync writes only that).
+                next_sync = started;
+            }
             let promised = dp.promised_tuple_entries().ok();
             let counters = dp.counters().ok();
             log_counters_if_changed(counters.as_ref(), &mut last_counters);
             metrics.update(|m| {
                 m.maps = occupancy;
                 m.earlier_agent_sockets = earlier_agent_sockets;
+                m.netns_attached = netns_attached;
+                m.inbound_listeners = inbound_listeners;
+                for p in &mut m.pods {
+                    p.bypassed = p
+                        .ips
+                        .iter()
+                        .filter_map(|ip| ip.parse().ok())
+                        .map(|ip| bypass.get(&kernel_addr(ip)).copied().unwrap_or(0))
+                        .sum();
+                }
                 if let Some(p) = promised {
                     m.promised_tuple_entries = p;
                 }
@@ -387,6 +438,7 @@ fn pod_status(p: &PodPolicy, programmed: Option<usize>) -> PodStatus {
             p.outbound_port, p.inbound_port, p.proxy_uid
         ),
         rules,
+        bypassed: 0,
     }
 }
 

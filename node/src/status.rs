@@ -59,8 +59,13 @@ pub fn render(s: &Snapshot) -> String {
     );
     let _ = writeln!(
         o,
-        "\n{:<44} {:<8} {:<34} {:>10}  {}",
-        "POD", "MESH", "IPS", "CONTAINERS", "SIDECAR / RULES"
+        "inbound: {}; {} network namespaces attached, {} sidecar listeners registered",
+        s.inbound_capture, s.netns_attached, s.inbound_listeners
+    );
+    let _ = writeln!(
+        o,
+        "\n{:<44} {:<8} {:<34} {:>10} {:>8}  {}",
+        "POD", "MESH", "IPS", "CONTAINERS", "BYPASSED", "SIDECAR / RULES"
     );
     for p in &s.pods {
         let containers = if p.programmed {
@@ -70,11 +75,12 @@ pub fn render(s: &Snapshot) -> String {
         };
         let _ = writeln!(
             o,
-            "{:<44} {:<8} {:<34} {:>10}  {}{}",
+            "{:<44} {:<8} {:<34} {:>10} {:>8}  {}{}",
             p.name,
             p.mesh,
             p.ips.join(","),
             containers,
+            p.bypassed,
             p.proxy,
             if p.rules.is_empty() {
                 String::new()

@@ -3,7 +3,7 @@
 //! differences. New entries go in rules-first and cgroups-last, removals the other way
 //! round, so a half-applied pod is never redirected without its exclusions.
 use std::{
-    collections::{BTreeMap, BTreeSet, HashMap},
+    collections::{BTreeMap, BTreeSet, HashMap, HashSet},
     net::IpAddr,
     path::PathBuf,
 };
@@ -11,8 +11,8 @@ use std::{
 use aya::maps::MapError;
 use log::{info, warn};
 use merbridge_edge_probes_common::{
-    LocalPod, POD_DNS_CAPTURE, POD_HAS_IP4, POD_HAS_IP6, POD_IN_ALL_PORTS, POD_OUT_ALL_ADDRS,
-    POD_OUT_VIA_LOOPBACK, PodInfo, cidr_rule, map_names as maps, port_rule,
+    LocalPod, POD_DNS_CAPTURE, POD_HAS_IP4, POD_HAS_IP6, POD_IN_ALL_PORTS, POD_INBOUND_ARMED,
+    POD_OUT_ALL_ADDRS, POD_OUT_VIA_LOOPBACK, PodInfo, cidr_rule, map_names as maps, port_rule,
 };
 
 use crate::{
@@ -41,8 +41,14 @@ pub struct PodEntries {
 }
 
 impl PodEntries {
-    /// The entries for `policy`, given its pod id and its containers' cgroup ids.
-    pub fn build(policy: &PodPolicy, pod_id: u32, cgroup_ids: &[u64]) -> Self {
+    /// The entries for `policy`, given its pod id, its containers' cgroup ids and its
+    /// sidecar container's cgroup (when known).
+    pub fn build(
+        policy: &PodPolicy,
+        pod_id: u32,
+        cgroup_ids: &[u64],
+        proxy: Option<ProxyCgroup>,
+    ) -> Self {
         let mut flags = 0;
         if policy.dns_port.is_some() {
             flags |= POD_DNS_CAPTURE;
@@ -61,6 +67,9 @@ impl PodEntries {
         }
         if policy.ip6.is_some() {
             flags |= POD_HAS_IP6;
+        }
+        if proxy.is_some_and(|p| p.armed) {
+            flags |= POD_INBOUND_ARMED;
         }
         let info = PodInfo {
             ip4: policy
@@ -84,6 +93,7 @@ impl PodEntries {
             flags,
             inbound_port: policy.inbound_port,
             _pad: [0; 3],
+            proxy_cgroup: proxy.map_or(0, |p| p.id),
         };
         let ips = policy
             .ip4
@@ -154,6 +164,16 @@ impl PodEntries {
     }
 }
 
+/// A pod's sidecar container cgroup, where its inbound listener is registered.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ProxyCgroup {
+    /// The cgroup id.
+    pub id: u64,
+    /// Captured connections are refused while no listener is registered (else they
+    /// pass to the app): see [`POD_INBOUND_ARMED`].
+    pub armed: bool,
+}
+
 /// What a pass of [`Programmer::sync`] did.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub struct SyncReport {
@@ -185,6 +205,13 @@ struct Programmed {
 /// Owns the datapath's pod maps and keeps them in step with the desired state.
 pub struct Programmer {
     cgroup_root: PathBuf,
+    /// cgroups that existed when the programmer was made (after the probes attached):
+    /// a sidecar there may have bound its listener unseen.
+    preexisting: HashSet<u64>,
+    /// cgroups seen with a registered inbound listener (from the listener sockhash);
+    /// a pod stays armed when its sidecar stops listening. Pruned to the sidecar
+    /// cgroups of the pods synced.
+    listening: BTreeSet<u64>,
     pods: BTreeMap<String, Programmed>,
     /// Warnings logged, with the generation that last raised them.
     warned: HashMap<String, u64>,
@@ -194,14 +221,32 @@ pub struct Programmer {
 
 impl Programmer {
     /// A programmer for pods whose cgroups live below `cgroup_root`.
+    /// Call it after the probes are attached: every cgroup that exists now is taken
+    /// as possibly holding a sidecar that bound its listener before they were.
     pub fn new(cgroup_root: PathBuf) -> Self {
         Self {
+            preexisting: cgroups::cgroup_ids_below(&cgroup_root),
+            listening: BTreeSet::new(),
             cgroup_root,
             pods: BTreeMap::new(),
             warned: HashMap::new(),
             generation: 0,
             full_maps: BTreeSet::new(),
         }
+    }
+
+    /// Records the cgroups that have a registered inbound listener now; true when one
+    /// was not seen before (a sync then arms the pods concerned).
+    pub fn saw_listening(&mut self, cgroups: BTreeSet<u64>) -> bool {
+        let before = self.listening.len();
+        self.listening.extend(cgroups);
+        self.listening.len() != before
+    }
+
+    /// Whether a sidecar in cgroup `id` is known to register its inbound listener:
+    /// it did, or its cgroup is newer than the probes.
+    fn armed(&self, id: u64) -> bool {
+        !self.preexisting.contains(&id) || self.listening.contains(&id)
     }
 
     /// Logs a warning the first time it is raised; raised again while it lasts (see
@@ -287,11 +332,17 @@ impl Programmer {
             };
             let ids: Vec<&str> = policy.container_ids.iter().map(String::as_str).collect();
             let mut cgroup_ids = Vec::new();
+            let mut proxy_cgroup = None;
             for (container, path) in
                 cgroups::container_cgroups(&self.cgroup_root, &policy.uid, &policy.qos_class, &ids)
             {
                 match cgroups::cgroup_id(&path) {
-                    Ok(id) => cgroup_ids.push(id),
+                    Ok(id) => {
+                        if policy.proxy_container_id.as_deref() == Some(container.as_str()) {
+                            proxy_cgroup = Some(id);
+                        }
+                        cgroup_ids.push(id);
+                    }
                     // The container exited between listing and stat: next poll.
                     Err(e) => self.warn_once(&format!(
                         "pod {}: container {container}: {e:#}",
@@ -316,7 +367,11 @@ impl Programmer {
                     self.cgroup_root.display()
                 ));
             }
-            let new = PodEntries::build(policy, pod_id, &cgroup_ids);
+            let proxy = proxy_cgroup.map(|id| ProxyCgroup {
+                id,
+                armed: self.armed(id),
+            });
+            let new = PodEntries::build(policy, pod_id, &cgroup_ids, proxy);
             let old = self.pods.get(&policy.uid).map(|p| p.entries.clone());
             if old.as_ref() == Some(&new) {
                 report.programmed += 1;
@@ -389,6 +444,13 @@ impl Programmer {
             self.full_maps.remove(map);
             info!("map {map} has room again: every meshed pod is programmed");
         }
+        // Only the sidecars of pods still here need to be remembered as listening.
+        let proxies: BTreeSet<u64> = self
+            .pods
+            .values()
+            .flat_map(|p| p.entries.ips.values().map(|l| l.proxy_cgroup))
+            .collect();
+        self.listening.retain(|id| proxies.contains(id));
         report
     }
 }

@@ -44,7 +44,12 @@ pub struct Fixture {
     pub pods: BTreeMap<String, Pod>,
     /// The PodList of the pods, as a file for `--pods-file`.
     pub pods_file: PathBuf,
+    /// Whether the sidecar stand-ins have been started.
+    sidecars_started: std::sync::atomic::AtomicBool,
 }
+
+/// Where the app stand-ins of the fixture's pods listen.
+const APP_ADDRS: [&str; 3] = ["[::]:8080", "[::]:8081", "[::]:9002"];
 
 impl Fixture {
     /// Builds the node; `helper` is the `mbe-testbed` binary.
@@ -52,16 +57,11 @@ impl Fixture {
         let mut node = Node::new(helper).expect("test node");
         let mut pods = BTreeMap::new();
         for spec in specs {
-            let meshed = spec.containers.iter().any(|c| c == "istio-proxy");
             let name = spec.name.clone();
             let pod = node.add_pod(spec).expect("pod");
-            start_stand_ins(
-                &mut node,
-                &pod,
-                &["[::]:8080", "[::]:8081", "[::]:9002"],
-                meshed,
-            )
-            .expect("stand-ins");
+            // Apps now; sidecars once the agent is attached (see `start_agent_with`),
+            // as on a node where pods start after the agent.
+            start_stand_ins(&mut node, &pod, &APP_ADDRS, false).expect("app stand-in");
             pods.insert(name, pod);
         }
         let pods_file = node.scratch().join("pods.json");
@@ -70,6 +70,7 @@ impl Fixture {
             node,
             pods,
             pods_file,
+            sidecars_started: false.into(),
         }
     }
 
@@ -117,6 +118,7 @@ impl Fixture {
         agent
             .wait_log_count("added: mesh istio", meshed, Duration::from_secs(10))
             .unwrap();
+        self.start_sidecars();
         // Least privilege: the running agent holds what the k3s manifest grants, no more.
         assert_eq!(
             agent.effective_capabilities(),
@@ -124,6 +126,22 @@ impl Fixture {
             "the agent's effective capabilities"
         );
         agent
+    }
+
+    /// Starts the sidecar stand-ins of the meshed pods, once (the first agent start
+    /// does it, so that their inbound listeners are registered as they listen).
+    pub fn start_sidecars(&self) {
+        if self
+            .sidecars_started
+            .swap(true, std::sync::atomic::Ordering::SeqCst)
+        {
+            return;
+        }
+        for pod in self.pods.values() {
+            if pod.spec.containers.iter().any(|c| c == "istio-proxy") {
+                start_sidecar(&self.node, pod).expect("sidecar stand-in");
+            }
+        }
     }
 
     /// Lines the sidecar stand-in of `pod` logged (one per connection).
@@ -163,20 +181,31 @@ pub fn start_stand_ins(
     args.extend(app_addrs);
     node.spawn(pod, Some("app"), Some(APP_UID), &args)?;
     if sidecar {
-        let log = node.scratch().join(format!("sidecar-{name}.log"));
-        fs::write(&log, "")?;
-        // The sidecar runs as the proxy uid and appends to it.
-        fs::set_permissions(&log, std::os::unix::fs::PermissionsExt::from_mode(0o666))?;
-        let log = log.display().to_string();
-        node.spawn(
-            pod,
-            Some("istio-proxy"),
-            Some(PROXY_UID),
-            &["sidecar", &name, "15001", "15006", &log],
-        )?;
-        node.wait_listening(pod, 15006)?;
+        start_sidecar(node, pod)?;
     }
     node.wait_listening(pod, 8080)
+}
+
+/// Starts `pod`'s sidecar stand-in (uid 1337, ports 15001 and 15006, one line per
+/// connection in `sidecar-<pod>.log` in the scratch directory); returns once it listens.
+/// Started after the agent, its inbound listener is registered for inbound capture.
+pub fn start_sidecar(node: &Node, pod: &Pod) -> anyhow::Result<usize> {
+    let name = &pod.spec.name;
+    let log = node.scratch().join(format!("sidecar-{name}.log"));
+    if !log.exists() {
+        fs::write(&log, "")?;
+    }
+    // The sidecar runs as the proxy uid and appends to it.
+    fs::set_permissions(&log, std::os::unix::fs::PermissionsExt::from_mode(0o666))?;
+    let log = log.display().to_string();
+    let handle = node.spawn(
+        pod,
+        Some("istio-proxy"),
+        Some(PROXY_UID),
+        &["sidecar", name, "15001", "15006", &log],
+    )?;
+    node.wait_listening(pod, 15006)?;
+    Ok(handle)
 }
 
 /// Istio pods a and b, plain pod c.

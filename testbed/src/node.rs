@@ -96,6 +96,17 @@ impl Pod {
     }
 }
 
+/// Another node, as [`Node::other_node`] makes it.
+#[derive(Clone, Debug)]
+pub struct RemoteNode {
+    /// Where its processes run.
+    pub placement: Placement,
+    /// Its IPv4 address.
+    pub ip4: Ipv4Addr,
+    /// Its IPv6 address.
+    pub ip6: Ipv6Addr,
+}
+
 /// The test node. Dropping it kills its processes and removes its namespaces and cgroups.
 pub struct Node {
     /// Unique short tag in every name this node makes.
@@ -113,7 +124,7 @@ pub struct Node {
     node_ns: String,
     netns: Vec<String>,
     cgroups: Vec<PathBuf>,
-    procs: Vec<Guarded>,
+    procs: std::sync::Mutex<Vec<Guarded>>,
     scratch: PathBuf,
 }
 
@@ -175,7 +186,7 @@ impl Node {
             node_ns: format!("mbe-{tag}-node"),
             netns: vec![],
             cgroups: vec![],
-            procs: vec![],
+            procs: std::sync::Mutex::new(vec![]),
             scratch,
         };
         fs::create_dir(&cgroup_root)
@@ -187,7 +198,157 @@ impl Node {
         ip(&["-n", &ns, "link", "set", "lo", "up"])?;
         ip(&["-n", &ns, "link", "add", "br0", "type", "bridge"])?;
         ip(&["-n", &ns, "link", "set", "br0", "up"])?;
+        // The node's host side: the bridge is the pods' gateway, and it routes.
+        ip(&[
+            "-n",
+            &ns,
+            "addr",
+            "add",
+            &format!("{}/24", node.gateway4()),
+            "dev",
+            "br0",
+        ])?;
+        ip(&[
+            "-n",
+            &ns,
+            "addr",
+            "add",
+            &format!("{}/64", node.gateway6()),
+            "dev",
+            "br0",
+            "nodad",
+        ])?;
+        for key in ["net.ipv4.ip_forward", "net.ipv6.conf.all.forwarding"] {
+            crate::proc::run(Command::new("ip").args([
+                "netns",
+                "exec",
+                &ns,
+                "sysctl",
+                "-qw",
+                &format!("{key}=1"),
+            ]))?;
+        }
         Ok(node)
+    }
+
+    /// The pods' IPv4 gateway: the node's bridge.
+    pub fn gateway4(&self) -> Ipv4Addr {
+        Ipv4Addr::new(10, 231, self.subnet, 1)
+    }
+
+    /// The pods' IPv6 gateway: the node's bridge.
+    pub fn gateway6(&self) -> Ipv6Addr {
+        format!("fd00:231:0:{:x}::1", self.subnet)
+            .parse()
+            .expect("an IPv6 address")
+    }
+
+    /// The node's own network namespace (its host side: bridge, routes, FORWARD).
+    pub fn host_netns(&self) -> &str {
+        &self.node_ns
+    }
+
+    /// A process on the node itself: its network namespace and its cgroup root (in no
+    /// pod's cgroup): a host process, the kubelet, an ingress on host network.
+    pub fn host_process(&self) -> Placement {
+        Placement {
+            netns: Some(self.node_ns.clone()),
+            cgroup: Some(self.cgroup_root.clone()),
+            uid: None,
+        }
+    }
+
+    /// Another node: a network namespace routed to this node's pods through the host
+    /// (10.232.x.2, fd00:232:0:x::2), with its own cgroup outside this node's cgroup
+    /// root, so nothing of this node's agent runs for its processes. Made once.
+    pub fn other_node(&mut self) -> Result<RemoteNode> {
+        let netns = format!("mbe-{}-remote", self.tag);
+        let ip4 = Ipv4Addr::new(10, 232, self.subnet, 2);
+        let ip6: Ipv6Addr = format!("fd00:232:0:{:x}::2", self.subnet).parse()?;
+        let cgroup = self
+            .cgroup_root
+            .with_file_name(format!("mbe-test-{}-remote", self.tag));
+        if !self.netns.contains(&netns) {
+            ip(&["netns", "add", &netns])?;
+            self.netns.push(netns.clone());
+            let (near, far) = (format!("mb{}r0", self.tag), format!("mb{}r1", self.tag));
+            ip(&["link", "add", &near, "type", "veth", "peer", "name", &far])?;
+            ip(&["link", "set", &near, "netns", &self.node_ns])?;
+            ip(&["link", "set", &far, "netns", &netns])?;
+            let sub = self.subnet;
+            let ns = self.node_ns.clone();
+            ip(&[
+                "-n",
+                &ns,
+                "addr",
+                "add",
+                &format!("10.232.{sub}.1/24"),
+                "dev",
+                &near,
+            ])?;
+            ip(&[
+                "-n",
+                &ns,
+                "addr",
+                "add",
+                &format!("fd00:232:0:{sub:x}::1/64"),
+                "dev",
+                &near,
+                "nodad",
+            ])?;
+            ip(&["-n", &ns, "link", "set", &near, "up"])?;
+            ip(&["-n", &netns, "link", "set", &far, "name", "eth0"])?;
+            ip(&[
+                "-n",
+                &netns,
+                "addr",
+                "add",
+                &format!("{ip4}/24"),
+                "dev",
+                "eth0",
+            ])?;
+            ip(&[
+                "-n",
+                &netns,
+                "addr",
+                "add",
+                &format!("{ip6}/64"),
+                "dev",
+                "eth0",
+                "nodad",
+            ])?;
+            ip(&["-n", &netns, "link", "set", "eth0", "up"])?;
+            ip(&["-n", &netns, "link", "set", "lo", "up"])?;
+            ip(&[
+                "-n",
+                &netns,
+                "route",
+                "add",
+                "default",
+                "via",
+                &format!("10.232.{sub}.1"),
+            ])?;
+            ip(&[
+                "-n",
+                &netns,
+                "-6",
+                "route",
+                "add",
+                "default",
+                "via",
+                &format!("fd00:232:0:{sub:x}::1"),
+            ])?;
+            self.mkdir_cgroup(&cgroup)?;
+        }
+        Ok(RemoteNode {
+            placement: Placement {
+                netns: Some(netns),
+                cgroup: Some(cgroup),
+                uid: None,
+            },
+            ip4,
+            ip6,
+        })
     }
 
     /// A scratch directory removed with the node.
@@ -261,6 +422,25 @@ impl Node {
         ])?;
         ip(&["-n", &netns, "link", "set", "eth0", "up"])?;
         ip(&["-n", &netns, "link", "set", "lo", "up"])?;
+        ip(&[
+            "-n",
+            &netns,
+            "route",
+            "add",
+            "default",
+            "via",
+            &self.gateway4().to_string(),
+        ])?;
+        ip(&[
+            "-n",
+            &netns,
+            "-6",
+            "route",
+            "add",
+            "default",
+            "via",
+            &self.gateway6().to_string(),
+        ])?;
         let uid = format!(
             "{:08x}-{:04x}-4000-8000-{:012x}",
             std::process::id(),
@@ -320,7 +500,7 @@ impl Node {
     /// Starts the stand-in helper with `args`, placed in a pod's container (or just in
     /// the pod's network namespace when `container` is None), as `uid`.
     pub fn spawn(
-        &mut self,
+        &self,
         pod: &Pod,
         container: Option<&str>,
         uid: Option<u32>,
@@ -335,7 +515,7 @@ impl Node {
     }
 
     /// Starts the helper at an explicit placement; returns a handle index.
-    pub fn spawn_placed(&mut self, placement: &Placement, args: &[&str]) -> Result<usize> {
+    pub fn spawn_placed(&self, placement: &Placement, args: &[&str]) -> Result<usize> {
         let mut cmd = Command::new(&self.helper);
         cmd.args(args)
             .stdin(Stdio::null())
@@ -345,11 +525,12 @@ impl Node {
         let child = cmd
             .spawn()
             .with_context(|| format!("starting helper {args:?}"))?;
-        self.procs.push(Guarded {
+        let mut procs = self.procs.lock().unwrap_or_else(|e| e.into_inner());
+        procs.push(Guarded {
             child,
             what: format!("{args:?}"),
         });
-        Ok(self.procs.len() - 1)
+        Ok(procs.len() - 1)
     }
 
     /// Runs the helper to completion at a placement and returns its stdout.
@@ -387,8 +568,9 @@ impl Node {
     }
 
     /// Stops a spawned helper.
-    pub fn stop(&mut self, handle: usize) {
-        let p = &mut self.procs[handle];
+    pub fn stop(&self, handle: usize) {
+        let mut procs = self.procs.lock().unwrap_or_else(|e| e.into_inner());
+        let p = &mut procs[handle];
         let _ = p.child.kill();
         let _ = p.child.wait();
     }
@@ -452,6 +634,8 @@ impl Node {
         let mut how = String::new();
         let pids: Vec<String> = self
             .procs
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
             .iter()
             .map(|p| p.child.id().to_string())
             .collect();
@@ -471,11 +655,12 @@ impl Node {
 
 impl Drop for Node {
     fn drop(&mut self) {
-        for p in &mut self.procs {
+        let procs = self.procs.get_mut().unwrap_or_else(|e| e.into_inner());
+        for p in procs.iter_mut() {
             let _ = p.child.kill();
             let _ = p.child.wait();
         }
-        self.procs.clear();
+        procs.clear();
         for ns in self.netns.drain(..).rev() {
             let _ = ip(&["netns", "del", &ns]);
         }

@@ -10,7 +10,7 @@
 //! Size: MBE_CHURN_CYCLES pod add/remove cycles (default 10,000), MBE_CHURN_SEED to
 //! replay a run. Needs root (see datapath.rs).
 use std::{
-    collections::{BTreeMap, BTreeSet},
+    collections::{BTreeMap, BTreeSet, HashSet},
     time::{Duration, Instant},
 };
 
@@ -19,7 +19,7 @@ use merbridge_edge::{
     datapath::{cidr_rule_key, kernel_addr, port_rule_key},
     policy::{Desired, MeshSelection, desired_state},
     source::parse_pod_list,
-    sync::PodEntries,
+    sync::{PodEntries, ProxyCgroup},
 };
 use merbridge_edge_probes_common::{LocalPod, map_names};
 use merbridge_edge_testbed::{
@@ -105,7 +105,12 @@ impl PodMaps {
 /// The maps the agent must have programmed for `desired`: pod ids are the agent's
 /// choice, so each pod's id is read from its POD_BY_IP entry (a pod missing there is a
 /// difference of its own); cgroup ids are those of the directories the churn made.
-fn expected(desired: &Desired, churn: &Churn, actual: &PodMaps) -> (PodMaps, Vec<String>) {
+fn expected(
+    desired: &Desired,
+    churn: &Churn,
+    actual: &PodMaps,
+    preexisting: &HashSet<u64>,
+) -> (PodMaps, Vec<String>) {
     let by_ip: BTreeMap<&[u8], u32> = actual.0[1]
         .iter()
         .filter(|(_, v)| v.len() == size_of::<LocalPod>())
@@ -143,9 +148,40 @@ fn expected(desired: &Desired, churn: &Churn, actual: &PodMaps) -> (PodMaps, Vec
             .iter()
             .filter_map(|c| churn.cgroup_id(c))
             .collect();
-        want.add(&PodEntries::build(policy, pod_id, &cgroups), pod_id);
+        // No sidecar process listens in the soak; its cgroups are newer than the agent
+        // (the population is made after it starts) unless listed in `preexisting`.
+        let proxy_cgroup = policy
+            .proxy_container_id
+            .as_deref()
+            .and_then(|c| churn.cgroup_id(c))
+            .map(|id| ProxyCgroup {
+                id,
+                armed: !preexisting.contains(&id),
+            });
+        want.add(
+            &PodEntries::build(policy, pod_id, &cgroups, proxy_cgroup),
+            pod_id,
+        );
     }
     (want, problems)
+}
+
+/// The ids (inode numbers) of every cgroup directory at or below `root`.
+fn cgroup_ids_below(root: &std::path::Path) -> HashSet<u64> {
+    use std::os::unix::fs::MetadataExt;
+    let mut out = HashSet::new();
+    let mut stack = vec![root.to_path_buf()];
+    while let Some(dir) = stack.pop() {
+        if let Ok(m) = std::fs::metadata(&dir) {
+            out.insert(m.ino());
+        }
+        for e in std::fs::read_dir(&dir).into_iter().flatten().flatten() {
+            if e.file_type().is_ok_and(|t| t.is_dir()) {
+                stack.push(e.path());
+            }
+        }
+    }
+    out
 }
 
 /// VmRSS (kB) and open descriptors of process `pid`.
@@ -231,6 +267,9 @@ fn churn_soak_keeps_the_maps_equal_to_the_desired_state_and_the_agent_flat() {
     args.extend(server.agent_flags(&token, &pki.ca_file));
     args.extend(["--interval", "50ms", "--log-level", "info"].map(String::from));
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    // Sidecar cgroups that exist before the agent are not armed for inbound capture
+    // until a listener is seen there (none is, in the soak).
+    let preexisting = cgroup_ids_below(&node.cgroup_root);
     let mut agent = Agent::start(&args, &log).unwrap();
     agent
         .wait_log("reading pods from", Duration::from_secs(10))
@@ -252,7 +291,7 @@ fn churn_soak_keeps_the_maps_equal_to_the_desired_state_and_the_agent_flat() {
         let parsed = parse_pod_list("churn", &body).unwrap();
         assert!(parsed.skipped.is_empty(), "{:?}", parsed.skipped);
         let desired = desired_state(&parsed.pods, Some(NODE_NAME), MeshSelection::Auto);
-        let (want, mut problems) = expected(&desired, &churn, &actual);
+        let (want, mut problems) = expected(&desired, &churn, &actual, &preexisting);
         problems.extend(want.differences(&actual));
         assert!(
             problems.is_empty(),

@@ -157,10 +157,18 @@ fn exclusions_and_inclusions_of_ports_and_ranges() {
     write_pod_list(&f.pods_file, &pod_list(f.pods.values(), "edge-1")).unwrap();
     let agent = f.start_agent(&[]);
 
-    // a: excluded port → straight to b's app, neither sidecar sees it.
+    // a: excluded outbound port → not through sidecar a; b still captures it inbound
+    // (its own rules decide, as with the mesh's PREROUTING rules).
     assert_eq!(
         who(&f.client("a", &format!("{}:9002", b.ip4), &[])),
         "b-app"
+    );
+    let lb = wait_sidecar_lines(&f, "b", 0, 1);
+    assert!(
+        lb.len() == 1
+            && lb[0].contains("listener=inbound")
+            && lb[0].contains(&format!("orig={}:9002", b.ip4)),
+        "{lb:?}"
     );
     // a: excluded range → straight to c.
     assert_eq!(
@@ -169,7 +177,6 @@ fn exclusions_and_inclusions_of_ports_and_ranges() {
     );
     std::thread::sleep(Duration::from_millis(200));
     assert!(f.sidecar_log("a").is_empty(), "{:?}", f.sidecar_log("a"));
-    assert!(f.sidecar_log("b").is_empty(), "{:?}", f.sidecar_log("b"));
     // b: inbound 8081 excluded → sidecar a forwards, sidecar b is skipped. b's invalid
     // annotation is reported by name and ignored; the rest of the pod still applies.
     assert_eq!(
@@ -181,7 +188,7 @@ fn exclusions_and_inclusions_of_ports_and_ranges() {
         la.len() == 1 && la[0].contains(&format!("orig={}:8081", b.ip4)),
         "{la:?}"
     );
-    assert!(f.sidecar_log("b").is_empty(), "{:?}", f.sidecar_log("b"));
+    assert_eq!(f.sidecar_log("b").len(), 1, "{:?}", f.sidecar_log("b"));
     let log = agent.log();
     let warning: Vec<&str> = log
         .lines()
@@ -213,26 +220,39 @@ fn exclusions_and_inclusions_of_ports_and_ranges() {
 }
 
 #[test]
-fn plain_pods_and_host_processes_are_untouched() {
+fn plain_pods_and_host_processes_are_not_redirected_but_captured_inbound() {
     let Some(_serial) = kernel_test("untouched") else {
         return;
     };
     let f = Fixture::new(HELPER.as_ref(), istio_abc());
-    let _agent = f.start_agent(&[]);
-    let (a, b) = (f.pod("a").clone(), f.pod("b").clone());
+    let agent = f.start_agent(&[]);
+    let (a, b, c) = (f.pod("a").clone(), f.pod("b").clone(), f.pod("c").clone());
     assert_eq!(
         who(&f.client("c", &format!("{}:8080", b.ip4), &[])),
         "b-app"
     );
+    // A process of a meshed pod's netns but in no known cgroup: not redirected
+    // outbound either.
     let host = f.node.host_placement(&a);
     let out = f
         .node
         .run_placed(&host, &["client", &format!("{}:8080", b.ip4)])
         .unwrap();
     assert_eq!(who(&out), "b-app");
-    // A process of a meshed pod's netns but in no known cgroup: also untouched.
+    // Neither went through sidecar a; both were captured by b's sidecar inbound.
+    let lb = wait_sidecar_lines(&f, "b", 0, 2);
     std::thread::sleep(Duration::from_millis(200));
-    assert!(f.sidecar_log("a").is_empty() && f.sidecar_log("b").is_empty());
+    assert!(f.sidecar_log("a").is_empty(), "{:?}", f.sidecar_log("a"));
+    assert_eq!(lb.len(), 2, "{lb:?}");
+    for (line, from) in lb.iter().zip([c.ip4, a.ip4]) {
+        assert!(
+            line.contains("listener=inbound")
+                && line.contains(&format!("peer=[::ffff:{from}]"))
+                && line.contains(&format!("orig={}:8080", b.ip4)),
+            "{line}"
+        );
+    }
+    drop(agent);
 }
 
 #[test]
@@ -242,7 +262,7 @@ fn dns_capture_on_and_off() {
     };
     let mut specs = istio_abc();
     specs.push(PodSpec::istio("e").annotate("proxy.istio.io/dns-capture", "true"));
-    let mut f = Fixture::new(HELPER.as_ref(), specs);
+    let f = Fixture::new(HELPER.as_ref(), specs);
     let (c, e) = (f.pod("c").clone(), f.pod("e").clone());
     f.node
         .spawn(&c, Some("app"), None, &["udp-echo", "c-dns", "[::]:53"])

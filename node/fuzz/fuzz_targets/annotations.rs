@@ -26,7 +26,7 @@ use merbridge_edge::{
     annotations::{Listed, parse_cidrs, parse_ports, port_prefixes},
     mesh::{MESHES, Marker, MeshSpec},
     policy::{MeshSelection, desired_state},
-    sync::PodEntries,
+    sync::{PodEntries, ProxyCgroup},
 };
 
 /// Every annotation key the agent reads, with its mesh.
@@ -189,7 +189,7 @@ fn check_on_pod(mesh: &MeshSpec, key: &str, value: &str) {
             for (_, r) in &p.port_rules {
                 assert!(1 <= r.first && r.first <= r.last, "port range {r:?}");
             }
-            let _ = PodEntries::build(p, 1, &[1]);
+            let _ = PodEntries::build(p, 1, &[1], Some(ProxyCgroup { id: 1, armed: true }));
         }
     }
 }

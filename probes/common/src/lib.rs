@@ -29,6 +29,16 @@ pub mod map_names {
     pub const TUPLE_SLOTS: &str = "TUPLE_SLOTS";
     /// Per-CPU `u64` counters indexed by [`super::Counter`].
     pub const COUNTERS: &str = "COUNTERS";
+    /// Each meshed pod's inbound listening socket (sockhash by [`super::ListenerKey`]).
+    pub const INBOUND_LISTENERS: &str = "INBOUND_LISTENERS";
+    /// Sockets bound to a mesh inbound port, by cookie, until they listen.
+    pub const INBOUND_BINDS: &str = "INBOUND_BINDS";
+    /// The mesh inbound ports whose listeners are registered.
+    pub const INBOUND_PORTS: &str = "INBOUND_PORTS";
+    /// Connections sk_lookup handed to a sidecar, until they are established.
+    pub const CAPTURED_BY_TUPLE: &str = "CAPTURED_BY_TUPLE";
+    /// Per pod: inbound connections that reached a meshed app without its sidecar.
+    pub const BYPASS_BY_POD: &str = "BYPASS_BY_POD";
 }
 
 /// Names of the programs in the probe object (function names, as aya finds them).
@@ -45,6 +55,12 @@ pub mod program_names {
     pub const SK_MSG: &str = "mb_sk_msg";
     /// cgroup/sendmsg4 (DNS capture).
     pub const SENDMSG4: &str = "mb_sendmsg4";
+    /// sk_lookup, attached to each pod network namespace.
+    pub const SK_LOOKUP: &str = "mb_sk_lookup";
+    /// cgroup/post_bind4.
+    pub const POST_BIND4: &str = "mb_post_bind4";
+    /// cgroup/post_bind6.
+    pub const POST_BIND6: &str = "mb_post_bind6";
     /// cgroup/sendmsg6 (DNS capture).
     pub const SENDMSG6: &str = "mb_sendmsg6";
     /// cgroup/recvmsg4 (DNS capture).
@@ -77,6 +93,11 @@ pub const POD_OUT_VIA_LOOPBACK: u32 = 1 << 3;
 pub const POD_HAS_IP4: u32 = 1 << 4;
 /// The pod has an IPv6 address ([`PodInfo::ip6`] is valid).
 pub const POD_HAS_IP6: u32 = 1 << 5;
+/// Inbound capture is armed: a captured connection that finds no sidecar listener is
+/// refused (the sidecar is starting or restarting). Unarmed (a sidecar that was
+/// listening before the agent attached, and has not been seen listening since), such
+/// a connection passes to the app and is counted in the bypass ledger.
+pub const POD_INBOUND_ARMED: u32 = 1 << 6;
 
 /// What the agent tells the kernel about the pod a container cgroup belongs to.
 #[repr(C)]
@@ -102,7 +123,8 @@ pub struct PodInfo {
     pub _pad: [u16; 3],
 }
 
-/// What a proxy needs to know about a local meshed pod it connects to.
+/// What the datapath needs to know about a local meshed pod by its address: for
+/// proxies connecting to it, and for capturing its inbound connections.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct LocalPod {
@@ -114,6 +136,9 @@ pub struct LocalPod {
     pub inbound_port: u16,
     /// Padding; always zero.
     pub _pad: [u16; 3],
+    /// cgroup id of the pod's sidecar container, whose inbound listener receives the
+    /// pod's captured connections; 0 while unknown (inbound then refused).
+    pub proxy_cgroup: u64,
 }
 
 /// Kinds of port rules; part of [`PortRuleKey`].
@@ -163,6 +188,21 @@ pub struct CidrRuleKey {
     pub kind: u8,
     /// Address, network byte order; IPv4 as `::ffff:a.b.c.d`.
     pub addr: [u8; 16],
+}
+
+/// Key of an inbound listener in the listener sockhash: the cgroup of the container
+/// that bound it (the sidecar's, found through [`LocalPod::proxy_cgroup`]) and the
+/// listening socket's address family. Kernel cgroup ids, not agent-chosen pod ids, so
+/// a restarted agent that adopts the pinned sockhash finds the same sockets.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct ListenerKey {
+    /// cgroup id of the container that bound the socket.
+    pub cgroup: u64,
+    /// AF_INET (2) or AF_INET6 (10) of the listening socket.
+    pub family: u32,
+    /// Zero.
+    pub _pad: u32,
 }
 
 /// A destination the app asked for before the connect hook rewrote it.
@@ -234,7 +274,7 @@ impl SocketTuple {
 pub enum Counter {
     /// App connections rewritten to their sidecar's outbound port.
     RedirectOutbound = 0,
-    /// Proxy connections rewritten to a local pod's inbound port.
+    /// New inbound connections handed to a meshed pod's sidecar by sk_lookup.
     RedirectInbound = 1,
     /// Connections from meshed pods left untouched by policy (excluded, loopback, own pod).
     PassPolicy = 2,
@@ -252,10 +292,14 @@ pub enum Counter {
     DnsRedirected = 8,
     /// DNS replies whose source was restored to the original server.
     DnsRepliesRestored = 9,
+    /// New inbound connections refused because the pod's sidecar was not listening.
+    InboundRefused = 10,
+    /// Inbound connections that reached a meshed app without its sidecar.
+    InboundBypassed = 11,
 }
 
 /// Number of counters (size of the counters array).
-pub const COUNTER_COUNT: u32 = 10;
+pub const COUNTER_COUNT: u32 = 12;
 
 impl Counter {
     /// Every counter, in index order.
@@ -270,6 +314,8 @@ impl Counter {
         Counter::MapFull,
         Counter::DnsRedirected,
         Counter::DnsRepliesRestored,
+        Counter::InboundRefused,
+        Counter::InboundBypassed,
     ];
 
     /// Metric-style name of the counter.
@@ -285,6 +331,8 @@ impl Counter {
             Counter::MapFull => "map_full",
             Counter::DnsRedirected => "dns_redirected",
             Counter::DnsRepliesRestored => "dns_replies_restored",
+            Counter::InboundRefused => "inbound_refused",
+            Counter::InboundBypassed => "inbound_bypassed",
         }
     }
 }
@@ -312,4 +360,5 @@ mod user {
     unsafe impl aya::Pod for super::CidrRuleKey {}
     unsafe impl aya::Pod for super::OriginalDst {}
     unsafe impl aya::Pod for super::SocketTuple {}
+    unsafe impl aya::Pod for super::ListenerKey {}
 }

@@ -1,5 +1,6 @@
-//! cgroup/connect4 and cgroup/connect6: send a meshed app's connections to its sidecar,
-//! and a sidecar's connections to a local meshed pod to that pod's inbound port.
+//! cgroup/connect4 and cgroup/connect6: send a meshed app's connections to its sidecar.
+//! Inbound is captured at the receiving pod (`sk_lookup`), so a sidecar's connection
+//! keeps its destination; one to a local meshed pod is remembered for acceleration.
 //! Everything not positively known to be meshed is left alone (fail open).
 use aya_ebpf::{
     EbpfContext,
@@ -22,7 +23,7 @@ use crate::{
         POD_BY_CGROUP, POD_BY_IP, accelerate, count, release_tuple_slots, remember, remember_dns,
         reserve_tuple_slots,
     },
-    rules::{inbound_redirected, outbound_redirected},
+    rules::outbound_redirected,
 };
 
 const IPPROTO_TCP: u32 = 6;
@@ -106,19 +107,13 @@ pub fn decide(pod: &PodInfo, protocol: u32, dst: &[u32; 4], port: u16) -> Decisi
         return Decision::PairOnly;
     }
     if is_proxy {
-        // SAFETY: the value is copied out at once.
-        let Some(peer) = (unsafe { POD_BY_IP.get(dst).copied() }) else {
-            return Decision::Pass;
-        };
-        if !inbound_redirected(&peer, port) {
-            return Decision::Pass;
+        // A proxy's connection keeps its destination: a local meshed pod's sidecar
+        // receives it through sk_lookup there. The pair is local and can be accelerated.
+        // SAFETY: only presence is checked.
+        if unsafe { POD_BY_IP.get(dst) }.is_some() {
+            return Decision::PairOnly;
         }
-        return Decision::Rewrite {
-            addr: *dst,
-            port: peer.inbound_port,
-            flags: ORIGINAL_REDIRECTED,
-            bind_loopback: false,
-        };
+        return Decision::Pass;
     }
     if !outbound_redirected(pod, dst, port) {
         return Decision::Pass;
@@ -249,8 +244,6 @@ fn apply(
             unsafe { set_destination(sa, &addr, new_port, v4_ctx) };
             let counter = if flags & ORIGINAL_REDIRECTED == 0 {
                 Counter::DnsRedirected
-            } else if addr == dst {
-                Counter::RedirectInbound
             } else {
                 Counter::RedirectOutbound
             };

@@ -1,10 +1,12 @@
 //! cgroup/getsockopt: answers the proxy's `SO_ORIGINAL_DST` / `IP6T_SO_ORIGINAL_DST`
-//! for redirected connections; every other option passes through untouched.
+//! for redirected connections and for inbound connections sk_lookup captured; every other option passes through untouched.
 use aya_ebpf::{bindings::bpf_sockopt, macros::cgroup_sockopt, programs::SockoptContext};
-use merbridge_edge_probes_common::{Counter, ORIGINAL_REDIRECTED, SocketTuple, as_v4};
+use merbridge_edge_probes_common::{Counter, ORIGINAL_REDIRECTED, OriginalDst, SocketTuple, as_v4};
 
 use crate::{
     addr::{AF_INET, AF_INET6, normalise, read_words},
+    connect::current_pod,
+    inbound::capturing_pod,
     maps::{ORIGINAL_DST_BY_TUPLE, count},
 };
 
@@ -46,6 +48,24 @@ pub fn mb_getsockopt(ctx: SockoptContext) -> i32 {
     1
 }
 
+/// A socket sk_lookup handed to this pod's sidecar keeps the address the client
+/// dialled as its own local address: that is its original destination. Answered only
+/// to the pod's own processes, for sockets on the pod's address and a captured port.
+#[inline(always)]
+fn captured_inbound(tuple: &SocketTuple) -> Option<OriginalDst> {
+    let port = tuple.local_port as u16;
+    let pod = capturing_pod(&tuple.local_addr, &tuple.remote_addr, port)?;
+    if current_pod()?.pod_id != pod.pod_id {
+        return None;
+    }
+    Some(OriginalDst {
+        addr: tuple.local_addr,
+        port,
+        flags: ORIGINAL_REDIRECTED,
+        pod_id: pod.pod_id,
+    })
+}
+
 /// Writes the remembered destination as sockaddr_in/sockaddr_in6; false if unknown.
 #[inline(always)]
 unsafe fn answer_original_dst(so: *mut bpf_sockopt, level: i32, start: usize, end: usize) -> bool {
@@ -66,12 +86,13 @@ unsafe fn answer_original_dst(so: *mut bpf_sockopt, level: i32, start: usize, en
         let remote_port =
             u16::from_be(core::ptr::read_volatile(&raw const (*sk).dst_port as *const u32) as u16);
         let tuple = SocketTuple::new(local, remote, local_port, remote_port as u32);
-        let Some(original) = ORIGINAL_DST_BY_TUPLE.get(&tuple).copied() else {
-            return false;
+        let original = match ORIGINAL_DST_BY_TUPLE.get(&tuple).copied() {
+            Some(o) if o.flags & ORIGINAL_REDIRECTED != 0 => o,
+            _ => match captured_inbound(&tuple) {
+                Some(o) => o,
+                None => return false,
+            },
         };
-        if original.flags & ORIGINAL_REDIRECTED == 0 {
-            return false;
-        }
         let port_be = original.port.to_be();
         if level == SOL_IP {
             let Some(ip4) = as_v4(&original.addr) else {

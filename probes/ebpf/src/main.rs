@@ -6,11 +6,14 @@
 #![allow(internal_features)]
 
 mod addr;
+mod bind;
 mod connect;
 mod dns;
 mod getsockopt;
+mod inbound;
 mod maps;
 mod rules;
+mod sk_lookup;
 mod sk_msg;
 mod sockops;
 

@@ -6,7 +6,8 @@ use aya_ebpf::{
 };
 use core::intrinsics::{AtomicOrdering, atomic_xadd};
 use merbridge_edge_probes_common::{
-    COUNTER_COUNT, CidrRuleKey, Counter, LocalPod, OriginalDst, PodInfo, PortRuleKey, SocketTuple,
+    COUNTER_COUNT, CidrRuleKey, Counter, ListenerKey, LocalPod, OriginalDst, PodInfo, PortRuleKey,
+    SocketTuple,
 };
 
 /// Pod identity of each container cgroup of a meshed pod.
@@ -87,6 +88,41 @@ pub fn release_tuple_slots(n: u64) {
 /// Established local sockets, for sk_msg to find a socket's peer.
 #[map]
 pub static SOCK_BY_TUPLE: SockHash<SocketTuple> = SockHash::with_max_entries(65536, 0);
+
+/// Inbound listening sockets by the container cgroup that bound them. Pinned by the
+/// agent and adopted by the next one, so a restart keeps them.
+#[map]
+pub static INBOUND_LISTENERS: SockHash<ListenerKey> = SockHash::with_max_entries(2048, 0);
+
+/// Sockets bound to a mesh inbound port: cgroup id by cookie, until they listen.
+#[map]
+pub static INBOUND_BINDS: LruHashMap<u64, u64> = LruHashMap::with_max_entries(1024, 0);
+
+/// The mesh inbound ports (Istio 15006, Linkerd 4143, OSM 15003, and any a pod sets).
+#[map]
+pub static INBOUND_PORTS: HashMap<u16, u8> = HashMap::with_max_entries(64, 0);
+
+/// Connections sk_lookup handed to a sidecar, by the accepted socket's own view, until
+/// sockops sees them established (LRU: a SYN that never completes ages out).
+#[map]
+pub static CAPTURED_BY_TUPLE: LruHashMap<SocketTuple, u8> = LruHashMap::with_max_entries(16384, 0);
+
+/// Per pod address: inbound connections that reached a meshed app without its sidecar.
+#[map]
+pub static BYPASS_BY_POD: HashMap<[u32; 4], u64> = HashMap::with_max_entries(2048, 0);
+
+/// Counts one inbound connection to `pod_addr` that bypassed its sidecar.
+#[inline(always)]
+pub fn count_bypass(pod_addr: &[u32; 4]) {
+    count(Counter::InboundBypassed, 1);
+    if BYPASS_BY_POD.get_ptr_mut(pod_addr).is_none() {
+        let _ = BYPASS_BY_POD.insert(pod_addr, &0, 1 /* BPF_NOEXIST */);
+    }
+    if let Some(slot) = BYPASS_BY_POD.get_ptr_mut(pod_addr) {
+        // SAFETY: an aligned u64 map value, updated only atomically.
+        unsafe { atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(slot, 1) };
+    }
+}
 
 /// Event counters, one slot per [`Counter`].
 #[map]

@@ -5,7 +5,7 @@ use aya_ebpf::{
     bindings::{
         BPF_ANY, BPF_EXIST, BPF_NOEXIST, BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB,
         BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB, BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_STATE_CB_FLAG,
-        BPF_SOCK_OPS_TCP_CONNECT_CB, BPF_TCP_CLOSE, bpf_sock_ops,
+        BPF_SOCK_OPS_TCP_CONNECT_CB, BPF_SOCK_OPS_TCP_LISTEN_CB, BPF_TCP_CLOSE, bpf_sock_ops,
     },
     helpers::generated::bpf_get_socket_cookie,
     macros::sock_ops,
@@ -15,11 +15,49 @@ use merbridge_edge_probes_common::{Counter, OriginalDst, SocketTuple};
 
 use crate::{
     addr::{AF_INET, AF_INET6, both_loopback, normalise, read_words},
+    inbound::{capturing_pod, listener_key},
     maps::{
-        ORIGINAL_DST_BY_COOKIE, ORIGINAL_DST_BY_TUPLE, SOCK_BY_TUPLE, accelerate, count,
-        release_tuple_slots,
+        CAPTURED_BY_TUPLE, INBOUND_BINDS, INBOUND_LISTENERS, ORIGINAL_DST_BY_COOKIE,
+        ORIGINAL_DST_BY_TUPLE, SOCK_BY_TUPLE, accelerate, count, count_bypass, release_tuple_slots,
     },
 };
+
+/// A socket bound to a mesh inbound port now listens: it becomes the inbound listener
+/// of the container that bound it; sk_lookup finds it through the pod's sidecar cgroup.
+#[inline(always)]
+fn register_listener(ctx: &SockOpsContext) {
+    // SAFETY: the helper takes the sock_ops context.
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.ops as *mut _) };
+    // SAFETY: copied out at once.
+    let Some(cgroup) = (unsafe { INBOUND_BINDS.get(&cookie).copied() }) else {
+        return;
+    };
+    let _ = INBOUND_BINDS.remove(&cookie);
+    // SAFETY: the sock_ops context is what the helper expects.
+    let ops = unsafe { &mut *ctx.ops };
+    let key = listener_key(cgroup, ctx.family());
+    if INBOUND_LISTENERS.update(key, ops, BPF_ANY as u64).is_err() {
+        count(Counter::MapFull, 1);
+    }
+}
+
+/// The bypass ledger: an established inbound connection to a meshed pod's captured
+/// port that sk_lookup did not hand to the sidecar reached someone else (the app).
+#[inline(always)]
+fn audit_inbound(tuple: &SocketTuple) {
+    if capturing_pod(
+        &tuple.local_addr,
+        &tuple.remote_addr,
+        tuple.local_port as u16,
+    )
+    .is_none()
+    {
+        return;
+    }
+    if CAPTURED_BY_TUPLE.remove(tuple).is_err() {
+        count_bypass(&tuple.local_addr);
+    }
+}
 
 /// This socket's own view of its connection, or None for non-IP sockets.
 #[inline(always)]
@@ -112,7 +150,9 @@ pub fn mb_sockops(ctx: SockOpsContext) -> u32 {
                 let _ = ctx.set_cb_flags((ctx.cb_flags() | BPF_SOCK_OPS_STATE_CB_FLAG) as i32);
             }
         }
+        BPF_SOCK_OPS_TCP_LISTEN_CB => register_listener(&ctx),
         BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB => {
+            audit_inbound(&tuple);
             // SAFETY: copied out at once.
             let Some(original) = (unsafe { ORIGINAL_DST_BY_TUPLE.get(&tuple.reversed()).copied() })
             else {
