@@ -18,6 +18,9 @@ use crate::{cgroups, datapath};
 pub enum Impact {
     /// Only informational.
     None,
+    /// Inbound capture (sk_lookup) must be off; inbound reaches apps directly unless
+    /// the mesh's own iptables rules capture it.
+    InboundCapture,
     /// sk_msg acceleration must be off; redirection works.
     Acceleration,
     /// The agent cannot run.
@@ -47,6 +50,8 @@ pub struct Item {
 pub enum Verdict {
     /// Everything works.
     Full,
+    /// Everything but inbound capture at the receiving pod.
+    WithoutInboundCapture,
     /// Redirection works; sk_msg acceleration must be off.
     WithoutAcceleration,
     /// The agent cannot run.
@@ -54,10 +59,12 @@ pub enum Verdict {
 }
 
 impl Verdict {
-    /// Exit status of `check`: 0 full, 3 without acceleration, 1 cannot run.
+    /// Exit status of `check`: 0 full, 4 without inbound capture, 3 without
+    /// acceleration (inbound capture may be missing too: see the items), 1 cannot run.
     pub fn exit_code(self) -> i32 {
         match self {
             Verdict::Full => 0,
+            Verdict::WithoutInboundCapture => 4,
             Verdict::WithoutAcceleration => 3,
             Verdict::Cannot => 1,
         }
@@ -331,6 +338,18 @@ pub fn run_checks() -> Report {
             "sk_msg acceleration (4.17+)",
             Impact::Acceleration,
         ),
+        (
+            "program type sk_lookup",
+            ProgramType::SkLookup,
+            "inbound capture at the receiving pod (5.9+)",
+            Impact::InboundCapture,
+        ),
+        (
+            "program type cgroup sock",
+            ProgramType::CgroupSock,
+            "post_bind4/6: finding the sidecars' inbound listeners (4.17+)",
+            Impact::InboundCapture,
+        ),
     ] {
         let (ok, detail) = answer(
             is_program_supported(ty),
@@ -436,6 +455,27 @@ pub fn run_checks() -> Report {
             "sk_msg: moving data to the peer socket (4.18+)",
             Impact::Acceleration,
         ),
+        (
+            H::BPF_FUNC_sk_assign,
+            "bpf_sk_assign",
+            ProgramType::SkLookup,
+            "sk_lookup: handing a connection to the sidecar (5.9+)",
+            Impact::InboundCapture,
+        ),
+        (
+            H::BPF_FUNC_get_current_cgroup_id,
+            "bpf_get_current_cgroup_id",
+            ProgramType::CgroupSock,
+            "post_bind: which container binds a sidecar port",
+            Impact::InboundCapture,
+        ),
+        (
+            H::BPF_FUNC_get_socket_cookie,
+            "bpf_get_socket_cookie",
+            ProgramType::CgroupSock,
+            "post_bind: remembering a sidecar's listener until it listens",
+            Impact::InboundCapture,
+        ),
     ] {
         let (ok, detail) = answer(
             is_helper_supported(ty, helper),
@@ -456,23 +496,36 @@ pub fn run_checks() -> Report {
         .iter()
         .all(|i| i.ok || i.impact != Impact::Acceleration);
     for (name, result) in datapath::verify_probes(accelerate_possible) {
+        use merbridge_edge_probes_common::program_names as p;
+        let (needed_by, impact) = match name {
+            p::SK_MSG => ("sk_msg acceleration", Impact::Acceleration),
+            p::SK_LOOKUP | p::POST_BIND4 | p::POST_BIND6 => {
+                ("inbound capture", Impact::InboundCapture)
+            }
+            _ => ("redirection", Impact::Fatal),
+        };
         items.push(item(
             &format!("probe {name} passes the verifier"),
             result.is_ok(),
             result.err().unwrap_or_else(|| "loaded".into()),
-            if name == merbridge_edge_probes_common::program_names::SK_MSG {
-                "sk_msg acceleration"
-            } else {
-                "redirection"
-            },
-            if name == merbridge_edge_probes_common::program_names::SK_MSG {
-                Impact::Acceleration
-            } else {
-                Impact::Fatal
-            },
+            needed_by,
+            impact,
             "run with --log-level debug and report the verifier message",
         ));
     }
+    let netns = std::path::Path::new(crate::pod_netns::DEFAULT_NETNS_DIR);
+    let (ok, detail) = match std::fs::read_dir(netns) {
+        Ok(entries) => (true, format!("readable, {} namespaces", entries.count())),
+        Err(e) => (false, format!("{}: {e}", netns.display())),
+    };
+    items.push(item(
+        "pod network namespace files",
+        ok,
+        detail,
+        "inbound capture: sk_lookup is attached to each pod network namespace",
+        Impact::InboundCapture,
+        "mount the host's /var/run/netns (read-only, HostToContainer propagation), or pass --netns-dir",
+    ));
     Report {
         kernel: format!("{release} {machine}"),
         verdict: verdict_of(&items),
@@ -480,10 +533,20 @@ pub fn run_checks() -> Report {
     }
 }
 
+impl Report {
+    /// Whether inbound capture can run (no item it needs is missing).
+    pub fn inbound_capture_possible(&self) -> bool {
+        self.items
+            .iter()
+            .all(|i| i.ok || i.impact != Impact::InboundCapture)
+    }
+}
+
 /// The verdict: what the worst missing item costs.
 fn verdict_of(items: &[Item]) -> Verdict {
     match items.iter().map(|i| i.impact).max().unwrap_or(Impact::None) {
         Impact::None => Verdict::Full,
+        Impact::InboundCapture => Verdict::WithoutInboundCapture,
         Impact::Acceleration => Verdict::WithoutAcceleration,
         Impact::Fatal => Verdict::Cannot,
     }
@@ -496,7 +559,7 @@ pub fn render(r: &Report) -> String {
     for i in &r.items {
         let mark = if i.ok {
             "ok     "
-        } else if i.impact == Impact::Acceleration {
+        } else if matches!(i.impact, Impact::Acceleration | Impact::InboundCapture) {
             "limited"
         } else {
             "MISSING"
@@ -512,6 +575,8 @@ pub fn render(r: &Report) -> String {
         "\n{}",
         match r.verdict {
             Verdict::Full => "verdict: the agent can run here with every feature",
+            Verdict::WithoutInboundCapture =>
+                "verdict: the agent can run here with inbound capture off (--no-inbound-capture): inbound reaches apps directly unless the mesh's iptables capture it",
             Verdict::WithoutAcceleration =>
                 "verdict: the agent can run here with sk_msg acceleration off (--no-accelerate)",
             Verdict::Cannot => "verdict: the agent cannot run here; see the MISSING lines",

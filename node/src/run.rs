@@ -137,8 +137,20 @@ pub fn run(opts: RunOptions) -> Result<()> {
     let cgroup_root = cgroups::resolve_cgroup_root(opts.cgroup_root.as_deref())?;
     let report = check::run_checks();
     let mut accelerate = opts.accelerate;
+    let mut netns_dir = opts.netns_dir.clone();
+    if netns_dir.is_some() && !report.inbound_capture_possible() {
+        for i in report
+            .items
+            .iter()
+            .filter(|i| !i.ok && i.impact == check::Impact::InboundCapture)
+        {
+            warn!("{}: {} (needed by {})", i.what, i.detail, i.needed_by);
+        }
+        warn!("inbound capture is not possible here: running without it (inbound reaches apps directly unless the mesh's iptables capture it)");
+        netns_dir = None;
+    }
     match report.verdict {
-        Verdict::Full => {}
+        Verdict::Full | Verdict::WithoutInboundCapture => {}
         Verdict::WithoutAcceleration if accelerate => {
             for i in report.items.iter().filter(|i| !i.ok) {
                 warn!("{}: {} (needed by {})", i.what, i.detail, i.needed_by);
@@ -167,10 +179,10 @@ pub fn run(opts: RunOptions) -> Result<()> {
         bpffs: opts.bpffs.clone(),
         accelerate,
         sizes: opts.sizes,
-        netns_dir: opts.netns_dir.clone(),
+        netns_dir: netns_dir.clone(),
         inbound_ports,
     })?;
-    let inbound_capture = match (&opts.netns_dir, dp.listeners_pin()) {
+    let inbound_capture = match (&netns_dir, dp.listeners_pin()) {
         (None, _) => "off (--no-inbound-capture): inbound reaches apps directly unless the mesh's iptables capture it".to_string(),
         (Some(d), Some(pin)) => format!("sk_lookup in each network namespace under {}; listeners pinned at {}", d.display(), pin.display()),
         (Some(d), None) => format!("sk_lookup in each network namespace under {}; listeners not pinned (no writable bpffs)", d.display()),

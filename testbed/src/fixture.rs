@@ -255,6 +255,22 @@ pub fn counters(agent: &mut Agent) -> BTreeMap<String, u64> {
         .collect()
 }
 
+/// Asserts that the bypass ledger reads 0 for every pod: no inbound connection reached
+/// a meshed app without its sidecar.
+pub fn assert_no_bypass(agent: &mut Agent) {
+    // The ledger is published once per interval.
+    std::thread::sleep(Duration::from_millis(500));
+    let (_, body) = agent.http_get("/metrics").expect("/metrics");
+    let samples: Vec<&str> = body
+        .lines()
+        .filter(|l| l.starts_with("merbridge_edge_inbound_bypassed_total{"))
+        .collect();
+    assert!(!samples.is_empty(), "no bypass ledger in /metrics:\n{body}");
+    for s in samples {
+        assert!(s.ends_with(" 0"), "the bypass ledger: {s}");
+    }
+}
+
 /// Our programs attached at or below `path` (bpftool cgroup tree).
 pub fn programs_attached_below(path: &std::path::Path) -> String {
     let out = Command::new("bpftool")

@@ -13,7 +13,7 @@ use merbridge_edge_testbed::{
     Node, Pod, PodSpec,
     agent::Agent,
     fixture::{
-        APP_UID, Fixture, PROXY_UID, assert_detached_and_direct,
+        APP_UID, Fixture, PROXY_UID, assert_detached_and_direct, assert_no_bypass,
         assert_outbound_ipv4_through_both_sidecars, counters, istio_abc, kernel_test,
         programs_attached_below, wait_sidecar_lines, who,
     },
@@ -28,8 +28,9 @@ fn outbound_ipv4_goes_through_both_sidecars_with_the_original_destination() {
         return;
     };
     let f = Fixture::new(HELPER.as_ref(), istio_abc());
-    let _agent = f.start_agent(&[]);
+    let mut agent = f.start_agent(&[]);
     assert_outbound_ipv4_through_both_sidecars(&f);
+    assert_no_bypass(&mut agent);
 }
 
 #[test]
@@ -38,7 +39,7 @@ fn outbound_ipv6_goes_through_both_sidecars_with_the_original_destination() {
         return;
     };
     let f = Fixture::new(HELPER.as_ref(), istio_abc());
-    let _agent = f.start_agent(&[]);
+    let mut agent = f.start_agent(&[]);
     let b = f.pod("b").clone();
     let out = f.client("a", &format!("[{}]:8080", b.ip6), &[]);
     assert_eq!(who(&out), "b-app", "{out}");
@@ -56,6 +57,7 @@ fn outbound_ipv6_goes_through_both_sidecars_with_the_original_destination() {
             && lb[0].contains(&format!("orig=[{}]:8080", b.ip6)),
         "{lb:?}"
     );
+    assert_no_bypass(&mut agent);
 }
 
 #[test]
@@ -64,7 +66,7 @@ fn proxy_to_its_own_pod_is_untouched_and_never_fails() {
         return;
     };
     let f = Fixture::new(HELPER.as_ref(), istio_abc());
-    let _agent = f.start_agent(&[]);
+    let mut agent = f.start_agent(&[]);
     let b = f.pod("b").clone();
     for target in [
         format!("{}:8080", b.ip4),
@@ -94,6 +96,7 @@ fn proxy_to_its_own_pod_is_untouched_and_never_fails() {
     let lb = wait_sidecar_lines(&f, "b", 0, 30);
     assert_eq!(lb.len(), 30);
     assert!(lb.iter().all(|l| !l.contains("orig=error")), "{lb:?}");
+    assert_no_bypass(&mut agent);
 }
 
 #[test]
@@ -155,7 +158,7 @@ fn exclusions_and_inclusions_of_ports_and_ranges() {
         ],
     );
     write_pod_list(&f.pods_file, &pod_list(f.pods.values(), "edge-1")).unwrap();
-    let agent = f.start_agent(&[]);
+    let mut agent = f.start_agent(&[]);
 
     // a: excluded outbound port → not through sidecar a; b still captures it inbound
     // (its own rules decide, as with the mesh's PREROUTING rules).
@@ -217,6 +220,7 @@ fn exclusions_and_inclusions_of_ports_and_ranges() {
     assert_eq!(ld.len(), 2, "{ld:?}");
     assert!(ld[0].contains(&format!("orig={}:8080", b.ip4)), "{ld:?}");
     assert!(ld[1].contains(&format!("orig={}:8081", c.ip4)), "{ld:?}");
+    assert_no_bypass(&mut agent);
 }
 
 #[test]
@@ -225,7 +229,7 @@ fn plain_pods_and_host_processes_are_not_redirected_but_captured_inbound() {
         return;
     };
     let f = Fixture::new(HELPER.as_ref(), istio_abc());
-    let agent = f.start_agent(&[]);
+    let mut agent = f.start_agent(&[]);
     let (a, b, c) = (f.pod("a").clone(), f.pod("b").clone(), f.pod("c").clone());
     assert_eq!(
         who(&f.client("c", &format!("{}:8080", b.ip4), &[])),
@@ -252,7 +256,7 @@ fn plain_pods_and_host_processes_are_not_redirected_but_captured_inbound() {
             "{line}"
         );
     }
-    drop(agent);
+    assert_no_bypass(&mut agent);
 }
 
 #[test]

@@ -172,7 +172,8 @@ fn the_agent_holds_three_capabilities_and_nothing_privileged() {
     assert_eq!(m.setpriv_capabilities(), "-all,+bpf,+net_admin,+perfmon");
     assert_eq!(sc.seccomp_profile.unwrap().type_, "RuntimeDefault");
 
-    // Host access: the cgroup2 hierarchy (read-only) and bpffs, nothing else.
+    // Host access: the cgroup2 hierarchy (read-only), bpffs and the pod network
+    // namespace files (read-only, new ones propagated), nothing else.
     let host_paths: BTreeSet<String> = pod
         .volumes
         .unwrap()
@@ -181,11 +182,19 @@ fn the_agent_holds_three_capabilities_and_nothing_privileged() {
         .collect();
     assert_eq!(
         host_paths,
-        BTreeSet::from(["/sys/fs/cgroup".to_string(), "/sys/fs/bpf".into()])
+        BTreeSet::from([
+            "/sys/fs/cgroup".to_string(),
+            "/sys/fs/bpf".into(),
+            "/var/run/netns".into()
+        ])
     );
     let mounts = agent.volume_mounts.clone().unwrap();
     let cgroup = mounts.iter().find(|m| m.name == "host-cgroup").unwrap();
     assert_eq!(cgroup.read_only, Some(true));
+    let netns = mounts.iter().find(|m| m.name == "pod-netns").unwrap();
+    assert_eq!(netns.mount_path, "/var/run/netns");
+    assert_eq!(netns.read_only, Some(true));
+    assert_eq!(netns.mount_propagation.as_deref(), Some("HostToContainer"));
 
     // Node name and address from the downward API.
     let env = agent.env.clone().unwrap();

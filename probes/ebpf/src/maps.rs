@@ -107,6 +107,13 @@ pub static INBOUND_PORTS: HashMap<u16, u8> = HashMap::with_max_entries(64, 0);
 #[map]
 pub static CAPTURED_BY_TUPLE: LruHashMap<SocketTuple, u8> = LruHashMap::with_max_entries(16384, 0);
 
+/// Local pairs whose connecting side is in the sockhash, by that side's tuple without
+/// the destination port, until the accepting side is established: when the mesh's
+/// iptables REDIRECT changed the port on the way, the accepting side cannot be paired
+/// and the connecting side is taken out of the sockhash (see sockops).
+#[map]
+pub static PAIR_PENDING: LruHashMap<SocketTuple, u32> = LruHashMap::with_max_entries(4096, 0);
+
 /// Per pod address: inbound connections that reached a meshed app without its sidecar.
 #[map]
 pub static BYPASS_BY_POD: HashMap<[u32; 4], u64> = HashMap::with_max_entries(2048, 0);

@@ -7,18 +7,19 @@ use aya_ebpf::{
         BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB, BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_STATE_CB_FLAG,
         BPF_SOCK_OPS_TCP_CONNECT_CB, BPF_SOCK_OPS_TCP_LISTEN_CB, BPF_TCP_CLOSE, bpf_sock_ops,
     },
-    helpers::generated::bpf_get_socket_cookie,
+    helpers::generated::{bpf_get_socket_cookie, bpf_map_delete_elem},
     macros::sock_ops,
     programs::SockOpsContext,
 };
-use merbridge_edge_probes_common::{Counter, OriginalDst, SocketTuple};
+use merbridge_edge_probes_common::{Counter, ORIGINAL_PAIR_ONLY, OriginalDst, SocketTuple};
 
 use crate::{
     addr::{AF_INET, AF_INET6, both_loopback, normalise, read_words},
     inbound::{capturing_pod, listener_key},
     maps::{
         CAPTURED_BY_TUPLE, INBOUND_BINDS, INBOUND_LISTENERS, ORIGINAL_DST_BY_COOKIE,
-        ORIGINAL_DST_BY_TUPLE, SOCK_BY_TUPLE, accelerate, count, count_bypass, release_tuple_slots,
+        ORIGINAL_DST_BY_TUPLE, PAIR_PENDING, SOCK_BY_TUPLE, accelerate, count, count_bypass,
+        release_tuple_slots,
     },
 };
 
@@ -39,6 +40,12 @@ fn register_listener(ctx: &SockOpsContext) {
     if INBOUND_LISTENERS.update(key, ops, BPF_ANY as u64).is_err() {
         count(Counter::MapFull, 1);
     }
+}
+
+/// A tuple without its remote port: the key of [`PAIR_PENDING`].
+#[inline(always)]
+fn without_remote_port(t: &SocketTuple) -> SocketTuple {
+    SocketTuple::new(t.local_addr, t.remote_addr, t.local_port, 0)
 }
 
 /// The bypass ledger: an established inbound connection to a meshed pod's captured
@@ -139,6 +146,9 @@ pub fn mb_sockops(ctx: SockOpsContext) -> u32 {
                 return 1;
             }
             record(&ctx, &tuple, &original);
+            if original.flags & ORIGINAL_PAIR_ONLY != 0 && accelerate() {
+                let _ = PAIR_PENDING.insert(&without_remote_port(&tuple), &tuple.remote_port, 0);
+            }
         }
         BPF_SOCK_OPS_TCP_CONNECT_CB => {
             // SAFETY: the helper takes the sock_ops context.
@@ -153,9 +163,28 @@ pub fn mb_sockops(ctx: SockOpsContext) -> u32 {
         BPF_SOCK_OPS_TCP_LISTEN_CB => register_listener(&ctx),
         BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB => {
             audit_inbound(&tuple);
+            let peer = tuple.reversed();
             // SAFETY: copied out at once.
-            let Some(original) = (unsafe { ORIGINAL_DST_BY_TUPLE.get(&tuple.reversed()).copied() })
-            else {
+            let pending = unsafe { PAIR_PENDING.get(&without_remote_port(&peer)).copied() };
+            if pending.is_some() {
+                let _ = PAIR_PENDING.remove(&without_remote_port(&peer));
+            }
+            // SAFETY: copied out at once.
+            let Some(original) = (unsafe { ORIGINAL_DST_BY_TUPLE.get(&peer).copied() }) else {
+                if let Some(port) = pending {
+                    // The connecting side dialled another port (the mesh's REDIRECT
+                    // changed it): it has no peer to pair with, and a socket left in the
+                    // sockhash with its data passing over NAT was seen reset under load.
+                    let dialled =
+                        SocketTuple::new(peer.local_addr, peer.remote_addr, peer.local_port, port);
+                    // SAFETY: the map is this program's sockhash, the key its key type.
+                    let _ = unsafe {
+                        bpf_map_delete_elem(
+                            &raw const SOCK_BY_TUPLE as *mut core::ffi::c_void,
+                            &raw const dialled as *const core::ffi::c_void,
+                        )
+                    };
+                }
                 return 1;
             };
             record(&ctx, &tuple, &original);

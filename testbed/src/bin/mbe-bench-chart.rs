@@ -5,7 +5,8 @@ use anyhow::{Context, Result, bail};
 use plotters::prelude::*;
 use serde_json::Value;
 
-/// The `field` of the cell of `variant` matching `workload`, `size`, `concurrency`.
+/// The `field` of the same-node cell of `variant` matching `workload`, `size`,
+/// `concurrency`.
 fn figure(
     cells: &[Value],
     variant: &str,
@@ -22,6 +23,7 @@ fn figure(
                 && c["size"] == size
                 && c["concurrency"] == conc
                 && c.get("conntrack_max").is_none()
+                && c["from"].as_str().unwrap_or("pod") == "pod"
         })
         .and_then(|c| c[field].as_f64())
         .with_context(|| format!("no {field} for {variant} {workload} {size} B c={conc}"))

@@ -1,10 +1,13 @@
 //! The datapath benchmark: one node, two Istio pods (app + sidecar stand-in each), and
-//! five ways from app A to app B, measured in interleaved rounds in one run:
+//! six ways from app A to app B, measured in interleaved rounds in one run:
 //! `direct` (no sidecars), `explicit-proxy` (app A dials sidecar A, which dials sidecar
 //! B: no interception), `iptables` (istio-iptables' nat rules), `ebpf` (the agent with
-//! sk_msg acceleration off) and `ebpf-sockmap` (on). Workloads: request/response on
-//! persistent connections (64 B, 16 KiB; concurrency 1, 16), a connection per request
-//! (concurrency 16, with conntrack entries counted), and 64 KiB streams (1, 4).
+//! sk_msg acceleration off), `ebpf-sockmap` (on) and `ebpf+iptables` (the agent as
+//! shipped with istio-iptables' rules still in the pods). Workloads: request/response
+//! on persistent connections (64 B, 16 KiB; concurrency 1, 16), a connection per
+//! request (concurrency 16, with conntrack entries counted), and 64 KiB streams (1, 4);
+//! and the same kinds inbound from another node (a network namespace routed through
+//! the host, outside the node's cgroups) to app B, through B's sidecar only.
 //!
 //! Every reply is checked byte for byte and every variant is checked to have taken its
 //! path before it is timed. Needs root. `--quick` (one short round, for CI) or full;
@@ -14,12 +17,14 @@
 use std::{collections::BTreeMap, fmt::Write as _, fs, process::Command, time::Duration};
 
 use anyhow::{Context, Result, bail};
+use merbridge_edge_testbed::node::missing_prerequisite;
 use merbridge_edge_testbed::{
     Node, Pod, PodSpec,
     agent::Agent,
-    fixture::start_stand_ins,
+    node::RemoteNode,
+    fixture::{start_sidecar, start_stand_ins},
     iptables::install_istio_iptables,
-    node::missing_prerequisite,
+
     podlist::{pod_list, write_pod_list},
     proc::run,
 };
@@ -39,13 +44,23 @@ fn check_interrupt() -> Result<()> {
     Ok(())
 }
 
-const VARIANTS: [&str; 5] = [
+const VARIANTS: [&str; 6] = [
     "direct",
     "explicit-proxy",
     "iptables",
     "ebpf",
     "ebpf-sockmap",
+    "ebpf+iptables",
 ];
+
+/// Where the load comes from.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum From {
+    /// App A on the same node (A's sidecar, then B's).
+    PodA,
+    /// Another node (B's sidecar only).
+    OtherNode,
+}
 
 /// One workload setting.
 #[derive(Clone, Copy)]
@@ -53,45 +68,34 @@ struct Cell {
     workload: &'static str,
     size: usize,
     concurrency: usize,
+    from: From,
 }
 
-const CELLS: [Cell; 7] = [
+const fn cell(workload: &'static str, size: usize, concurrency: usize, from: From) -> Cell {
     Cell {
-        workload: "rr",
-        size: 64,
-        concurrency: 1,
-    },
-    Cell {
-        workload: "rr",
-        size: 64,
-        concurrency: 16,
-    },
-    Cell {
-        workload: "rr",
-        size: 16384,
-        concurrency: 1,
-    },
-    Cell {
-        workload: "rr",
-        size: 16384,
-        concurrency: 16,
-    },
-    Cell {
-        workload: "conns",
-        size: 64,
-        concurrency: 16,
-    },
-    Cell {
-        workload: "stream",
-        size: 65536,
-        concurrency: 1,
-    },
-    Cell {
-        workload: "stream",
-        size: 65536,
-        concurrency: 4,
-    },
+        workload,
+        size,
+        concurrency,
+        from,
+    }
+}
+
+/// The cells; `CONNS` and `REMOTE_CONNS` index the connection-per-request ones.
+const CELLS: [Cell; 11] = [
+    cell("rr", 64, 1, From::PodA),
+    cell("rr", 64, 16, From::PodA),
+    cell("rr", 16384, 1, From::PodA),
+    cell("rr", 16384, 16, From::PodA),
+    cell("conns", 64, 16, From::PodA),
+    cell("stream", 65536, 1, From::PodA),
+    cell("stream", 65536, 4, From::PodA),
+    cell("rr", 64, 1, From::OtherNode),
+    cell("rr", 64, 16, From::OtherNode),
+    cell("conns", 64, 16, From::OtherNode),
+    cell("stream", 65536, 1, From::OtherNode),
 ];
+const CONNS: usize = 4;
+const REMOTE_CONNS: usize = 9;
 
 /// Figures of one cell in one round.
 #[derive(Clone, Default)]
@@ -137,11 +141,8 @@ fn in_netns(netns: &str, args: &[&str]) -> Result<String> {
     run(Command::new("ip").args(["netns", "exec", netns]).args(args))
 }
 
-fn conntrack_count(pod: &Pod) -> f64 {
-    in_netns(
-        &pod.netns,
-        &["cat", "/proc/sys/net/netfilter/nf_conntrack_count"],
-    )
+fn conntrack_count(netns: &str) -> f64 {
+    in_netns(netns, &["cat", "/proc/sys/net/netfilter/nf_conntrack_count"])
     .ok()
     .and_then(|s| s.trim().parse().ok())
     .unwrap_or(0.0)
@@ -151,6 +152,7 @@ struct Bench {
     node: Node,
     a: Pod,
     b: Pod,
+    remote: RemoteNode,
     pods_file: std::path::PathBuf,
 }
 
@@ -163,30 +165,47 @@ impl Bench {
             .collect()
     }
 
-    fn target(&self, variant: &str) -> String {
-        if variant == "explicit-proxy" {
-            "127.0.0.1:15101".into()
-        } else {
-            format!("{}:8080", self.b.ip4)
+    fn target(&self, variant: &str, from: From) -> String {
+        match (variant, from) {
+            ("explicit-proxy", From::PodA) => "127.0.0.1:15101".into(),
+            ("explicit-proxy", From::OtherNode) => format!("{}:15106", self.b.ip4),
+            _ => format!("{}:8080", self.b.ip4),
         }
+    }
+
+    /// Runs the stand-in helper where `from` says.
+    fn run_from(&self, from: From, args: &[&str]) -> Result<String> {
+        match from {
+            From::PodA => self.node.run_in(&self.a, Some("app"), Some(1000), args),
+            From::OtherNode => self.node.run_placed(&self.remote.placement, args),
+        }
+    }
+
+    /// Conntrack entries in the pods and on the node.
+    fn conntrack(&self) -> f64 {
+        conntrack_count(&self.a.netns)
+            + conntrack_count(&self.b.netns)
+            + conntrack_count(self.node.host_netns())
     }
 
     /// Turns interception on for `variant`; the agent when it is an eBPF one.
     fn enable(&self, variant: &str) -> Result<Option<Agent>> {
+        if matches!(variant, "iptables" | "ebpf+iptables") {
+            install_istio_iptables(&self.a.netns)?;
+            install_istio_iptables(&self.b.netns)?;
+        }
         match variant {
-            "iptables" => {
-                install_istio_iptables(&self.a.netns)?;
-                install_istio_iptables(&self.b.netns)?;
-                Ok(None)
-            }
-            "ebpf" | "ebpf-sockmap" => {
+            "ebpf" | "ebpf-sockmap" | "ebpf+iptables" => {
                 let root = self.node.cgroup_root.display().to_string();
+                let bpffs = self.node.bpffs.display().to_string();
                 let mut args = vec![
                     "run",
                     "--pods-file",
                     self.pods_file.to_str().context("path")?,
                     "--cgroup-root",
                     &root,
+                    "--bpffs",
+                    &bpffs,
                     "--interval",
                     "200ms",
                 ];
@@ -212,7 +231,7 @@ impl Bench {
                 .wait_for(Duration::from_secs(3))
                 .context("agent did not stop")?;
         }
-        if variant == "iptables" {
+        if matches!(variant, "iptables" | "ebpf+iptables") {
             for pod in [&self.a, &self.b] {
                 in_netns(&pod.netns, &["iptables", "-w", "-t", "nat", "-F"])?;
                 in_netns(&pod.netns, &["iptables", "-w", "-t", "nat", "-X"])?;
@@ -225,26 +244,37 @@ impl Bench {
         Ok(())
     }
 
-    /// One connection, then: did it take `variant`'s path?
+    /// One connection from A and one from the other node, then: did each take
+    /// `variant`'s path?
     fn check_path(&self, variant: &str, agent: Option<&mut Agent>) -> Result<()> {
         let (before_a, before_b) = (self.sidecar_lines("a").len(), self.sidecar_lines("b").len());
-        let out = self.node.run_in(
-            &self.a,
-            Some("app"),
-            Some(1000),
-            &["client", &self.target(variant)],
-        )?;
+        let out = self.run_from(From::OtherNode, &["client", &self.target(variant, From::OtherNode)])?;
+        if !out.contains("who=b-app") {
+            bail!("{variant}: from the other node, the reply did not come from app B: {out}");
+        }
+        std::thread::sleep(Duration::from_millis(100));
+        let intercepted = matches!(variant, "iptables" | "ebpf" | "ebpf-sockmap" | "ebpf+iptables");
+        let lb = self.sidecar_lines("b");
+        let orig = format!("orig={}:8080", self.b.ip4);
+        let through_b = lb.len() == before_b + 1 && lb[before_b].contains(&orig);
+        if intercepted != through_b || self.sidecar_lines("a").len() != before_a {
+            bail!(
+                "{variant}: from the other node, expected the connection {} sidecar B only; it logged {:?}",
+                if intercepted { "through" } else { "not through" },
+                &lb[before_b..]
+            );
+        }
+        let (before_a, before_b) = (self.sidecar_lines("a").len(), self.sidecar_lines("b").len());
+        let out = self.run_from(From::PodA, &["client", &self.target(variant, From::PodA)])?;
         if !out.contains("who=b-app") {
             bail!("{variant}: the reply did not come from app B: {out}");
         }
         std::thread::sleep(Duration::from_millis(100));
         let (la, lb) = (self.sidecar_lines("a"), self.sidecar_lines("b"));
-        let orig = format!("orig={}:8080", self.b.ip4);
         let through_sidecars = la.len() == before_a + 1
             && lb.len() == before_b + 1
             && la[before_a].contains(&orig)
             && lb[before_b].contains(&orig);
-        let intercepted = matches!(variant, "iptables" | "ebpf" | "ebpf-sockmap");
         if intercepted != through_sidecars {
             bail!(
                 "{variant}: expected the connection {} the intercepting sidecars; they logged {:?} {:?}",
@@ -261,7 +291,9 @@ impl Bench {
             let sample = "merbridge_edge_datapath_events_total{event=\"sk_msg_redirected\"}";
             let moved = agent.wait_metric(sample, |v| v > 0.0, Duration::from_secs(2));
             match (variant, moved) {
-                ("ebpf-sockmap", Err(e)) => bail!("ebpf-sockmap: sk_msg moved nothing: {e:#}"),
+                ("ebpf-sockmap" | "ebpf+iptables", Err(e)) => {
+                    bail!("{variant}: sk_msg moved nothing: {e:#}")
+                }
                 ("ebpf", Ok(v)) => bail!("ebpf: sk_msg moved {v} messages with acceleration off"),
                 _ => {}
             }
@@ -273,17 +305,14 @@ impl Bench {
     /// connections are the point).
     fn measure(&self, variant: &str, cell: Cell, ms: u64, strict: bool) -> Result<Figures> {
         check_interrupt()?;
-        let before = conntrack_count(&self.a) + conntrack_count(&self.b);
+        let before = self.conntrack();
         let out = self
-            .node
-            .run_in(
-                &self.a,
-                Some("app"),
-                Some(1000),
+            .run_from(
+                cell.from,
                 &[
                     "load",
                     cell.workload,
-                    &self.target(variant),
+                    &self.target(variant, cell.from),
                     &cell.size.to_string(),
                     &cell.concurrency.to_string(),
                     &ms.to_string(),
@@ -291,11 +320,14 @@ impl Bench {
             )
             .with_context(|| {
                 format!(
-                    "{variant}, {} {} B × {}",
-                    cell.workload, cell.size, cell.concurrency
+                    "{variant}, {} {} B × {}{}",
+                    cell.workload,
+                    cell.size,
+                    cell.concurrency,
+                    if cell.from == From::OtherNode { " from the other node" } else { "" }
                 )
             })?;
-        let after = conntrack_count(&self.a) + conntrack_count(&self.b);
+        let after = self.conntrack();
         let kv: BTreeMap<&str, f64> = out
             .split_whitespace()
             .filter_map(|p| p.split_once('='))
@@ -325,10 +357,12 @@ fn median(v: &mut [f64]) -> f64 {
 fn setup() -> Result<Bench> {
     let helper = std::env::current_exe()?.with_file_name("mbe-testbed");
     let mut node = Node::new(&helper)?;
+    let remote = node.other_node()?;
     let mut pods = vec![];
     for name in ["a", "b"] {
         let pod = node.add_pod(PodSpec::istio(name))?;
-        start_stand_ins(&mut node, &pod, &["[::]:8080"], true)?;
+        // Apps now, sidecars once the agent is attached (below).
+        start_stand_ins(&mut node, &pod, &["[::]:8080"], false)?;
         for sysctl in [
             "net.ipv4.tcp_tw_reuse=1",
             "net.ipv4.ip_local_port_range=1024 65000",
@@ -356,12 +390,22 @@ fn setup() -> Result<Bench> {
     }
     let pods_file = node.scratch().join("pods.json");
     write_pod_list(&pods_file, &pod_list([&a, &b], "edge-1"))?;
-    Ok(Bench {
+    let bench = Bench {
         node,
         a,
         b,
+        remote,
         pods_file,
-    })
+    };
+    // The sidecars start under an agent, as pods do on a node that runs it: their
+    // inbound listeners are registered in the pinned listener map every later agent
+    // adopts.
+    let agent = bench.enable("ebpf-sockmap")?;
+    for pod in [&bench.a, &bench.b] {
+        start_sidecar(&bench.node, pod)?;
+    }
+    bench.disable("ebpf-sockmap", agent)?;
+    Ok(bench)
 }
 
 fn main() -> Result<()> {
@@ -443,7 +487,7 @@ fn main() -> Result<()> {
     let mut table = String::new();
     let mut cells_json = vec![];
     for (c, cell) in CELLS.iter().enumerate() {
-        let (what, unit): (String, &str) = match cell.workload {
+        let (mut what, unit): (String, &str) = match cell.workload {
             "rr" => (
                 format!(
                     "request/response {} B, concurrency {}",
@@ -457,6 +501,9 @@ fn main() -> Result<()> {
             ),
             _ => (format!("64 KiB stream × {}", cell.concurrency), "MB/s"),
         };
+        if cell.from == From::OtherNode {
+            what.push_str(", inbound from another node");
+        }
         let _ = writeln!(table, "\n{what}");
         let _ = writeln!(
             table,
@@ -516,6 +563,7 @@ fn main() -> Result<()> {
             cells_json.push(json!({
                 "variant": variant, "workload": cell.workload, "size": cell.size,
                 "concurrency": cell.concurrency,
+                "from": if cell.from == From::OtherNode { "other-node" } else { "pod" },
                 "p50_us": if cell.workload == "stream" { Value::Null } else { json!(f.p50_us) },
                 "p99_us": if cell.workload == "stream" { Value::Null } else { json!(f.p99_us) },
                 "p999_us": if cell.workload == "stream" { Value::Null } else { json!(f.p999_us) },
@@ -533,32 +581,36 @@ fn main() -> Result<()> {
     );
     if let Some(max) = flag("--conntrack-max") {
         let max: u64 = max.parse().context("--conntrack-max")?;
-        let cell = CELLS[4];
         println!(
             "\nconnection per request, concurrency 16, host conntrack table limited to {max} entries"
         );
         println!(
-            "  {:<15} {:>12} {:>10} {:>10}",
-            "variant", "conn/s", "errors", "conntrack"
+            "  {:<15} {:<12} {:>12} {:>10} {:>10}",
+            "variant", "from", "conn/s", "errors", "conntrack"
         );
         let limit = ConntrackMax::set(max)?;
-        for variant in ["explicit-proxy", "iptables", "ebpf", "ebpf-sockmap"] {
+        for variant in VARIANTS {
             let agent = bench.enable(variant)?;
             // Paths were checked in the rounds; here a full table may drop the check's
             // own connection, which is what this run is about.
-            let f = bench.measure(variant, cell, ms, false);
+            let figures: Result<Vec<(Cell, Figures)>> = [CELLS[CONNS], CELLS[REMOTE_CONNS]]
+                .into_iter()
+                .map(|cell| Ok((cell, bench.measure(variant, cell, ms, false)?)))
+                .collect();
             bench.disable(variant, agent)?;
-            let f = f?;
-            println!(
-                "  {variant:<15} {:>12.0} {:>10.0} {:>10.0}",
-                f.per_s, f.errors, f.conntrack_added
-            );
-            cells_json.push(json!({
-                "variant": variant, "workload": "conns", "size": cell.size,
-                "concurrency": cell.concurrency, "conntrack_max": max,
-                "conn_per_s": f.per_s, "errors": f.errors, "conntrack_added": f.conntrack_added,
-                "p50_us": null, "p99_us": null, "p999_us": null, "rps": null, "mb_per_s": null,
-            }));
+            for (cell, f) in figures? {
+                let from = if cell.from == From::OtherNode { "other-node" } else { "pod" };
+                println!(
+                    "  {variant:<15} {from:<12} {:>12.0} {:>10.0} {:>10.0}",
+                    f.per_s, f.errors, f.conntrack_added
+                );
+                cells_json.push(json!({
+                    "variant": variant, "workload": "conns", "size": cell.size,
+                    "concurrency": cell.concurrency, "conntrack_max": max, "from": from,
+                    "conn_per_s": f.per_s, "errors": f.errors, "conntrack_added": f.conntrack_added,
+                    "p50_us": null, "p99_us": null, "p999_us": null, "rps": null, "mb_per_s": null,
+                }));
+            }
         }
         drop(limit);
     }

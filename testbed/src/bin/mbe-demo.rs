@@ -17,7 +17,7 @@ use anyhow::{Context, Result, bail};
 use merbridge_edge_testbed::{
     Node, Pod, PodSpec,
     agent::Agent,
-    fixture::start_stand_ins,
+    fixture::{start_sidecar, start_stand_ins},
     iptables::install_istio_iptables,
     kubelet::{FakeKubelet, Pki, Reply},
     node::missing_prerequisite,
@@ -203,7 +203,8 @@ fn demo(keep: bool) -> Result<()> {
         let meshed = spec.containers.iter().any(|c| c == "istio-proxy");
         let pod = node.add_pod(spec)?;
         let name = pod.spec.name.clone();
-        start_stand_ins(&mut node, &pod, &["[::]:8080"], meshed)?;
+        // Apps now; sidecars once the agent runs (step 3), as on a node with the agent.
+        start_stand_ins(&mut node, &pod, &["[::]:8080"], false)?;
         println!(
             "      pod {name:<4} {:<15} {:<22} {}",
             pod.ip4,
@@ -241,6 +242,10 @@ fn demo(keep: bool) -> Result<()> {
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
     let mut agent = Agent::start(&args, &node.scratch().join("agent.log"))?;
     agent.wait_log_count("added: mesh istio", 2, Duration::from_secs(15))?;
+    for pod in [&web, &api] {
+        start_sidecar(&node, pod)?;
+    }
+    println!("      sidecars of web and api started: their inbound listeners are registered");
     for line in agent
         .log()
         .lines()

@@ -23,8 +23,14 @@ pub struct Agent {
 }
 
 impl Agent {
-    /// `merbridge-edge run` on `pods_file`, attached at `cgroup_root`.
-    pub fn start(pods_file: &Path, cgroup_root: &Path, log: &Path) -> Result<Self> {
+    /// `merbridge-edge run` on `pods_file`, attached at `cgroup_root` and to the
+    /// network namespaces pinned in `netns_dir`.
+    pub fn start(
+        pods_file: &Path,
+        cgroup_root: &Path,
+        netns_dir: &Path,
+        log: &Path,
+    ) -> Result<Self> {
         let out = fs::File::create(log).with_context(|| format!("creating {}", log.display()))?;
         let child = Command::new(BINARY)
             .arg("run")
@@ -32,6 +38,8 @@ impl Agent {
             .arg(pods_file)
             .arg("--cgroup-root")
             .arg(cgroup_root)
+            .arg("--netns-dir")
+            .arg(netns_dir)
             .args([
                 "--interval",
                 "200ms",

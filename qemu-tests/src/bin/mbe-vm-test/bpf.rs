@@ -1,5 +1,6 @@
 //! What is loaded and attached, asked of the kernel directly with bpf(2): the names
-//! of loaded programs and how many programs a cgroup has per attach type.
+//! of loaded programs, how many programs a cgroup has per attach type, and how many
+//! sk_lookup programs a network namespace has.
 use std::{
     fs, io,
     os::fd::{AsRawFd, FromRawFd, OwnedFd},
@@ -18,6 +19,8 @@ pub const AGENT_ATTACH_TYPES: &[(u32, &str)] = &[
     (3, "sock_ops"),
     (10, "connect4"),
     (11, "connect6"),
+    (12, "post_bind4"),
+    (13, "post_bind6"),
     (14, "sendmsg4"),
     (15, "sendmsg6"),
     (19, "recvmsg4"),
@@ -82,16 +85,25 @@ pub fn loaded_program_names() -> Result<Vec<String>> {
     }
 }
 
-/// Programs attached to the cgroup `path` for `attach_type` (BPF_PROG_QUERY).
+/// The kernel's number for sk_lookup (BPF_SK_LOOKUP), attached to a network namespace.
+const SK_LOOKUP: u32 = 36;
+
+/// Programs attached to `path` (a cgroup directory or a network namespace file) for
+/// `attach_type` (BPF_PROG_QUERY).
 pub fn attached_count(path: &Path, attach_type: u32) -> Result<u32> {
-    let dir = fs::File::open(path).with_context(|| format!("opening cgroup {}", path.display()))?;
+    let target = fs::File::open(path).with_context(|| format!("opening {}", path.display()))?;
     let mut a = [0u8; 128];
-    put_u32(&mut a, 0, dir.as_raw_fd() as u32);
+    put_u32(&mut a, 0, target.as_raw_fd() as u32);
     put_u32(&mut a, 4, attach_type);
     bpf(BPF_PROG_QUERY, &mut a)
         .with_context(|| format!("BPF_PROG_QUERY {} type {attach_type}", path.display()))?;
     // query.prog_cnt at offset 24.
     Ok(get_u32(&a, 24))
+}
+
+/// sk_lookup programs attached to the network namespace pinned at `path`.
+pub fn sk_lookup_count(path: &Path) -> Result<u32> {
+    attached_count(path, SK_LOOKUP)
 }
 
 /// `name=count` for each attach type the agent uses, and the total.

@@ -1,9 +1,13 @@
-//! The checks, in order, mirroring testbed/tests/datapath.rs: the probes pass the
-//! verifier, the agent attaches and programs the pods, outbound and inbound redirect
-//! with SO_ORIGINAL_DST, exclusions, a plain pod untouched, sk_msg moves data intact,
-//! and after SIGTERM nothing stays attached.
+//! The checks, in order, mirroring testbed/tests/datapath.rs and inbound.rs: the
+//! probes pass the verifier, the agent attaches and programs the pods, outbound
+//! redirect and inbound capture at the receiving pod with SO_ORIGINAL_DST, exclusions,
+//! a plain pod and a host process captured inbound only, refused while a sidecar is
+//! down, an empty bypass ledger, sk_msg moves data intact, and after SIGTERM nothing
+//! stays attached.
 use std::{
+    collections::BTreeMap,
     fs,
+    net::Ipv4Addr,
     path::Path,
     process::Child,
     time::{Duration, Instant},
@@ -14,7 +18,7 @@ use merbridge_edge_qemu_tests::protocol;
 use crate::{
     agent::{self, Agent},
     bpf,
-    pods::{self, Node},
+    pods::{self, GATEWAY, NETNS_DIR, Node},
     sys,
 };
 
@@ -27,6 +31,17 @@ const PODS_FILE: &str = "/tmp/pods.json";
 const AGENT_LOG: &str = "/tmp/agent.log";
 /// Under TCG everything is 10–50x slower than on hardware.
 const PATIENCE: Duration = Duration::from_secs(20);
+/// The pods with a sidecar.
+const MESHED: [&str; 2] = ["a", "b"];
+/// A refused connection is answered at once; a dropped one would wait for the
+/// client's 10 s connect timeout.
+const REFUSED_WITHIN: Duration = Duration::from_secs(5);
+const PROGRAMMED: &str = "merbridge_edge_pods{state=\"programmed\"}";
+const NETNS_ATTACHED: &str = "merbridge_edge_netns_attached";
+const LISTENERS: &str = "merbridge_edge_inbound_listeners";
+const REDIRECT_INBOUND: &str = "merbridge_edge_datapath_events_total{event=\"redirect_inbound\"}";
+const INBOUND_REFUSED: &str = "merbridge_edge_datapath_events_total{event=\"inbound_refused\"}";
+const SK_MSG: &str = "merbridge_edge_datapath_bytes_total{event=\"sk_msg\"}";
 
 /// Why a check failed: a summary, output lines, and any verifier log.
 #[derive(Default)]
@@ -93,11 +108,15 @@ impl Reporter {
 }
 
 fn sidecar_log(pod: &str) -> Vec<String> {
-    fs::read_to_string(format!("/tmp/sidecar-{pod}.log"))
+    fs::read_to_string(sidecar_log_path(pod))
         .unwrap_or_default()
         .lines()
         .map(String::from)
         .collect()
+}
+
+fn sidecar_log_path(pod: &str) -> String {
+    format!("/tmp/sidecar-{pod}.log")
 }
 
 /// Waits until sidecar `pod` logged more than `before` lines (or the patience ends),
@@ -113,14 +132,40 @@ fn new_sidecar_lines(pod: &str, before: usize, want: usize) -> Vec<String> {
     }
 }
 
+/// The app that greeted the client.
 fn who(out: &str) -> &str {
+    field(out, "who=")
+}
+
+/// Whom the app saw connecting (`peer=` of its greeting).
+fn app_peer(out: &str) -> &str {
+    field(out, "peer=")
+}
+
+fn field<'a>(out: &'a str, key: &str) -> &'a str {
     out.split_whitespace()
-        .find_map(|p| p.strip_prefix("who="))
+        .find_map(|p| p.strip_prefix(key))
         .unwrap_or("")
 }
 
-/// The pods, the node and the stand-ins: a, b meshed (Istio), c plain; each app echoes
-/// on 8080 and 9002; a excludes outbound port 9002.
+/// Whether the app got the connection from its sidecar's inbound passthrough
+/// (127.0.0.6, like Envoy).
+fn via_passthrough(out: &str) -> bool {
+    app_peer(out).starts_with("127.0.0.6:")
+}
+
+/// Whether a sidecar log line is an inbound connection from `peer` with the original
+/// destination `orig`.
+fn inbound_from(line: &str, peer: Ipv4Addr, orig: &str) -> bool {
+    let fields: Vec<&str> = line.split_whitespace().collect();
+    fields.contains(&"listener=inbound")
+        && fields.contains(&format!("orig={orig}").as_str())
+        && field(line, "peer=").starts_with(&format!("{peer}:"))
+}
+
+/// The pods, the node and the apps: a, b meshed (Istio), c plain, each namespace
+/// pinned under /var/run/netns; each app echoes on 8080 and 9002; a excludes outbound
+/// port 9002. The sidecars start later, after the agent (see [`start_sidecar`]).
 fn setup() -> anyhow::Result<(Node, Vec<Child>)> {
     let modules = sys::load_modules(Path::new("/modules"))?;
     let mut node = Node::new(Path::new(CGROUP_ROOT))?;
@@ -138,26 +183,31 @@ fn setup() -> anyhow::Result<(Node, Vec<Child>)> {
     )?;
     node.add_pod("b", &["app", "istio-proxy"], &[istio])?;
     node.add_pod("c", &["app"], &[])?;
-    let mut procs = vec![];
+    let mut apps = vec![];
     for pod in ["a", "b", "c"] {
         let name = format!("{pod}-app");
-        procs.push(node.start(pod, "app", APP_UID, "echo", &[&name, "8080", "9002"], 8080)?);
-        if pod != "c" {
-            let log = format!("/tmp/sidecar-{pod}.log");
-            pods::shared_log(&log)?;
-            procs.push(node.start(
-                pod,
-                "istio-proxy",
-                PROXY_UID,
-                "sidecar",
-                &[pod, "15001", "15006", &log],
-                15006,
-            )?);
-        }
+        apps.push(node.start(pod, "app", APP_UID, "echo", &[&name, "8080", "9002"], 8080)?);
+    }
+    for pod in MESHED {
+        pods::shared_log(&sidecar_log_path(pod))?;
     }
     fs::write(PODS_FILE, serde_json::to_vec_pretty(&node.pod_list())?)?;
-    println!("mbe-vm-test: modules {modules:?}, pods a b c up");
-    Ok((node, procs))
+    println!("mbe-vm-test: modules {modules:?}, pods a b c up, namespaces in {NETNS_DIR}");
+    Ok((node, apps))
+}
+
+/// Starts the sidecar stand-in of `pod` (outbound 15001, inbound 15006) and waits
+/// until it listens on 15006.
+fn start_sidecar(node: &Node, pod: &str) -> anyhow::Result<Child> {
+    let log = sidecar_log_path(pod);
+    node.start(
+        pod,
+        "istio-proxy",
+        PROXY_UID,
+        "sidecar",
+        &[pod, "15001", "15006", &log],
+        15006,
+    )
 }
 
 /// `merbridge-edge check --json`: every probe through this kernel's verifier.
@@ -231,22 +281,364 @@ fn agent_failure(agent: &Agent, summary: String) -> Failure {
     f.details(&lines[lines.len().saturating_sub(60)..].join("\n"))
 }
 
+/// The client stand-in in `pod`'s app container.
+fn client(node: &Node, pod: &str, target: &str, bytes: usize) -> Result<String, Failure> {
+    node.client(pod, "app", APP_UID, target, bytes)
+        .map_err(Failure::new)
+}
+
+/// The sidecars' log lengths now.
+fn log_lengths() -> (usize, usize) {
+    (sidecar_log("a").len(), sidecar_log("b").len())
+}
+
+/// The agent programs both meshed pods and puts sk_lookup in every pod namespace; then
+/// the sidecars start (so their listeners are seen binding) and are registered.
+fn agent_attaches(
+    node: &Node,
+    agent: &mut Agent,
+    sidecars: &mut BTreeMap<&'static str, Child>,
+) -> Result<String, Failure> {
+    let started = Instant::now();
+    agent
+        .wait_metric(PROGRAMMED, 2.0, Duration::from_secs(90))
+        .map_err(|e| agent_failure(agent, format!("{e:#}")))?;
+    let programmed = started.elapsed();
+    let (summary, total) = bpf::attached_summary(&node.cgroup_root)?;
+    if total == 0 {
+        return Err(Failure::new(format!(
+            "nothing attached at {CGROUP_ROOT}: {summary}"
+        )));
+    }
+    let pods = node.pods.len() as f64;
+    agent
+        .wait_metric(NETNS_ATTACHED, pods, PATIENCE)
+        .map_err(|e| agent_failure(agent, format!("{e:#}")))?;
+    let mut lookups = vec![];
+    for p in &node.pods {
+        lookups.push((p.name.as_str(), bpf::sk_lookup_count(&p.netns_file)?));
+    }
+    if lookups.iter().any(|&(_, n)| n != 1) {
+        return Err(Failure::new(format!(
+            "sk_lookup programs per pod namespace: {lookups:?}, want 1 each"
+        )));
+    }
+    for pod in MESHED {
+        sidecars.insert(pod, start_sidecar(node, pod)?);
+    }
+    let listeners = agent
+        .wait_metric(LISTENERS, MESHED.len() as f64, PATIENCE)
+        .map_err(|e| agent_failure(agent, format!("sidecars listening on 15006: {e:#}")))?;
+    Ok(format!(
+        "2 pods programmed in {:.1} s; attached: {summary}; sk_lookup in {} pod namespaces; \
+         sidecars started after: {listeners} inbound listeners registered",
+        programmed.as_secs_f64(),
+        lookups.len()
+    ))
+}
+
+/// a → b:8080 goes through sidecar a's outbound listener with SO_ORIGINAL_DST b:8080.
+fn outbound_redirect(node: &Node) -> Result<String, Failure> {
+    let b = node.pod("b").ip;
+    let out = client(node, "a", &format!("{b}:8080"), 1024)?;
+    let la = new_sidecar_lines("a", 0, 1);
+    let want = format!("orig={b}:8080");
+    if who(&out) != "b-app"
+        || la.len() != 1
+        || !la[0].contains("listener=outbound")
+        || !la[0].contains(&want)
+    {
+        return Err(Failure::new(format!(
+            "a → {b}:8080: expected b-app through sidecar a's outbound listener with {want}"
+        ))
+        .details(&out)
+        .details(&format!("sidecar a: {la:?}")));
+    }
+    Ok(format!(
+        "a → b:8080 via sidecar a, SO_ORIGINAL_DST {b}:8080"
+    ))
+}
+
+/// Sidecar a's connection of the previous check kept b:8080 and was captured at b by
+/// sidecar b's inbound listener, which forwarded it to b-app.
+fn inbound_redirect(node: &Node) -> Result<String, Failure> {
+    let (a, b) = (node.pod("a").ip, node.pod("b").ip);
+    let orig = format!("{b}:8080");
+    let lb = new_sidecar_lines("b", 0, 1);
+    if lb.len() != 1 || !inbound_from(&lb[0], a, &orig) {
+        return Err(Failure::new(format!(
+            "sidecar b should have seen one inbound connection from sidecar a ({a}) with orig={orig}"
+        ))
+        .details(&format!("sidecar b: {lb:?}")));
+    }
+    Ok(format!(
+        "sidecar a → b:8080 captured at b by sidecar b's inbound listener, SO_ORIGINAL_DST {orig}"
+    ))
+}
+
+/// a → b:9002 (a's excludeOutboundPorts) skips sidecar a; b did not exclude it, so
+/// sidecar b captures it inbound.
+fn exclusion(node: &Node) -> Result<String, Failure> {
+    let (a, b) = (node.pod("a").ip, node.pod("b").ip);
+    let orig = format!("{b}:9002");
+    let (na, nb) = log_lengths();
+    let out = client(node, "a", &orig, 1024)?;
+    let lb = new_sidecar_lines("b", nb, 1);
+    let la = sidecar_log("a");
+    if who(&out) != "b-app"
+        || !via_passthrough(&out)
+        || la.len() != na
+        || lb.len() != 1
+        || !inbound_from(&lb[0], a, &orig)
+    {
+        return Err(Failure::new(format!(
+            "a → b:9002 (excludeOutboundPorts) should skip sidecar a and be captured by \
+             sidecar b from {a} with orig={orig}"
+        ))
+        .details(&out)
+        .details(&format!(
+            "sidecar a: {:?}\nsidecar b: {lb:?}",
+            &la[na.min(la.len())..]
+        )));
+    }
+    Ok(format!(
+        "a → b:9002 (excluded outbound) skips sidecar a, captured by sidecar b with orig {orig}"
+    ))
+}
+
+/// Plain pod c and a host process are not redirected outbound, but their connections
+/// to b:8080 are captured by sidecar b with orig b:8080; loopback in a is untouched.
+fn inbound_capture(node: &Node) -> Result<String, Failure> {
+    let (b, c) = (node.pod("b").ip, node.pod("c").ip);
+    let orig = format!("{b}:8080");
+    let (na, nb) = log_lengths();
+    let out_c = client(node, "c", &orig, 1024)?;
+    let out_host = node.host_client(&orig, 1024).map_err(Failure::new)?;
+    let out_lo = client(node, "a", "127.0.0.1:8080", 1024)?;
+    let lb = new_sidecar_lines("b", nb, 2);
+    let la = sidecar_log("a");
+    let ok = who(&out_c) == "b-app"
+        && who(&out_host) == "b-app"
+        && via_passthrough(&out_c)
+        && via_passthrough(&out_host)
+        && who(&out_lo) == "a-app"
+        && app_peer(&out_lo).starts_with("127.0.0.1:")
+        && la.len() == na
+        && lb.len() == 2
+        && inbound_from(&lb[0], c, &orig)
+        && inbound_from(&lb[1], GATEWAY, &orig);
+    if !ok {
+        return Err(Failure::new(format!(
+            "c ({c}) and a host process ({GATEWAY}) → b:8080 should skip sidecar a and be \
+             captured by sidecar b with orig={orig}; a → 127.0.0.1:8080 should reach a-app directly"
+        ))
+        .details(&out_c)
+        .details(&out_host)
+        .details(&out_lo)
+        .details(&format!(
+            "sidecar a: {:?}\nsidecar b: {lb:?}",
+            &la[na.min(la.len())..]
+        )));
+    }
+    Ok(format!(
+        "plain c ({c}) and host ({GATEWAY}, root netns and cgroup) → b:8080 not redirected, \
+         captured by sidecar b with orig {orig}; a → 127.0.0.1:8080 direct"
+    ))
+}
+
+/// 1 MiB a → b echoed byte for byte, with sk_msg moving the bytes of the local legs.
+fn sk_msg_intact(node: &Node, agent: &mut Agent) -> Result<String, Failure> {
+    let b = node.pod("b").ip;
+    let before = agent::metrics()
+        .ok()
+        .and_then(|m| agent::metric(&m, SK_MSG))
+        .unwrap_or(0.0);
+    let mib = 1 << 20;
+    let out = client(node, "a", &format!("{b}:8080"), mib)?;
+    if !out.contains(&format!("ok bytes={mib}")) || who(&out) != "b-app" {
+        return Err(Failure::new("1 MiB a → b did not come back intact").details(&out));
+    }
+    // 1 MiB each way over at least two accelerated legs: app a ↔ sidecar a and
+    // sidecar a ↔ sidecar b (sidecar b ↔ app b, its own pod, is a third).
+    let want = before + (4 * mib) as f64;
+    agent
+        .wait_metric(SK_MSG, want, PATIENCE)
+        .map_err(|e| Failure::new(format!("{e:#}")))?;
+    // A moment for a third leg's bytes to be counted too.
+    std::thread::sleep(Duration::from_millis(500));
+    let after = agent::metrics()
+        .ok()
+        .and_then(|m| agent::metric(&m, SK_MSG))
+        .unwrap_or(want);
+    Ok(format!(
+        "1 MiB echoed intact; sk_msg moved {} bytes ({:.1} MiB)",
+        after - before,
+        (after - before) / mib as f64
+    ))
+}
+
+/// Sidecar b killed: c → b:8080 is refused at once (never the app); sidecar b
+/// restarted: captured again.
+fn inbound_refused(
+    node: &Node,
+    agent: &mut Agent,
+    sidecars: &mut BTreeMap<&'static str, Child>,
+) -> Result<String, Failure> {
+    let (b, c) = (node.pod("b").ip, node.pod("c").ip);
+    let orig = format!("{b}:8080");
+    let refused_before = agent::metrics()
+        .ok()
+        .and_then(|m| agent::metric(&m, INBOUND_REFUSED))
+        .unwrap_or(0.0);
+    let mut sidecar = sidecars
+        .remove("b")
+        .ok_or_else(|| Failure::new("sidecar b is not running"))?;
+    sidecar
+        .kill()
+        .and_then(|_| sidecar.wait())
+        .map_err(|e| Failure::new(format!("killing sidecar b: {e}")))?;
+    let t = Instant::now();
+    let err = match client(node, "c", &orig, 1024) {
+        Ok(out) => {
+            return Err(Failure::new(format!(
+                "with sidecar b down, c → b:8080 reached {}",
+                who(&out)
+            ))
+            .details(&out));
+        }
+        Err(f) => f.summary,
+    };
+    let took = t.elapsed();
+    if !err.contains("refused") || took > REFUSED_WITHIN {
+        return Err(Failure::new(format!(
+            "with sidecar b down, c → b:8080 should be refused within {REFUSED_WITHIN:?}; \
+             failed after {took:.2?}"
+        ))
+        .details(&err));
+    }
+    let refused = agent
+        .wait_metric(INBOUND_REFUSED, refused_before + 1.0, PATIENCE)
+        .map_err(|e| agent_failure(agent, format!("{e:#}")))?;
+    let nb = sidecar_log("b").len();
+    sidecars.insert("b", start_sidecar(node, "b")?);
+    let out = client(node, "c", &orig, 1024)?;
+    let lb = new_sidecar_lines("b", nb, 1);
+    if who(&out) != "b-app" || lb.len() != 1 || !inbound_from(&lb[0], c, &orig) {
+        return Err(Failure::new(format!(
+            "sidecar b restarted: c → b:8080 should be captured again with orig={orig}"
+        ))
+        .details(&out)
+        .details(&format!("sidecar b: {lb:?}")));
+    }
+    Ok(format!(
+        "sidecar b killed: c → b:8080 refused in {:.2} s (inbound_refused {}); restarted: \
+         captured again with orig {orig}",
+        took.as_secs_f64(),
+        refused - refused_before
+    ))
+}
+
+/// No inbound connection reached a meshed pod's app without its sidecar.
+fn bypass_ledger(agent: &mut Agent) -> Result<String, Failure> {
+    // Every connection sidecar b accepted inbound was counted by sk_lookup: once the
+    // published counter has them all, the ledger of the same pass is complete too.
+    let captured = sidecar_log("b")
+        .iter()
+        .filter(|l| l.contains("listener=inbound"))
+        .count();
+    let counted = agent
+        .wait_metric(REDIRECT_INBOUND, captured as f64, PATIENCE)
+        .map_err(|e| agent_failure(agent, format!("{e:#}")))?;
+    let body = agent::metrics()?;
+    let ledger = |pod: &str| {
+        agent::metric(
+            &body,
+            &format!("merbridge_edge_inbound_bypassed_total{{pod=\"default/{pod}\"}}"),
+        )
+    };
+    let (a, b) = (ledger("a"), ledger("b"));
+    if a != Some(0.0) || b != Some(0.0) {
+        return Err(
+            Failure::new(format!("bypass ledger: a {a:?}, b {b:?}, want 0 each")).details(&body),
+        );
+    }
+    Ok(format!(
+        "merbridge_edge_inbound_bypassed_total 0 for a and b; {counted} connections captured inbound"
+    ))
+}
+
+/// SIGTERM: exit 0, no mb_* program left, nothing attached to the cgroup or the pod
+/// namespaces; a → b goes direct again.
+fn agent_stops_clean(node: &Node, agent: &mut Agent) -> Result<String, Failure> {
+    let (a, b) = (node.pod("a").ip, node.pod("b").ip);
+    let status = agent.terminate(PATIENCE)?;
+    if !status.success() {
+        return Err(agent_failure(
+            agent,
+            format!("the agent exited with {status} on SIGTERM"),
+        ));
+    }
+    // Links are released as the agent's files close; allow the kernel a moment.
+    let end = Instant::now() + PATIENCE;
+    let names = loop {
+        let names = bpf::loaded_program_names()?;
+        let ours: Vec<&String> = names.iter().filter(|n| n.starts_with("mb_")).collect();
+        let (summary, total) = bpf::attached_summary(&node.cgroup_root)?;
+        let mut lookups = vec![];
+        for p in &node.pods {
+            lookups.push((p.name.as_str(), bpf::sk_lookup_count(&p.netns_file)?));
+        }
+        let lookup_total: u32 = lookups.iter().map(|&(_, n)| n).sum();
+        if ours.is_empty() && total == 0 && lookup_total == 0 {
+            break names;
+        }
+        if Instant::now() > end {
+            return Err(Failure::new(format!(
+                "left behind: programs {ours:?}; attached {summary}; sk_lookup {lookups:?}"
+            )));
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let (na, nb) = log_lengths();
+    let out = client(node, "a", &format!("{b}:8080"), 1024)?;
+    std::thread::sleep(Duration::from_millis(300));
+    if who(&out) != "b-app"
+        || !app_peer(&out).starts_with(&format!("{a}:"))
+        || log_lengths() != (na, nb)
+    {
+        return Err(
+            Failure::new("after the agent stopped, a → b should go direct (no sidecar)")
+                .details(&out),
+        );
+    }
+    Ok(format!(
+        "exit 0; no mb_* program loaded ({} others), nothing attached to the cgroup or the \
+         pod namespaces; a → b direct again",
+        names.len()
+    ))
+}
+
 /// Runs every check, printing one line each.
 pub fn run(r: &mut Reporter) {
-    let (node, _procs) = match setup() {
+    let (node, _apps) = match setup() {
         Ok(x) => x,
         Err(e) => {
             r.record("setup", Err(Failure::from(e)));
             return;
         }
     };
-    r.record("setup", Ok("3 pods (2 meshed), stand-ins listening".into()));
+    r.record(
+        "setup",
+        Ok(format!(
+            "3 pods (2 meshed), namespaces pinned in {NETNS_DIR}, apps listening"
+        )),
+    );
     r.record("verifier", verifier());
-    let (a, b, c) = (node.pod("a").ip, node.pod("b").ip, node.pod("c").ip);
 
     let mut agent = match Agent::start(
         Path::new(PODS_FILE),
         &node.cgroup_root,
+        Path::new(NETNS_DIR),
         Path::new(AGENT_LOG),
     ) {
         Ok(x) => x,
@@ -255,154 +647,22 @@ pub fn run(r: &mut Reporter) {
             return;
         }
     };
-    let started = Instant::now();
-    let attached = agent
-        .wait_metric(
-            "merbridge_edge_pods{state=\"programmed\"}",
-            2.0,
-            Duration::from_secs(90),
-        )
-        .map_err(|e| agent_failure(&agent, format!("{e:#}")))
-        .and_then(|_| {
-            let (summary, total) = bpf::attached_summary(&node.cgroup_root)?;
-            if total == 0 {
-                return Err(Failure::new(format!(
-                    "nothing attached at {CGROUP_ROOT}: {summary}"
-                )));
-            }
-            Ok(format!(
-                "2 pods programmed in {:.1} s; attached: {summary}",
-                started.elapsed().as_secs_f64()
-            ))
-        });
-    if !r.record("agent-attaches", attached) {
+    let mut sidecars = BTreeMap::new();
+    if !r.record(
+        "agent-attaches",
+        agent_attaches(&node, &mut agent, &mut sidecars),
+    ) {
         return;
     }
-
-    let client =
-        |pod: &str, target: String, bytes: usize| node.client(pod, "app", APP_UID, &target, bytes);
-    let outbound = client("a", format!("{b}:8080"), 1024)
-        .map_err(Failure::new)
-        .and_then(|out| {
-            let la = new_sidecar_lines("a", 0, 1);
-            let want = format!("orig={b}:8080");
-            if who(&out) != "b-app"
-                || la.len() != 1
-                || !la[0].contains("listener=outbound")
-                || !la[0].contains(&want)
-            {
-                return Err(Failure::new(format!(
-                    "a → {b}:8080: expected b-app through sidecar a's outbound listener with {want}"
-                ))
-                .details(&out)
-                .details(&format!("sidecar a: {la:?}")));
-            }
-            Ok(format!(
-                "a → b:8080 via sidecar a, SO_ORIGINAL_DST {b}:8080"
-            ))
-        });
-    r.record("outbound-redirect", outbound);
-
-    let lb = new_sidecar_lines("b", 0, 1);
-    let want = format!("orig={b}:8080");
-    let inbound = if lb.len() == 1 && lb[0].contains("listener=inbound") && lb[0].contains(&want) {
-        Ok(format!(
-            "into b via sidecar b's inbound listener, SO_ORIGINAL_DST {b}:8080"
-        ))
-    } else {
-        Err(Failure::new(format!(
-            "sidecar b should have seen one inbound connection with {want}"
-        ))
-        .details(&format!("sidecar b: {lb:?}")))
-    };
-    r.record("inbound-redirect", inbound);
-
-    let (na, nb) = (sidecar_log("a").len(), sidecar_log("b").len());
-    let excluded = client("a", format!("{b}:9002"), 1024)
-        .map_err(Failure::new)
-        .and_then(|out| {
-            std::thread::sleep(Duration::from_millis(500));
-            let (la, lb) = (sidecar_log("a"), sidecar_log("b"));
-            if who(&out) != "b-app" || la.len() != na || lb.len() != nb {
-                return Err(Failure::new(
-                    "a → b:9002 (excludeOutboundPorts) should bypass both sidecars",
-                )
-                .details(&out)
-                .details(&format!(
-                    "sidecar a: {:?}\nsidecar b: {:?}",
-                    &la[na.min(la.len())..],
-                    &lb[nb.min(lb.len())..]
-                )));
-            }
-            Ok("a → b:9002 (excluded port) straight to b-app".into())
-        });
-    r.record("exclusion", excluded);
-
-    let untouched = client("c", format!("{b}:8080"), 1024)
-        .and_then(|out_c| client("a", "127.0.0.1:8080".into(), 1024).map(|out_lo| (out_c, out_lo)))
-        .map_err(Failure::new)
-        .and_then(|(out_c, out_lo)| {
-            std::thread::sleep(Duration::from_millis(500));
-            let (la, lb) = (sidecar_log("a"), sidecar_log("b"));
-            if who(&out_c) != "b-app" || who(&out_lo) != "a-app" || la.len() != na || lb.len() != nb
-            {
-                return Err(Failure::new(
-                    "plain pod c → b and loopback in a should reach the apps directly",
-                )
-                .details(&out_c)
-                .details(&out_lo)
-                .details(&format!("sidecar a: {la:?}\nsidecar b: {lb:?}")));
-            }
-            Ok(format!(
-                "plain c ({c}) → b:8080 and a → 127.0.0.1:8080 direct; a is {a}"
-            ))
-        });
-    r.record("non-meshed-untouched", untouched);
-
-    const SK_MSG: &str = "merbridge_edge_datapath_bytes_total{event=\"sk_msg\"}";
-    let before = agent::metrics()
-        .ok()
-        .and_then(|m| agent::metric(&m, SK_MSG))
-        .unwrap_or(0.0);
-    let mib = 1 << 20;
-    let sk_msg = client("a", format!("{b}:8080"), mib)
-        .map_err(Failure::new)
-        .and_then(|out| {
-            if !out.contains(&format!("ok bytes={mib}")) || who(&out) != "b-app" {
-                return Err(Failure::new("1 MiB a → b did not come back intact").details(&out));
-            }
-            // 1 MiB each way over the two accelerated legs (app a ↔ sidecar a, sidecar b ↔ app b).
-            let want = before + (4 * mib) as f64;
-            let after = agent
-                .wait_metric(SK_MSG, want, PATIENCE)
-                .map_err(|e| Failure::new(format!("{e:#}")))?;
-            Ok(format!(
-                "1 MiB echoed intact; sk_msg moved {} bytes",
-                after - before
-            ))
-        });
-    r.record("sk-msg-intact", sk_msg);
-
-    let stop = agent
-        .terminate(PATIENCE)
-        .map_err(Failure::from)
-        .and_then(|status| {
-            if !status.success() {
-                return Err(agent_failure(&agent, format!("the agent exited with {status} on SIGTERM")));
-            }
-            let names = bpf::loaded_program_names()?;
-            let ours: Vec<&String> = names.iter().filter(|n| n.starts_with("mb_")).collect();
-            let (summary, total) = bpf::attached_summary(&node.cgroup_root)?;
-            if !ours.is_empty() || total != 0 {
-                return Err(Failure::new(format!("left behind: programs {ours:?}; attached {summary}")));
-            }
-            let before = sidecar_log("a").len();
-            let out = client("a", format!("{b}:8080"), 1024).map_err(Failure::new)?;
-            std::thread::sleep(Duration::from_millis(300));
-            if who(&out) != "b-app" || sidecar_log("a").len() != before {
-                return Err(Failure::new("after the agent stopped, a → b should go direct").details(&out));
-            }
-            Ok(format!("exit 0; no mb_* program loaded ({} others), nothing attached; traffic direct again", names.len()))
-        });
-    r.record("agent-stops-clean", stop);
+    r.record("outbound-redirect", outbound_redirect(&node));
+    r.record("inbound-redirect", inbound_redirect(&node));
+    r.record("exclusion", exclusion(&node));
+    r.record("inbound-capture", inbound_capture(&node));
+    r.record("sk-msg-intact", sk_msg_intact(&node, &mut agent));
+    r.record(
+        "inbound-refused-when-sidecar-down",
+        inbound_refused(&node, &mut agent, &mut sidecars),
+    );
+    r.record("inbound-bypass-ledger", bypass_ledger(&mut agent));
+    r.record("agent-stops-clean", agent_stops_clean(&node, &mut agent));
 }

@@ -1,7 +1,8 @@
 //! The test node inside the VM, as testbed's `Node` builds it on a host: each pod a
-//! network namespace with a veth pair to the node (routed: Debian builds the bridge as
-//! a module, veth alone is enough) and a cgroup per container in the kubelet's
-//! cgroupfs layout; processes placed in a pod by setns, cgroup.procs and setuid.
+//! network namespace (pinned under /var/run/netns, as containerd pins them) with a veth
+//! pair to the node (routed: Debian builds the bridge as a module, veth alone is
+//! enough) and a cgroup per container in the kubelet's cgroupfs layout; processes
+//! placed in a pod by setns, cgroup.procs and setuid, or left on the host.
 use std::{
     fs,
     io::Write,
@@ -22,6 +23,8 @@ use crate::{netlink::Netlink, sys};
 
 /// The node's own address (on lo), the pods' gateway.
 pub const GATEWAY: Ipv4Addr = Ipv4Addr::new(10, 231, 0, 1);
+/// Where the pods' network namespaces are pinned as files (the agent's default).
+pub const NETNS_DIR: &str = "/var/run/netns";
 /// The environment variable that selects a stand-in role in a child.
 pub const ROLE_ENV: &str = "MBE_VM_TEST_ROLE";
 
@@ -45,6 +48,8 @@ pub struct Pod {
     pub ip: Ipv4Addr,
     /// Its network namespace.
     pub netns: OwnedFd,
+    /// The same namespace as a file under [`NETNS_DIR`].
+    pub netns_file: PathBuf,
     /// Containers.
     pub containers: Vec<Container>,
     /// Annotations.
@@ -97,6 +102,8 @@ impl Node {
         let index = self.pods.len() + 2;
         let ip = Ipv4Addr::new(10, 231, 0, index as u8);
         let netns = sys::new_netns()?;
+        let netns_file = Path::new(NETNS_DIR).join(name);
+        sys::pin_netns(&netns, &netns_file)?;
         let host_end = format!("veth-{name}");
         self.root_nl.add_veth(&host_end, "eth0", &netns)?;
         self.root_nl.link_up(&host_end)?;
@@ -130,6 +137,7 @@ impl Node {
             uid,
             ip,
             netns,
+            netns_file,
             containers: list,
             annotations: annotations
                 .iter()
@@ -220,22 +228,20 @@ impl Node {
         target: &str,
         bytes: usize,
     ) -> Result<String, String> {
-        let mut cmd = self
+        let cmd = self
             .stand_in(pod, container, uid, "client", &[target, &bytes.to_string()])
             .map_err(|e| format!("{e:#}"))?;
-        let out = cmd
-            .output()
-            .map_err(|e| format!("running the client: {e}"))?;
-        let text = String::from_utf8_lossy(&out.stdout).into_owned();
-        if out.status.success() {
-            Ok(text)
-        } else {
-            Err(format!(
-                "client {pod} → {target} failed ({}): {text}{}",
-                out.status,
-                String::from_utf8_lossy(&out.stderr)
-            ))
-        }
+        run_client(cmd, pod, target)
+    }
+
+    /// Runs the client stand-in as a host process: the VM's root network namespace
+    /// and root cgroup (no pod's), as root.
+    pub fn host_client(&self, target: &str, bytes: usize) -> Result<String, String> {
+        let mut cmd = Command::new("/proc/self/exe");
+        cmd.args([target, &bytes.to_string()])
+            .env(ROLE_ENV, "client")
+            .stdin(Stdio::null());
+        run_client(cmd, "host", target)
     }
 
     /// The pods as the kubelet's `/pods` lists them (v1 PodList), on node edge-1.
@@ -272,6 +278,23 @@ impl Node {
             })
             .collect();
         json!({"kind": "PodList", "apiVersion": "v1", "metadata": {}, "items": items})
+    }
+}
+
+/// Runs a client command: its output, or its error output.
+fn run_client(mut cmd: Command, from: &str, target: &str) -> Result<String, String> {
+    let out = cmd
+        .output()
+        .map_err(|e| format!("running the client: {e}"))?;
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    if out.status.success() {
+        Ok(text)
+    } else {
+        Err(format!(
+            "client {from} → {target} failed ({}): {text}{}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        ))
     }
 }
 

@@ -1,9 +1,12 @@
 //! What an init does before anything else: mounts, kernel modules, sysctls, network
-//! namespaces held by file descriptor, power-off.
+//! namespaces held by file descriptor and pinned as files, power-off.
 use std::{
     ffi::CString,
     fs,
-    os::fd::{AsRawFd, OwnedFd},
+    os::{
+        fd::{AsRawFd, OwnedFd},
+        unix::{ffi::OsStrExt, fs::OpenOptionsExt},
+    },
     path::Path,
 };
 
@@ -28,12 +31,17 @@ pub fn mount(fstype: &str, target: &str) -> Result<()> {
     Ok(())
 }
 
-/// proc, sysfs, cgroup2 and bpffs at their usual places.
+/// proc, sysfs, cgroup2 and bpffs at their usual places, a tmpfs on /run and
+/// /var/run pointing to it (as on Debian: where `ip netns` and containerd pin network
+/// namespaces).
 pub fn mount_all() -> Result<()> {
     mount("proc", "/proc")?;
     mount("sysfs", "/sys")?;
     mount("cgroup2", "/sys/fs/cgroup")?;
-    mount("bpf", "/sys/fs/bpf")
+    mount("bpf", "/sys/fs/bpf")?;
+    mount("tmpfs", "/run")?;
+    fs::create_dir_all("/var").context("creating /var")?;
+    std::os::unix::fs::symlink("/run", "/var/run").context("linking /var/run to /run")
 }
 
 /// Loads every module in `dir`, in name order (`finit_module`; compressed modules are
@@ -115,6 +123,40 @@ pub fn new_netns() -> Result<OwnedFd> {
     let ns = open_netns();
     setns(&home)?;
     ns
+}
+
+/// Makes network namespace `ns` a file at `path`, as `ip netns add` does: an empty
+/// file with `/proc/self/fd/<fd>` bind-mounted onto it.
+pub fn pin_netns(ns: &OwnedFd, path: &Path) -> Result<()> {
+    if let Some(dir) = path.parent() {
+        fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    }
+    fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o444)
+        .open(path)
+        .with_context(|| format!("creating {}", path.display()))?;
+    let src = CString::new(format!("/proc/self/fd/{}", ns.as_raw_fd()))?;
+    let tgt = CString::new(path.as_os_str().as_bytes())?;
+    // SAFETY: NUL-terminated strings; a bind mount takes no type or data.
+    let r = unsafe {
+        libc::mount(
+            src.as_ptr(),
+            tgt.as_ptr(),
+            std::ptr::null(),
+            libc::MS_BIND,
+            std::ptr::null(),
+        )
+    };
+    if r != 0 {
+        bail!(
+            "bind-mounting the network namespace on {}: {}",
+            path.display(),
+            errno()
+        );
+    }
+    Ok(())
 }
 
 /// Runs `f` inside `ns`, then returns to the calling thread's namespace.
