@@ -267,6 +267,11 @@ fn runc_check(
         "source": "/sys/fs/cgroup", "options": ["rbind", "ro"]}));
     mounts.push(json!({"destination": "/sys/fs/bpf", "type": "bind",
         "source": "/sys/fs/bpf", "options": ["rbind"]}));
+    // The pod network namespace files, as the manifest mounts them (the kubelet's
+    // hostPath DirectoryOrCreate makes the directory when it is missing).
+    fs::create_dir_all("/var/run/netns").unwrap();
+    mounts.push(json!({"destination": "/var/run/netns", "type": "bind",
+        "source": "/var/run/netns", "options": ["rbind", "ro", "rslave"]}));
     fs::write(
         bundle.join("config.json"),
         serde_json::to_vec_pretty(&config).unwrap(),

@@ -170,8 +170,8 @@ fn answer(r: Result<bool, impl std::error::Error>, yes: &str, no: &str) -> (bool
     }
 }
 
-/// Runs every check.
-pub fn run_checks() -> Report {
+/// Runs every check; `netns_dir` is where the pod network namespace files are.
+pub fn run_checks(netns_dir: &std::path::Path) -> Report {
     let (release, machine) = uname();
     let version = kernel_version(&release);
     let mut items = Vec::new();
@@ -513,7 +513,7 @@ pub fn run_checks() -> Report {
             "run with --log-level debug and report the verifier message",
         ));
     }
-    let netns = std::path::Path::new(crate::pod_netns::DEFAULT_NETNS_DIR);
+    let netns = netns_dir;
     let (ok, detail) = match std::fs::read_dir(netns) {
         Ok(entries) => (true, format!("readable, {} namespaces", entries.count())),
         Err(e) => (false, format!("{}: {e}", netns.display())),

@@ -62,6 +62,12 @@ struct CheckArgs {
     /// print the report as JSON
     #[argh(switch)]
     json: bool,
+    /// directory of pod network namespace files to check (default /var/run/netns)
+    #[argh(
+        option,
+        default = "PathBuf::from(merbridge_edge::pod_netns::DEFAULT_NETNS_DIR)"
+    )]
+    netns_dir: PathBuf,
 }
 
 /// Attach the probes and keep their maps in step with the node's pods.
@@ -100,8 +106,9 @@ struct RunArgs {
     /// (default: the cgroup2 mount found in /proc/self/mountinfo)
     #[argh(option)]
     cgroup_root: Option<PathBuf>,
-    /// bpffs mount where the sockhash is pinned, so accelerated connections outlive an
-    /// agent restart (default /sys/fs/bpf, else the first bpffs mount)
+    /// bpffs mount where the sockhash and the sidecars' inbound listeners are pinned, so
+    /// accelerated connections and inbound capture outlive an agent restart (default
+    /// /sys/fs/bpf, else the first bpffs mount)
     #[argh(option)]
     bpffs: Option<PathBuf>,
     /// time between polls, like 2s or 500ms (default 2s)
@@ -219,7 +226,7 @@ fn main() {
     let args = match cli.command {
         Some(Command::Run(args)) => args,
         Some(Command::Check(c)) => {
-            let report = check::run_checks();
+            let report = check::run_checks(&c.netns_dir);
             if c.json {
                 println!(
                     "{}",

@@ -135,7 +135,11 @@ pub fn run(opts: RunOptions) -> Result<()> {
         info!("serving /metrics, /healthz and /readyz on http://{bound}");
     }
     let cgroup_root = cgroups::resolve_cgroup_root(opts.cgroup_root.as_deref())?;
-    let report = check::run_checks();
+    let report = check::run_checks(
+        opts.netns_dir
+            .as_deref()
+            .unwrap_or(std::path::Path::new(crate::pod_netns::DEFAULT_NETNS_DIR)),
+    );
     let mut accelerate = opts.accelerate;
     let mut netns_dir = opts.netns_dir.clone();
     if netns_dir.is_some() && !report.inbound_capture_possible() {
@@ -146,7 +150,9 @@ pub fn run(opts: RunOptions) -> Result<()> {
         {
             warn!("{}: {} (needed by {})", i.what, i.detail, i.needed_by);
         }
-        warn!("inbound capture is not possible here: running without it (inbound reaches apps directly unless the mesh's iptables capture it)");
+        warn!(
+            "inbound capture is not possible here: running without it (inbound reaches apps directly unless the mesh's iptables capture it)"
+        );
         netns_dir = None;
     }
     match report.verdict {

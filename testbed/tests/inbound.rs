@@ -535,7 +535,10 @@ fn conntrack_entries_per_meshed_connection_in_each_mode() {
         assert!(out.contains(&format!("ok conns={N}")), "{out}");
         let out = f
             .node
-            .run_placed(&remote.placement, &["client", &target, "--conns", &N.to_string()])
+            .run_placed(
+                &remote.placement,
+                &["client", &target, "--conns", &N.to_string()],
+            )
             .unwrap();
         assert!(out.contains(&format!("ok conns={N}")), "{out}");
         conntrack_entries(f).saturating_sub(before)

@@ -281,7 +281,9 @@ fn demo_runs_end_to_end_and_leaves_nothing() {
         "web app → sidecar web (outbound, original dst",
         "→ sidecar api (inbound, original dst",
         "→ db app",
-        "db app → api app",
+        // A plain pod is not redirected, but its connection is captured at the pod it
+        // reaches.
+        "db app → sidecar api (inbound, original dst",
         "connect + greeting p50 (µs)",
         "64 B request/response p99 (µs)",
         "conntrack entries added                       0",

@@ -21,10 +21,9 @@ use merbridge_edge_testbed::node::missing_prerequisite;
 use merbridge_edge_testbed::{
     Node, Pod, PodSpec,
     agent::Agent,
-    node::RemoteNode,
     fixture::{start_sidecar, start_stand_ins},
     iptables::install_istio_iptables,
-
+    node::RemoteNode,
     podlist::{pod_list, write_pod_list},
     proc::run,
 };
@@ -142,7 +141,10 @@ fn in_netns(netns: &str, args: &[&str]) -> Result<String> {
 }
 
 fn conntrack_count(netns: &str) -> f64 {
-    in_netns(netns, &["cat", "/proc/sys/net/netfilter/nf_conntrack_count"])
+    in_netns(
+        netns,
+        &["cat", "/proc/sys/net/netfilter/nf_conntrack_count"],
+    )
     .ok()
     .and_then(|s| s.trim().parse().ok())
     .unwrap_or(0.0)
@@ -248,19 +250,29 @@ impl Bench {
     /// `variant`'s path?
     fn check_path(&self, variant: &str, agent: Option<&mut Agent>) -> Result<()> {
         let (before_a, before_b) = (self.sidecar_lines("a").len(), self.sidecar_lines("b").len());
-        let out = self.run_from(From::OtherNode, &["client", &self.target(variant, From::OtherNode)])?;
+        let out = self.run_from(
+            From::OtherNode,
+            &["client", &self.target(variant, From::OtherNode)],
+        )?;
         if !out.contains("who=b-app") {
             bail!("{variant}: from the other node, the reply did not come from app B: {out}");
         }
         std::thread::sleep(Duration::from_millis(100));
-        let intercepted = matches!(variant, "iptables" | "ebpf" | "ebpf-sockmap" | "ebpf+iptables");
+        let intercepted = matches!(
+            variant,
+            "iptables" | "ebpf" | "ebpf-sockmap" | "ebpf+iptables"
+        );
         let lb = self.sidecar_lines("b");
         let orig = format!("orig={}:8080", self.b.ip4);
         let through_b = lb.len() == before_b + 1 && lb[before_b].contains(&orig);
         if intercepted != through_b || self.sidecar_lines("a").len() != before_a {
             bail!(
                 "{variant}: from the other node, expected the connection {} sidecar B only; it logged {:?}",
-                if intercepted { "through" } else { "not through" },
+                if intercepted {
+                    "through"
+                } else {
+                    "not through"
+                },
                 &lb[before_b..]
             );
         }
@@ -324,7 +336,11 @@ impl Bench {
                     cell.workload,
                     cell.size,
                     cell.concurrency,
-                    if cell.from == From::OtherNode { " from the other node" } else { "" }
+                    if cell.from == From::OtherNode {
+                        " from the other node"
+                    } else {
+                        ""
+                    }
                 )
             })?;
         let after = self.conntrack();
@@ -599,7 +615,11 @@ fn main() -> Result<()> {
                 .collect();
             bench.disable(variant, agent)?;
             for (cell, f) in figures? {
-                let from = if cell.from == From::OtherNode { "other-node" } else { "pod" };
+                let from = if cell.from == From::OtherNode {
+                    "other-node"
+                } else {
+                    "pod"
+                };
                 println!(
                     "  {variant:<15} {from:<12} {:>12.0} {:>10.0} {:>10.0}",
                     f.per_s, f.errors, f.conntrack_added
