@@ -1,16 +1,23 @@
 //! The pure step: a kubelet PodList in, the desired datapath state of each meshed pod
 //! out. No kernel, no network, no clock: everything here is unit-tested.
 use std::{
-    collections::BTreeSet,
+    collections::{BTreeMap, BTreeSet},
     net::{IpAddr, Ipv4Addr, Ipv6Addr},
 };
 
-use k8s_openapi::api::core::v1::Pod;
+use k8s_openapi::api::core::v1::{Container, Pod, PodSpec};
 
 use crate::{
     annotations::{Cidr, Listed, PortRange, parse_cidrs, parse_ports},
-    mesh::{AnnotationRole, MESHES, Marker, Mesh, MeshSpec, OutboundListener},
+    mesh::{
+        AnnotationRole, DnsSwitch, InitSetting, MESHES, Marker, Mesh, MeshSpec, OutboundListener,
+    },
 };
+
+mod init_args;
+mod istio;
+
+use init_args::InitArgs;
 
 /// Which meshes the agent looks for.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -96,6 +103,9 @@ pub struct PodPolicy {
     pub port_rules: BTreeSet<(PortRuleKind, PortRange)>,
     /// Address rules.
     pub cidr_rules: BTreeSet<(CidrRuleKind, Cidr)>,
+    /// Source ranges whose inbound connections the mesh leaves to the app (Linkerd's
+    /// `skip-subnets`). Not enforced yet: inbound capture does not look at the source.
+    pub inbound_source_exclusions: BTreeSet<Cidr>,
     /// Runtime ids of the pod's containers (scheme stripped), sidecar included.
     pub container_ids: BTreeSet<String>,
     /// Runtime id of the sidecar container (its inbound listener receives the pod's
@@ -213,6 +223,14 @@ fn detect_mesh(pod: &Pod, meshes: MeshSelection) -> Option<&'static MeshSpec> {
     })
 }
 
+/// The sidecar container: a container, or a native sidecar (an init container).
+fn sidecar_container<'s>(spec: &'s PodSpec, name: &str) -> Option<&'s Container> {
+    spec.containers
+        .iter()
+        .chain(spec.init_containers.iter().flatten())
+        .find(|c| c.name == name)
+}
+
 fn pod_policy(pod: &Pod, meshes: MeshSelection, warnings: &mut Vec<Warning>) -> Option<PodPolicy> {
     let name = pod_name(pod);
     let spec = pod.spec.as_ref()?;
@@ -232,6 +250,36 @@ fn pod_policy(pod: &Pod, meshes: MeshSelection, warnings: &mut Vec<Warning>) -> 
         warnings.push(Warning(format!("pod {name}: no metadata.uid; pod skipped")));
         return None;
     };
+    let sidecar_name = mesh.marker.sidecar_container();
+    let sidecar = sidecar_container(spec, sidecar_name);
+    let init = mesh.init.as_ref().and_then(|i| init_args::read(spec, i));
+    if let Some(sources) = &mesh.interception_mode {
+        let mode = istio::interception_mode(
+            sources,
+            init.as_ref(),
+            sidecar.map(|c| (sidecar_name, c)),
+            pod.metadata.annotations.as_ref(),
+        );
+        let why = match mode.mode.as_str() {
+            "REDIRECT" => None,
+            "TPROXY" => Some(
+                "TPROXY interception is not supported; the pod keeps the mesh's own rules"
+                    .to_string(),
+            ),
+            "NONE" => Some(format!(
+                "interception mode NONE ({}): the mesh captures none of its traffic; pod not programmed",
+                mode.origin
+            )),
+            other => Some(format!(
+                "interception mode {other:?} ({}) is not REDIRECT, TPROXY or NONE; pod not programmed",
+                mode.origin
+            )),
+        };
+        if let Some(why) = why {
+            warnings.push(Warning(format!("pod {name}: {why}")));
+            return None;
+        }
+    }
 
     let mut ip4 = None;
     let mut ip6 = None;
@@ -275,6 +323,7 @@ fn pod_policy(pod: &Pod, meshes: MeshSelection, warnings: &mut Vec<Warning>) -> 
         out_via_loopback: mesh.outbound_listener == OutboundListener::Loopback,
         port_rules: BTreeSet::new(),
         cidr_rules: BTreeSet::new(),
+        inbound_source_exclusions: BTreeSet::new(),
         container_ids: BTreeSet::new(),
         proxy_container_id: None,
         qos_class: status
@@ -282,7 +331,39 @@ fn pod_policy(pod: &Pod, meshes: MeshSelection, warnings: &mut Vec<Warning>) -> 
             .clone()
             .unwrap_or_else(|| "BestEffort".into()),
     };
-    for &port in mesh.own_ports {
+    // The annotations are checked even where the init container's arguments apply, so
+    // a value edited after injection (which changes nothing) is still reported.
+    let mut scratch = p.clone();
+    for (key, role) in mesh.annotations {
+        let Some(value) = annotations.get(*key) else {
+            continue;
+        };
+        let what = format!("annotation {key}={value:?}");
+        if init.is_none() {
+            apply_rule(
+                &mut p,
+                *role,
+                value,
+                &what,
+                "annotation ignored",
+                &name,
+                warnings,
+            );
+        } else if let Err(e) = apply_annotation(&mut scratch, *role, value) {
+            warnings.push(Warning(format!(
+                "pod {name}: {what}: {e}; annotation ignored"
+            )));
+        }
+    }
+    if let Some(init) = &init {
+        apply_init(&mut p, init, &name, warnings);
+    }
+    // The mesh's own ports, and the sidecar's listeners wherever they are, are never
+    // captured inbound.
+    let own_ports: Vec<u16> = (mesh.own_ports.iter().copied())
+        .chain([p.outbound_port, p.inbound_port])
+        .collect();
+    for port in own_ports {
         p.port_rules.insert((
             PortRuleKind::InExclude,
             PortRange {
@@ -291,29 +372,9 @@ fn pod_policy(pod: &Pod, meshes: MeshSelection, warnings: &mut Vec<Warning>) -> 
             },
         ));
     }
-    for (key, role) in mesh.annotations {
-        let Some(value) = annotations.get(*key) else {
-            continue;
-        };
-        if let Err(e) = apply_annotation(&mut p, *role, value) {
-            warnings.push(Warning(format!(
-                "pod {name}: annotation {key}={value:?}: {e}; annotation ignored"
-            )));
-        }
-    }
-    if let (Some(port), Some(key)) = (mesh.dns_port, mesh.dns_annotation) {
-        let on = match annotations.get(key).map(|v| v.trim().to_ascii_lowercase()) {
-            None => mesh.dns_default,
-            Some(v) if v == "true" || v == "enabled" => true,
-            Some(v) if v == "false" || v == "disabled" => false,
-            Some(v) => {
-                warnings.push(Warning(format!(
-                    "pod {name}: annotation {key}={v:?}: expected true or false; DNS capture left off"
-                )));
-                false
-            }
-        };
-        if on {
+    p.proxy_uid = proxy_uid(pod, spec, mesh, sidecar, init.as_ref(), &name, warnings);
+    if let Some(port) = mesh.dns_port {
+        if dns_capture(mesh, &annotations, sidecar, init.as_ref(), &name, warnings) {
             p.dns_port = Some(port);
         }
     }
@@ -333,7 +394,7 @@ fn pod_policy(pod: &Pod, meshes: MeshSelection, warnings: &mut Vec<Warning>) -> 
                 .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
         {
             p.container_ids.insert(id.to_string());
-            if cs.name == mesh.marker.sidecar_container() {
+            if cs.name == sidecar_name {
                 p.proxy_container_id = Some(id.to_string());
             }
         } else {
@@ -343,6 +404,202 @@ fn pod_policy(pod: &Pod, meshes: MeshSelection, warnings: &mut Vec<Warning>) -> 
         }
     }
     Some(p)
+}
+
+/// The init container's settings replace the mesh's defaults and the annotations: the
+/// injector rendered the annotations, or the mesh-wide values when a pod has none
+/// (Istio's `global.proxy.excludeIPRanges`, Linkerd's `proxyInit.ignoreOutboundPorts`),
+/// into its arguments, and they are what the mesh's own rules were built from.
+fn apply_init(p: &mut PodPolicy, init: &InitArgs, name: &str, warnings: &mut Vec<Warning>) {
+    for (setting, given) in init.iter() {
+        let what = format!("{} {:?}", given.origin, given.value);
+        match setting {
+            InitSetting::Rule(role) => {
+                apply_rule(p, role, &given.value, &what, "ignored", name, warnings)
+            }
+            InitSetting::OutboundPort | InitSetting::InboundPort => {
+                match given.value.trim().parse::<u16>() {
+                    Ok(port) if port != 0 => {
+                        if setting == InitSetting::OutboundPort {
+                            p.outbound_port = port;
+                        } else {
+                            p.inbound_port = port;
+                        }
+                    }
+                    _ => warnings.push(Warning(format!(
+                        "pod {name}: {what} is not a port (1-65535); the mesh's default port is used"
+                    ))),
+                }
+            }
+            // Read by `proxy_uid`, `interception_mode` and `dns_capture`.
+            InitSetting::ProxyUid | InitSetting::InterceptionMode | InitSetting::RedirectDns => {}
+        }
+    }
+}
+
+/// Applies one rule, or warns naming the pod, `what` and what became of it.
+fn apply_rule(
+    p: &mut PodPolicy,
+    role: AnnotationRole,
+    value: &str,
+    what: &str,
+    outcome: &str,
+    name: &str,
+    warnings: &mut Vec<Warning>,
+) {
+    match apply_annotation(p, role, value) {
+        Err(e) => warnings.push(Warning(format!("pod {name}: {what}: {e}; {outcome}"))),
+        Ok(()) if role == AnnotationRole::ExcludeInboundSources && !value.trim().is_empty() => {
+            warnings.push(Warning(format!(
+                "pod {name}: {what}: inbound connections from these sources should skip the \
+                 proxy, but inbound capture does not look at the source yet: they are captured"
+            )))
+        }
+        Ok(()) => {}
+    }
+}
+
+/// The uid the sidecar runs as, whose connections are never redirected (they would
+/// come back to the sidecar). The first valid one of:
+/// 1. the sidecar container's `securityContext.runAsUser`: the uid the kernel runs the
+///    proxy as (Istio's CNI plugin reads this field too);
+/// 2. the pod's `securityContext.runAsUser`, which Kubernetes applies to containers
+///    that set none;
+/// 3. the uid the mesh's init container exempts from its rules (istio-init `-u`,
+///    linkerd-init `--proxy-uid`), for a spec that leaves the uid to the image;
+/// 4. the mesh's uid annotation (Linkerd `config.linkerd.io/proxy-uid`, Kuma
+///    `kuma.io/sidecar-uid`), which the injectors render into 1 and 3, so it decides
+///    only for pods set up some other way;
+/// 5. the mesh's default (Istio 1337, Linkerd 2102, Kuma 5678, OSM 1500).
+///
+/// The spec comes before the init container's flag because the two differ exactly
+/// where trusting the flag loops: Istio runs Envoy as root with gid 1337 for TPROXY
+/// and `capNetBindService` while istio-init keeps `-u 1337` (its rules also match the
+/// gid, which the agent does not). A uid inside a user namespace (`hostUsers: false`)
+/// is not the one the kernel reports; none of these sources give that one.
+fn proxy_uid(
+    pod: &Pod,
+    spec: &PodSpec,
+    mesh: &MeshSpec,
+    sidecar: Option<&Container>,
+    init: Option<&InitArgs>,
+    name: &str,
+    warnings: &mut Vec<Warning>,
+) -> u32 {
+    let sidecar_name = mesh.marker.sidecar_container();
+    let mut candidates: Vec<(String, String)> = Vec::new();
+    if let Some(u) = sidecar
+        .and_then(|c| c.security_context.as_ref())
+        .and_then(|s| s.run_as_user)
+    {
+        candidates.push((
+            u.to_string(),
+            format!("container {sidecar_name} securityContext.runAsUser"),
+        ));
+    }
+    if let Some(u) = spec.security_context.as_ref().and_then(|s| s.run_as_user) {
+        candidates.push((u.to_string(), "pod securityContext.runAsUser".into()));
+    }
+    if let Some(g) = init.and_then(|i| i.get(InitSetting::ProxyUid)) {
+        candidates.push((g.value.clone(), g.origin.clone()));
+    }
+    if let Some(key) = mesh.proxy_uid_annotation {
+        if let Some(v) = pod.metadata.annotations.as_ref().and_then(|a| a.get(key)) {
+            candidates.push((v.clone(), format!("annotation {key}")));
+        }
+    }
+    for (value, origin) in candidates {
+        match value.trim().parse::<u32>() {
+            Ok(0) => {
+                warnings.push(Warning(format!(
+                    "pod {name}: the sidecar runs as uid 0 ({origin}): every process of the pod \
+                     running as root is taken for the proxy and not redirected"
+                )));
+                return 0;
+            }
+            Ok(uid) => return uid,
+            Err(_) => warnings.push(Warning(format!(
+                "pod {name}: {origin} {value:?} is not a uid; ignored"
+            ))),
+        }
+    }
+    mesh.proxy_uid
+}
+
+/// Whether the pod's DNS goes to the sidecar's DNS proxy.
+///
+/// Istio (the `ISTIO_META_DNS_CAPTURE` proxy metadata, a Go boolean): the first of
+/// 1. the sidecar's environment: what starts the agent's DNS proxy on 15053
+///    (`pilot/cmd/pilot-agent/options/options.go`), so it decides;
+/// 2. the init container's (`ISTIO_META_DNS_CAPTURE`, `REDIRECT_DNS`,
+///    `--redirect-dns`): what istio-iptables redirected;
+/// 3. `proxyMetadata` in the `proxy.istio.io/config` annotation, for pods the injector
+///    did not write (it copies the merged metadata into 1 and 2);
+/// 4. off.
+///
+/// A value that is not a boolean, or an annotation that is not a ProxyConfig, leaves
+/// DNS capture off with a warning, as Istio's agent does.
+fn dns_capture(
+    mesh: &MeshSpec,
+    annotations: &BTreeMap<String, String>,
+    sidecar: Option<&Container>,
+    init: Option<&InitArgs>,
+    name: &str,
+    warnings: &mut Vec<Warning>,
+) -> bool {
+    match mesh.dns {
+        DnsSwitch::None => false,
+        DnsSwitch::Annotation(key) => {
+            match annotations.get(key).map(|v| v.trim().to_ascii_lowercase()) {
+                None => mesh.dns_default,
+                Some(v) if v == "true" || v == "enabled" => true,
+                Some(v) if v == "false" || v == "disabled" => false,
+                Some(v) => {
+                    warnings.push(Warning(format!(
+                        "pod {name}: annotation {key}={v:?}: expected true or false; DNS capture left off"
+                    )));
+                    false
+                }
+            }
+        }
+        DnsSwitch::ProxyMetadata {
+            variable,
+            config_annotation,
+        } => {
+            let sidecar_name = mesh.marker.sidecar_container();
+            let given = if let Some(v) = sidecar.and_then(|c| init_args::env_value(c, variable)) {
+                Some((v.to_string(), format!("{sidecar_name} env {variable}")))
+            } else if let Some(g) = init.and_then(|i| i.get(InitSetting::RedirectDns)) {
+                Some((g.value.clone(), g.origin.clone()))
+            } else if let Some(config) = annotations.get(config_annotation) {
+                match istio::proxy_metadata(config, variable) {
+                    Ok(v) => v.map(|v| {
+                        (
+                            v,
+                            format!("annotation {config_annotation} proxyMetadata.{variable}"),
+                        )
+                    }),
+                    Err(e) => {
+                        warnings.push(Warning(format!(
+                            "pod {name}: annotation {config_annotation} is not a ProxyConfig in YAML or JSON ({e}); DNS capture left off"
+                        )));
+                        return false;
+                    }
+                }
+            } else {
+                None
+            };
+            match given {
+                None => mesh.dns_default,
+                Some((v, origin)) => istio::go_bool(&v).unwrap_or_else(|| {
+                    warnings.push(Warning(format!(
+                        "pod {name}: {origin}={v:?}: expected true or false; DNS capture left off"
+                    )));
+                    false
+                }),
+            }
+        }
+    }
 }
 
 fn apply_annotation(p: &mut PodPolicy, role: AnnotationRole, value: &str) -> Result<(), String> {
@@ -374,6 +631,17 @@ fn apply_annotation(p: &mut PodPolicy, role: AnnotationRole, value: &str) -> Res
         }
         return Ok(());
     }
+    if role == ExcludeInboundSources {
+        let all = ["0.0.0.0/0", "::/0"].join(",");
+        let list = match parse_cidrs(value)? {
+            Listed::All => parse_cidrs(&all)?,
+            list => list,
+        };
+        if let Listed::Some(list) = list {
+            p.inbound_source_exclusions.extend(list);
+        }
+        return Ok(());
+    }
     let kind = if role == ExcludeOutboundRanges {
         CidrRuleKind::OutExclude
     } else {
@@ -397,5 +665,7 @@ fn apply_annotation(p: &mut PodPolicy, role: AnnotationRole, value: &str) -> Res
     Ok(())
 }
 
+#[cfg(test)]
+mod injected_tests;
 #[cfg(test)]
 mod tests;

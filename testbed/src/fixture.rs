@@ -20,6 +20,12 @@ use crate::{
 pub const APP_UID: u32 = 1000;
 /// uid of the sidecar stand-ins (Istio's).
 pub const PROXY_UID: u32 = 1337;
+/// uid of Linkerd's proxy stand-ins.
+pub const LINKERD_PROXY_UID: u32 = 2102;
+/// uid of Kuma's sidecar stand-ins.
+pub const KUMA_PROXY_UID: u32 = 5678;
+/// uid of OSM's Envoy stand-ins.
+pub const OSM_PROXY_UID: u32 = 1500;
 /// One topology at a time: the tests share the machine's two cores.
 static SERIAL: Mutex<()> = Mutex::new(());
 
@@ -113,10 +119,10 @@ impl Fixture {
         let meshed = self
             .pods
             .values()
-            .filter(|p| p.spec.containers.iter().any(|c| c == "istio-proxy"))
+            .filter(|p| p.spec.sidecar().is_some())
             .count();
         agent
-            .wait_log_count("added: mesh istio", meshed, Duration::from_secs(10))
+            .wait_log_count("added: mesh ", meshed, Duration::from_secs(10))
             .unwrap();
         self.start_sidecars();
         // Least privilege: the running agent holds what the k3s manifest grants, no more.
@@ -138,7 +144,7 @@ impl Fixture {
             return;
         }
         for pod in self.pods.values() {
-            if pod.spec.containers.iter().any(|c| c == "istio-proxy") {
+            if pod.spec.sidecar().is_some() {
                 start_sidecar(&self.node, pod).expect("sidecar stand-in");
             }
         }
@@ -186,9 +192,11 @@ pub fn start_stand_ins(
     node.wait_listening(pod, 8080)
 }
 
-/// Starts `pod`'s sidecar stand-in (uid 1337, ports 15001 and 15006, one line per
-/// connection in `sidecar-<pod>.log` in the scratch directory); returns once it listens.
-/// Started after the agent, its inbound listener is registered for inbound capture.
+/// Starts `pod`'s sidecar stand-in, as its mesh runs it: Istio's as uid 1337 on 15001
+/// and 15006, Linkerd's as uid 2102 on 127.0.0.1:4140 and 4143, Kuma's as uid 5678 on
+/// 15001 and 15006, OSM's as uid 1500 on 15001 and 15003; one line per connection
+/// in `sidecar-<pod>.log` in the scratch directory. Returns once it listens. Started
+/// after the agent, its inbound listener is registered for inbound capture.
 pub fn start_sidecar(node: &Node, pod: &Pod) -> anyhow::Result<usize> {
     let name = &pod.spec.name;
     let log = node.scratch().join(format!("sidecar-{name}.log"));
@@ -198,13 +206,25 @@ pub fn start_sidecar(node: &Node, pod: &Pod) -> anyhow::Result<usize> {
     // The sidecar runs as the proxy uid and appends to it.
     fs::set_permissions(&log, std::os::unix::fs::PermissionsExt::from_mode(0o666))?;
     let log = log.display().to_string();
+    let (container, uid, outbound, inbound, port) = match pod.spec.sidecar() {
+        Some("linkerd-proxy") => (
+            "linkerd-proxy",
+            LINKERD_PROXY_UID,
+            "127.0.0.1:4140",
+            "4143",
+            4143,
+        ),
+        Some("kuma-sidecar") => ("kuma-sidecar", KUMA_PROXY_UID, "15001", "15006", 15006),
+        Some("envoy") => ("envoy", OSM_PROXY_UID, "15001", "15003", 15003),
+        _ => ("istio-proxy", PROXY_UID, "15001", "15006", 15006),
+    };
     let handle = node.spawn(
         pod,
-        Some("istio-proxy"),
-        Some(PROXY_UID),
-        &["sidecar", name, "15001", "15006", &log],
+        Some(container),
+        Some(uid),
+        &["sidecar", name, outbound, inbound, &log],
     )?;
-    node.wait_listening(pod, 15006)?;
+    node.wait_listening(pod, port)?;
     Ok(handle)
 }
 

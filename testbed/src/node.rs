@@ -41,6 +41,49 @@ impl PodSpec {
         }
     }
 
+    /// A Linkerd-injected pod: `app` plus `linkerd-proxy`.
+    pub fn linkerd(name: &str) -> Self {
+        Self {
+            name: name.into(),
+            containers: vec!["app".into(), "linkerd-proxy".into()],
+            annotations: vec![],
+            labels: vec![],
+        }
+    }
+
+    /// A Kuma-injected pod: `app` plus `kuma-sidecar`.
+    pub fn kuma(name: &str) -> Self {
+        Self {
+            name: name.into(),
+            containers: vec!["app".into(), "kuma-sidecar".into()],
+            annotations: vec![],
+            labels: vec![],
+        }
+    }
+
+    /// An OSM-injected pod: `app` plus `envoy`, labelled with its proxy's uuid.
+    pub fn osm(name: &str) -> Self {
+        Self {
+            name: name.into(),
+            containers: vec!["app".into(), "envoy".into()],
+            annotations: vec![],
+            labels: vec![(
+                "osm-proxy-uuid".into(),
+                "8fd6b6c9-5a80-4d5b-8a3c-1e0f3c7a9b21".into(),
+            )],
+        }
+    }
+
+    /// The sidecar container's name, when the pod has one of the meshes'.
+    pub fn sidecar(&self) -> Option<&str> {
+        self.containers.iter().map(String::as_str).find(|c| {
+            matches!(
+                *c,
+                "istio-proxy" | "linkerd-proxy" | "kuma-sidecar" | "envoy"
+            )
+        })
+    }
+
     /// A pod without a sidecar.
     pub fn plain(name: &str) -> Self {
         Self {
@@ -298,46 +341,8 @@ impl Node {
             ])?;
             ip(&["-n", &ns, "link", "set", &near, "up"])?;
             ip(&["-n", &netns, "link", "set", &far, "name", "eth0"])?;
-            ip(&[
-                "-n",
-                &netns,
-                "addr",
-                "add",
-                &format!("{ip4}/24"),
-                "dev",
-                "eth0",
-            ])?;
-            ip(&[
-                "-n",
-                &netns,
-                "addr",
-                "add",
-                &format!("{ip6}/64"),
-                "dev",
-                "eth0",
-                "nodad",
-            ])?;
-            ip(&["-n", &netns, "link", "set", "eth0", "up"])?;
-            ip(&["-n", &netns, "link", "set", "lo", "up"])?;
-            ip(&[
-                "-n",
-                &netns,
-                "route",
-                "add",
-                "default",
-                "via",
-                &format!("10.232.{sub}.1"),
-            ])?;
-            ip(&[
-                "-n",
-                &netns,
-                "-6",
-                "route",
-                "add",
-                "default",
-                "via",
-                &format!("fd00:232:0:{sub:x}::1"),
-            ])?;
+            let gateway6: Ipv6Addr = format!("fd00:232:0:{sub:x}::1").parse()?;
+            configure_eth0(&netns, ip4, ip6, Ipv4Addr::new(10, 232, sub, 1), gateway6)?;
             self.mkdir_cgroup(&cgroup)?;
         }
         Ok(RemoteNode {
@@ -401,46 +406,7 @@ impl Node {
         ip(&["-n", &netns, "link", "set", &pod_end, "name", "eth0"])?;
         let ip4 = Ipv4Addr::new(10, 231, self.subnet, index);
         let ip6: Ipv6Addr = format!("fd00:231:0:{:x}::{:x}", self.subnet, index).parse()?;
-        ip(&[
-            "-n",
-            &netns,
-            "addr",
-            "add",
-            &format!("{ip4}/24"),
-            "dev",
-            "eth0",
-        ])?;
-        ip(&[
-            "-n",
-            &netns,
-            "addr",
-            "add",
-            &format!("{ip6}/64"),
-            "dev",
-            "eth0",
-            "nodad",
-        ])?;
-        ip(&["-n", &netns, "link", "set", "eth0", "up"])?;
-        ip(&["-n", &netns, "link", "set", "lo", "up"])?;
-        ip(&[
-            "-n",
-            &netns,
-            "route",
-            "add",
-            "default",
-            "via",
-            &self.gateway4().to_string(),
-        ])?;
-        ip(&[
-            "-n",
-            &netns,
-            "-6",
-            "route",
-            "add",
-            "default",
-            "via",
-            &self.gateway6().to_string(),
-        ])?;
+        configure_eth0(&netns, ip4, ip6, self.gateway4(), self.gateway6())?;
         let uid = format!(
             "{:08x}-{:04x}-4000-8000-{:012x}",
             std::process::id(),
@@ -603,6 +569,28 @@ impl Node {
         self.cgroups.retain(|c| c != path);
         Ok(())
     }
+}
+
+/// Gives `eth0` of namespace `netns` its addresses and default routes, and brings it
+/// and `lo` up.
+fn configure_eth0(
+    netns: &str,
+    ip4: Ipv4Addr,
+    ip6: Ipv6Addr,
+    gateway4: Ipv4Addr,
+    gateway6: Ipv6Addr,
+) -> Result<()> {
+    let (ip4, ip6) = (format!("{ip4}/24"), format!("{ip6}/64"));
+    ip(&["-n", netns, "addr", "add", &ip4, "dev", "eth0"])?;
+    ip(&["-n", netns, "addr", "add", &ip6, "dev", "eth0", "nodad"])?;
+    ip(&["-n", netns, "link", "set", "eth0", "up"])?;
+    ip(&["-n", netns, "link", "set", "lo", "up"])?;
+    let (gateway4, gateway6) = (gateway4.to_string(), gateway6.to_string());
+    ip(&["-n", netns, "route", "add", "default", "via", &gateway4])?;
+    ip(&[
+        "-n", netns, "-6", "route", "add", "default", "via", &gateway6,
+    ])?;
+    Ok(())
 }
 
 fn rand_u32() -> u32 {

@@ -265,7 +265,11 @@ fn dns_capture_on_and_off() {
         return;
     };
     let mut specs = istio_abc();
-    specs.push(PodSpec::istio("e").annotate("proxy.istio.io/dns-capture", "true"));
+    // Istio's real switch: ISTIO_META_DNS_CAPTURE in the proxy metadata.
+    specs.push(PodSpec::istio("e").annotate(
+        "proxy.istio.io/config",
+        "proxyMetadata:\n  ISTIO_META_DNS_CAPTURE: \"true\"\n",
+    ));
     let f = Fixture::new(HELPER.as_ref(), specs);
     let (c, e) = (f.pod("c").clone(), f.pod("e").clone());
     f.node

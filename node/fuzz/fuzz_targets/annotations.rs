@@ -5,14 +5,15 @@
 //! - 0: `parse_ports`, then `port_prefixes` of each range;
 //! - 1: `parse_cidrs`;
 //! - 2 and up: one annotation key the agent reads, in the order of the mesh table (each
-//!   mesh's rule annotations, then its DNS, opt-out and required annotations): a running
-//!   pod of that mesh carrying the value goes through `desired_state`, under auto and
-//!   under that mesh alone, then `PodEntries::build`.
+//!   mesh's rule annotations, then its DNS, proxy uid, interception mode, opt-out and
+//!   required annotations): a running pod of that mesh carrying the value goes through
+//!   `desired_state`, under auto and under that mesh alone, then `PodEntries::build`.
 //!
 //! Besides not panicking it checks: parsed port ranges are valid and their LPM prefixes
 //! cover them exactly; parsed address ranges have their host bits clear; what a parser
 //! returns, written back out, parses to the same; and no annotation value makes a
-//! meshed pod disappear, except the mesh's opt-out annotation set to false/disabled.
+//! meshed pod disappear, except the mesh's opt-out annotation set to false/disabled and
+//! an interception mode other than REDIRECT (TPROXY, NONE, unknown: left alone).
 #![no_main]
 
 use std::{collections::BTreeMap, net::IpAddr, sync::LazyLock};
@@ -37,7 +38,9 @@ static KEYS: LazyLock<Vec<(&'static MeshSpec, &'static str)>> = LazyLock::new(||
             m.annotations
                 .iter()
                 .map(|(k, _)| *k)
-                .chain(m.dns_annotation)
+                .chain(m.dns.annotation())
+                .chain(m.proxy_uid_annotation)
+                .chain(m.interception_mode.map(|i| i.annotation))
                 .chain(m.opt_out)
                 .chain(m.required_annotation)
                 .map(move |k| (m, k))
@@ -171,11 +174,13 @@ fn meshed_pod(mesh: &MeshSpec, key: &str, value: &str) -> Pod {
 
 fn check_on_pod(mesh: &MeshSpec, key: &str, value: &str) {
     let pod = meshed_pod(mesh, key, value);
-    let opted_out = mesh.opt_out == Some(key)
+    let opted_out = (mesh.opt_out == Some(key)
         && matches!(
             value.trim().to_ascii_lowercase().as_str(),
             "false" | "disabled"
-        );
+        ))
+        || (mesh.interception_mode.map(|i| i.annotation) == Some(key)
+            && !matches!(value.trim(), "" | "REDIRECT"));
     for meshes in [MeshSelection::Auto, MeshSelection::Only(mesh.mesh)] {
         let d = desired_state(std::slice::from_ref(&pod), Some("n1"), meshes);
         assert_eq!(

@@ -253,7 +253,7 @@ fn invalid_annotation_is_reported_by_name_and_the_rest_applies() {
             "traffic.sidecar.istio.io/excludeOutboundPorts": "80,x",
             "traffic.sidecar.istio.io/excludeOutboundIPRanges": "10.0.0.0/40",
             "traffic.sidecar.istio.io/excludeInboundPorts": "8081",
-            "proxy.istio.io/dns-capture": "maybe"
+            "proxy.istio.io/config": "proxyMetadata: [unclosed"
         }),
     ));
     let p = p.expect("the pod is still meshed");
@@ -279,26 +279,73 @@ fn invalid_annotation_is_reported_by_name_and_the_rest_applies() {
     );
     assert!(w.iter().any(|m| m.contains("0-32")), "{w:?}");
     assert!(
-        w.iter()
-            .any(|m| m.contains("dns-capture") && m.contains("expected true or false")),
+        w.iter().any(|m| m.starts_with(
+            "pod ns/bad: annotation proxy.istio.io/config is not a ProxyConfig in YAML or JSON"
+        ) && m.ends_with("DNS capture left off")),
         "{w:?}"
     );
 }
 
+/// Istio's switch is `ISTIO_META_DNS_CAPTURE` in the proxy metadata: the sidecar's
+/// environment first, then the init container's, then the `proxy.istio.io/config`
+/// annotation. There is no `proxy.istio.io/dns-capture` annotation.
 #[test]
-fn dns_capture_follows_the_annotation() {
-    let p = one(istio("d", json!({"proxy.istio.io/dns-capture": "true"})))
+fn dns_capture_follows_istio_proxy_metadata() {
+    let config = |yaml: &str| json!({"proxy.istio.io/config": yaml});
+    let on = "proxyMetadata:\n  ISTIO_META_DNS_CAPTURE: \"true\"\n";
+    let p = one(istio("d", config(on))).0.unwrap();
+    assert_eq!(p.dns_port, Some(15053));
+    let json_on = r#"{"proxyMetadata": {"ISTIO_META_DNS_CAPTURE": "True"}}"#;
+    assert_eq!(
+        one(istio("j", config(json_on))).0.unwrap().dns_port,
+        Some(15053)
+    );
+    let off = "proxyMetadata:\n  ISTIO_META_DNS_CAPTURE: \"false\"\n";
+    assert_eq!(one(istio("f", config(off))).0.unwrap().dns_port, None);
+    let (p, w) = one(istio("n", config("concurrency: 2")));
+    assert_eq!((p.unwrap().dns_port, w.len()), (None, 0));
+    // The invented annotation does nothing.
+    let (p, w) = one(istio("x", json!({"proxy.istio.io/dns-capture": "true"})));
+    assert_eq!((p.unwrap().dns_port, w.len()), (None, 0));
+
+    // The sidecar's environment decides over the annotation: it is what starts the
+    // agent's DNS proxy.
+    let mut env = istio("e", config(on));
+    env["spec"]["containers"][1]["env"] =
+        json!([{"name": "ISTIO_META_DNS_CAPTURE", "value": "false"}]);
+    assert_eq!(one(env).0.unwrap().dns_port, None);
+    let mut env = istio("e2", json!({}));
+    env["spec"]["containers"][1]["env"] = json!([{"name": "ISTIO_META_DNS_CAPTURE", "value": "1"}]);
+    assert_eq!(one(env).0.unwrap().dns_port, Some(15053));
+    // Then istio-init's.
+    let mut init = istio("i", json!({}));
+    init["spec"]["initContainers"] = json!([{"name": "istio-init",
+        "args": ["istio-iptables", "-i", "*", "-b", "*"],
+        "env": [{"name": "ISTIO_META_DNS_CAPTURE", "value": "true"}]}]);
+    assert_eq!(one(init).0.unwrap().dns_port, Some(15053));
+    // Not a boolean: off, with a warning naming where it was read.
+    let mut bad = istio("b", json!({}));
+    bad["spec"]["containers"][1]["env"] =
+        json!([{"name": "ISTIO_META_DNS_CAPTURE", "value": "yes"}]);
+    let (p, w) = one(bad);
+    assert_eq!(p.unwrap().dns_port, None);
+    assert_eq!(
+        w[0].0,
+        "pod ns/b: istio-proxy env ISTIO_META_DNS_CAPTURE=\"yes\": expected true or false; DNS capture left off"
+    );
+
+    let l = one(pod("l", &["app", "linkerd-proxy"], config(on)))
         .0
         .unwrap();
-    assert_eq!(p.dns_port, Some(15053));
-    let l = one(pod(
-        "l",
-        &["app", "linkerd-proxy"],
-        json!({"proxy.istio.io/dns-capture": "true"}),
+    assert_eq!(l.dns_port, None, "Linkerd has no DNS proxy");
+    let k = one(pod(
+        "k",
+        &["app", "kuma-sidecar"],
+        json!({"kuma.io/builtin-dns": "enabled"}),
     ))
     .0
     .unwrap();
-    assert_eq!(l.dns_port, None, "Linkerd has no DNS proxy");
+    assert_eq!(k.dns_port, Some(15053), "Kuma's annotation is real");
 }
 
 #[test]
@@ -322,7 +369,16 @@ fn linkerd_kuma_osm_annotations() {
         l.port_rules
             .contains(&(PortRuleKind::InExclude, range(9999, 9999)))
     );
-    assert_eq!(l.cidr_rules.len(), 1);
+    // skip-subnets is about inbound sources (proxy-init's PREROUTING `-s`), not
+    // outbound destinations.
+    assert!(l.cidr_rules.is_empty());
+    assert_eq!(
+        l.inbound_source_exclusions
+            .iter()
+            .map(|c| format!("{}/{}", c.addr, c.len))
+            .collect::<Vec<_>>(),
+        vec!["10.96.0.0/12"]
+    );
     let k = one(pod(
         "k",
         &["app", "kuma-sidecar"],

@@ -56,9 +56,17 @@ pub fn is_loopback(addr: &[u32; 4]) -> bool {
     }
 }
 
-/// Whether both ends of a connection are loopback addresses. Every pod has its own
-/// loopback, so such tuples may repeat across pods and never go into tuple-keyed maps.
+/// Whether an address is a per-pod loopback source (127.128.0.0/10 + pod id, bound by
+/// the connect hooks for meshes whose outbound listener is loopback-only).
+#[inline(always)]
+pub fn is_pod_loopback_source(addr: &[u32; 4]) -> bool {
+    as_v4(addr).is_some_and(|ip4| u32::from_be(ip4) & 0xffc0_0000 == 0x7f80_0000)
+}
+
+/// Whether both ends of a connection are loopback addresses shared by every pod. Every
+/// pod has its own loopback, so such tuples may repeat across pods and never go into
+/// tuple-keyed maps; a per-pod loopback source names its pod, so its tuples are unique.
 #[inline(always)]
 pub fn both_loopback(a: &[u32; 4], b: &[u32; 4]) -> bool {
-    is_loopback(a) && is_loopback(b)
+    is_loopback(a) && is_loopback(b) && !is_pod_loopback_source(a) && !is_pod_loopback_source(b)
 }

@@ -20,8 +20,8 @@ use merbridge_edge_probes_common::{
 use crate::{
     addr::{AF_INET, LOCALHOST4, LOCALHOST6, is_loopback, read_words, write_words},
     maps::{
-        POD_BY_CGROUP, POD_BY_IP, accelerate, count, release_tuple_slots, remember, remember_dns,
-        reserve_tuple_slots,
+        POD_BY_CGROUP, POD_BY_IP, REDIRECTING_PODS, accelerate, count, release_tuple_slots,
+        remember, remember_dns, reserve_tuple_slots,
     },
     rules::outbound_redirected,
 };
@@ -30,19 +30,61 @@ const IPPROTO_TCP: u32 = 6;
 const IPPROTO_UDP: u32 = 17;
 const DNS_PORT: u16 = 53;
 
-/// What to do with one connect().
-pub enum Decision {
+/// The kind of a [`Decision`].
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Action {
     /// Leave the connection alone.
     Pass,
     /// Leave it alone, but remember it so sockops can accelerate the local pair.
     PairOnly,
-    /// Rewrite the destination; remember the original with these flags.
-    Rewrite {
+    /// Rewrite the destination; remember the original with `flags`.
+    Rewrite,
+}
+
+/// What to do with one connect(). A struct whose fields are always set, not an enum
+/// with fields per variant: those leave registers undefined on some paths, and the
+/// verifier refuses a program that spills one ("R4 !read_ok"), depending on how the
+/// compiler happened to lay the code out.
+#[derive(Clone, Copy)]
+pub struct Decision {
+    /// What to do.
+    pub action: Action,
+    /// New destination address (Rewrite).
+    pub addr: [u32; 4],
+    /// New destination port (Rewrite).
+    pub port: u16,
+    /// `ORIGINAL_*` flags to remember (Rewrite).
+    pub flags: u16,
+    /// Bind the per-pod loopback source first (Rewrite to a loopback-only listener).
+    pub bind_loopback: bool,
+}
+
+impl Decision {
+    /// Leave the connection alone.
+    pub const PASS: Self = Self::of(Action::Pass, [0; 4], 0, 0, false);
+    /// Remember the connection for pairing only.
+    pub const PAIR_ONLY: Self = Self::of(Action::PairOnly, [0; 4], 0, 0, false);
+
+    /// Rewrite to `addr:port`, remembering the original with `flags`.
+    pub const fn rewrite(addr: [u32; 4], port: u16, flags: u16, bind_loopback: bool) -> Self {
+        Self::of(Action::Rewrite, addr, port, flags, bind_loopback)
+    }
+
+    const fn of(
+        action: Action,
         addr: [u32; 4],
         port: u16,
         flags: u16,
         bind_loopback: bool,
-    },
+    ) -> Self {
+        Self {
+            action,
+            addr,
+            port,
+            flags,
+            bind_loopback,
+        }
+    }
 }
 
 /// The meshed pod the current process belongs to, if any.
@@ -60,13 +102,15 @@ pub fn current_uid() -> u32 {
     bpf_get_current_uid_gid() as u32
 }
 
-/// The pod's own address in the family of `dst` (v4-mapped for IPv4).
+/// The pod's own address in the family of `dst` (v4-mapped for IPv4), and whether it
+/// has one. Both always set (no `Option` of an array: its payload is undefined when
+/// empty, and a spilled undefined register fails the verifier).
 #[inline(always)]
-fn own_addr(pod: &PodInfo, dst_is_v4: bool) -> Option<[u32; 4]> {
+fn own_addr(pod: &PodInfo, dst_is_v4: bool) -> ([u32; 4], bool) {
     if dst_is_v4 {
-        (pod.flags & POD_HAS_IP4 != 0).then_some(pod.ip4)
+        (pod.ip4, pod.flags & POD_HAS_IP4 != 0)
     } else {
-        (pod.flags & POD_HAS_IP6 != 0).then_some(pod.ip6)
+        (pod.ip6, pod.flags & POD_HAS_IP6 != 0)
     }
 }
 
@@ -87,57 +131,54 @@ pub fn decide(pod: &PodInfo, protocol: u32, dst: &[u32; 4], port: u16) -> Decisi
         } else {
             0
         };
-        return Decision::Rewrite {
-            addr: to,
-            port: pod.dns_port,
-            flags,
-            bind_loopback: false,
-        };
+        return Decision::rewrite(to, pod.dns_port, flags, false);
     }
     if protocol != IPPROTO_TCP {
-        return Decision::Pass;
+        return Decision::PASS;
     }
     if is_loopback(dst) {
-        return Decision::Pass;
+        return Decision::PASS;
     }
-    let own = own_addr(pod, dst_is_v4);
-    if own == Some(*dst) {
+    let (own, has_own) = own_addr(pod, dst_is_v4);
+    if has_own && own == *dst {
         // Own pod: the sidecar reaching its app, or an app reaching itself. Never
-        // redirected (that would loop), but the pair is local and can be accelerated.
-        return Decision::PairOnly;
+        // redirected (that would loop), but the pair is local and can be accelerated,
+        // unless the pod's own iptables are there (its connections are tracked).
+        // SAFETY: only presence is checked.
+        if unsafe { REDIRECTING_PODS.get(dst) }.is_some() {
+            return Decision::PASS;
+        }
+        return Decision::PAIR_ONLY;
     }
     if is_proxy {
         // A proxy's connection keeps its destination: a local meshed pod's sidecar
-        // receives it through sk_lookup there. The pair is local and can be accelerated.
+        // receives it through sk_lookup there. The pair is local and can be accelerated,
+        // unless that pod's own iptables redirect it to another port.
         // SAFETY: only presence is checked.
-        if unsafe { POD_BY_IP.get(dst) }.is_some() {
-            return Decision::PairOnly;
+        if unsafe { POD_BY_IP.get(dst).is_some() && REDIRECTING_PODS.get(dst).is_none() } {
+            return Decision::PAIR_ONLY;
         }
-        return Decision::Pass;
+        return Decision::PASS;
     }
     if !outbound_redirected(pod, dst, port) {
-        return Decision::Pass;
+        return Decision::PASS;
     }
     if pod.flags & POD_OUT_VIA_LOOPBACK != 0 {
         if !dst_is_v4 {
             // A loopback-only listener offers no per-pod address in IPv6: fail open.
-            return Decision::Pass;
+            return Decision::PASS;
         }
-        return Decision::Rewrite {
-            addr: v4_mapped(LOCALHOST4),
-            port: pod.outbound_port,
-            flags: ORIGINAL_REDIRECTED,
-            bind_loopback: true,
-        };
+        return Decision::rewrite(
+            v4_mapped(LOCALHOST4),
+            pod.outbound_port,
+            ORIGINAL_REDIRECTED,
+            true,
+        );
     }
-    match own {
-        Some(addr) => Decision::Rewrite {
-            addr,
-            port: pod.outbound_port,
-            flags: ORIGINAL_REDIRECTED,
-            bind_loopback: false,
-        },
-        None => Decision::Pass,
+    if has_own {
+        Decision::rewrite(own, pod.outbound_port, ORIGINAL_REDIRECTED, false)
+    } else {
+        Decision::PASS
     }
 }
 
@@ -169,9 +210,9 @@ fn apply(
     let sa: *mut bpf_sock_addr = ctx.sock_addr;
     // SAFETY: the helper takes the program context.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
-    match decision {
-        Decision::Pass => count(Counter::PassPolicy, 1),
-        Decision::PairOnly => {
+    match decision.action {
+        Action::Pass => count(Counter::PassPolicy, 1),
+        Action::PairOnly => {
             count(Counter::PassPolicy, 1);
             // Accelerated only if both ends' entries fit (else just not accelerated).
             if accelerate() && reserve_tuple_slots(2) {
@@ -186,12 +227,13 @@ fn apply(
                 }
             }
         }
-        Decision::Rewrite {
-            addr,
-            port: new_port,
-            flags,
-            bind_loopback,
-        } => {
+        Action::Rewrite => {
+            let (addr, new_port, flags, bind_loopback) = (
+                decision.addr,
+                decision.port,
+                decision.flags,
+                decision.bind_loopback,
+            );
             // A TCP redirect to a proxy needs two tuple entries (this socket and its
             // peer) for the proxy's SO_ORIGINAL_DST: promised now, or no redirect.
             let tcp = flags & ORIGINAL_REDIRECTED != 0;
@@ -304,14 +346,11 @@ pub fn mb_connect6(ctx: SockAddrContext) -> i32 {
             core::ptr::read_volatile(&raw const (*sa).protocol),
         )
     };
-    let decision = match decide(&pod, protocol, &dst, port) {
+    let mut decision = decide(&pod, protocol, &dst, port);
+    if decision.action == Action::Rewrite && decision.bind_loopback {
         // bpf_bind with an IPv4 source does not fit a dual-stack socket: fail open.
-        Decision::Rewrite {
-            bind_loopback: true,
-            ..
-        } => Decision::Pass,
-        d => d,
-    };
+        decision = Decision::PASS;
+    }
     apply(&ctx, &pod, decision, dst, port, false);
     1
 }

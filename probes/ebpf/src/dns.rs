@@ -9,7 +9,7 @@ use merbridge_edge_probes_common::{Counter, ORIGINAL_DNS, OriginalDst, as_v4, v4
 
 use crate::{
     addr::{LOCALHOST4, LOCALHOST6, read_words, write_words},
-    connect::{Decision, current_pod, decide, set_destination, user_port},
+    connect::{Action, current_pod, decide, set_destination, user_port},
     maps::{DNS_ORIGINAL_BY_COOKIE, count, remember_dns},
 };
 
@@ -28,15 +28,11 @@ fn on_sendmsg(ctx: &SockAddrContext, v4_ctx: bool) {
         };
         (dst, user_port(sa))
     };
-    let Decision::Rewrite {
-        addr,
-        port: to_port,
-        flags,
-        ..
-    } = decide(&pod, IPPROTO_UDP, &dst, port)
-    else {
+    let decision = decide(&pod, IPPROTO_UDP, &dst, port);
+    if decision.action != Action::Rewrite {
         return;
-    };
+    }
+    let (addr, to_port, flags) = (decision.addr, decision.port, decision.flags);
     if flags & ORIGINAL_DNS == 0 {
         return;
     }

@@ -114,6 +114,13 @@ pub static CAPTURED_BY_TUPLE: LruHashMap<SocketTuple, u8> = LruHashMap::with_max
 #[map]
 pub static PAIR_PENDING: LruHashMap<SocketTuple, u32> = LruHashMap::with_max_entries(4096, 0);
 
+/// Pod addresses whose own iptables REDIRECT inbound connections to the sidecar (the
+/// mesh's init container ran there): seen from an accepted connection on a sidecar
+/// inbound port from outside the pod. Proxy connections to them are not paired for
+/// sk_msg (the accepting side's port differs, so there is no peer to pair with).
+#[map]
+pub static REDIRECTING_PODS: LruHashMap<[u32; 4], u8> = LruHashMap::with_max_entries(2048, 0);
+
 /// Per pod address: inbound connections that reached a meshed app without its sidecar.
 #[map]
 pub static BYPASS_BY_POD: HashMap<[u32; 4], u64> = HashMap::with_max_entries(2048, 0);

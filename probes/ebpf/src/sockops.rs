@@ -14,12 +14,12 @@ use aya_ebpf::{
 use merbridge_edge_probes_common::{Counter, ORIGINAL_PAIR_ONLY, OriginalDst, SocketTuple};
 
 use crate::{
-    addr::{AF_INET, AF_INET6, both_loopback, normalise, read_words},
-    inbound::{capturing_pod, listener_key},
+    addr::{AF_INET, AF_INET6, both_loopback, is_loopback, normalise, read_words},
+    inbound::{capturing_pod, is_inbound_port, listener_key},
     maps::{
         CAPTURED_BY_TUPLE, INBOUND_BINDS, INBOUND_LISTENERS, ORIGINAL_DST_BY_COOKIE,
-        ORIGINAL_DST_BY_TUPLE, PAIR_PENDING, SOCK_BY_TUPLE, accelerate, count, count_bypass,
-        release_tuple_slots,
+        ORIGINAL_DST_BY_TUPLE, PAIR_PENDING, POD_BY_IP, REDIRECTING_PODS, SOCK_BY_TUPLE,
+        accelerate, count, count_bypass, release_tuple_slots,
     },
 };
 
@@ -46,6 +46,22 @@ fn register_listener(ctx: &SockOpsContext) {
 #[inline(always)]
 fn without_remote_port(t: &SocketTuple) -> SocketTuple {
     SocketTuple::new(t.local_addr, t.remote_addr, t.local_port, 0)
+}
+
+/// An accepted connection on a sidecar inbound port from outside the pod: the pod's
+/// own iptables redirected it (see [`REDIRECTING_PODS`]).
+#[inline(always)]
+fn note_redirecting_pod(tuple: &SocketTuple) {
+    if !is_inbound_port(tuple.local_port as u16)
+        || tuple.remote_addr == tuple.local_addr
+        || is_loopback(&tuple.remote_addr)
+    {
+        return;
+    }
+    // SAFETY: only presence is checked.
+    if unsafe { POD_BY_IP.get(&tuple.local_addr) }.is_some() {
+        let _ = REDIRECTING_PODS.insert(&tuple.local_addr, &1, 0);
+    }
 }
 
 /// The bypass ledger: an established inbound connection to a meshed pod's captured
@@ -163,6 +179,7 @@ pub fn mb_sockops(ctx: SockOpsContext) -> u32 {
         BPF_SOCK_OPS_TCP_LISTEN_CB => register_listener(&ctx),
         BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB => {
             audit_inbound(&tuple);
+            note_redirecting_pod(&tuple);
             let peer = tuple.reversed();
             // SAFETY: copied out at once.
             let pending = unsafe { PAIR_PENDING.get(&without_remote_port(&peer)).copied() };

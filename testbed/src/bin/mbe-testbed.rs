@@ -10,20 +10,24 @@ use std::{
     time::Duration,
 };
 
-use merbridge_edge_standins::{canonical, echo, listen, pipe, sidecar};
+use merbridge_edge_standins::{canonical, echo, listen, pipe, sidecar_on};
 
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let a: Vec<&str> = args.iter().map(String::as_str).collect();
     let result = match a.as_slice() {
         ["echo", name, addrs @ ..] => echo(name, addrs),
-        ["sidecar", name, out_port, in_port, log] => sidecar(
-            name,
-            "[::]",
-            out_port.parse().unwrap(),
-            in_port.parse().unwrap(),
-            log,
-        ),
+        ["sidecar", name, out, inb, log] => {
+            // A bare port listens on every address; `addr:port` on that one.
+            let at = |p: &str| {
+                if p.contains(':') {
+                    p.to_string()
+                } else {
+                    format!("[::]:{p}")
+                }
+            };
+            sidecar_on(name, &at(out), &at(inb), log)
+        }
         ["client", addr, rest @ ..] => client(addr, rest),
         ["forward", listen_addr, target] => forward(listen_addr, target),
         ["load", kind, addr, size, conc, ms] => load(kind, addr, size, conc, ms),

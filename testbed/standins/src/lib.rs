@@ -140,6 +140,18 @@ pub fn sidecar(
     in_port: u16,
     log: &str,
 ) -> Result<(), String> {
+    sidecar_on(
+        name,
+        &format!("{host}:{out_port}"),
+        &format!("{host}:{in_port}"),
+        log,
+    )
+}
+
+/// A sidecar with its outbound and inbound listeners on the addresses given (Linkerd's
+/// outbound listener is loopback-only: `127.0.0.1:4140`, inbound `[::]:4143`); else as
+/// [`sidecar`].
+pub fn sidecar_on(name: &str, out_addr: &str, in_addr: &str, log: &str) -> Result<(), String> {
     let log = Arc::new(Mutex::new(
         File::options()
             .create(true)
@@ -148,8 +160,8 @@ pub fn sidecar(
             .map_err(|e| format!("log {log}: {e}"))?,
     ));
     let mut handles = vec![];
-    for (port, which) in [(out_port, "outbound"), (in_port, "inbound")] {
-        let l = listen(&format!("{host}:{port}"))?;
+    for (addr, which) in [(out_addr, "outbound"), (in_addr, "inbound")] {
+        let l = listen(addr)?;
         let (name, log) = (name.to_string(), log.clone());
         handles.push(std::thread::spawn(move || {
             serve_all(vec![l], move |s| proxy(&name, which, s, &log));

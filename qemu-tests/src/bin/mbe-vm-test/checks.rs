@@ -1,9 +1,10 @@
 //! The checks, in order, mirroring testbed/tests/datapath.rs and inbound.rs: the
 //! probes pass the verifier, the agent attaches and programs the pods, outbound
-//! redirect and inbound capture at the receiving pod with SO_ORIGINAL_DST, exclusions,
-//! a plain pod and a host process captured inbound only, refused while a sidecar is
-//! down, an empty bypass ledger, sk_msg moves data intact, and after SIGTERM nothing
-//! stays attached.
+//! redirect and inbound capture at the receiving pod with SO_ORIGINAL_DST, exclusions
+//! (outbound at the client's sidecar, inbound at the server's), a plain pod, a host
+//! process and another node captured inbound only, refused while a sidecar is down, an
+//! empty bypass ledger, sk_msg moves data intact, and after SIGTERM nothing stays
+//! attached.
 use std::{
     collections::BTreeMap,
     fs,
@@ -18,7 +19,7 @@ use merbridge_edge_qemu_tests::protocol;
 use crate::{
     agent::{self, Agent},
     bpf,
-    pods::{self, GATEWAY, NETNS_DIR, Node},
+    pods::{self, GATEWAY, NETNS_DIR, Node, REMOTE_IP},
     sys,
 };
 
@@ -27,6 +28,17 @@ const APP_UID: u32 = 1000;
 /// uid of the sidecar stand-ins (Istio's proxy uid).
 const PROXY_UID: u32 = 1337;
 const CGROUP_ROOT: &str = "/sys/fs/cgroup/mbe-node";
+/// The other node's cgroup: outside [`CGROUP_ROOT`], so no hook of the agent runs for
+/// its processes.
+const REMOTE_CGROUP: &str = "/sys/fs/cgroup/mbe-remote";
+/// Every app echoes on these ports.
+const APP_PORTS: [&str; 3] = ["8080", "9002", "9003"];
+/// a's `excludeOutboundPorts` (b captures it inbound).
+const EXCLUDED_OUTBOUND: u16 = 9003;
+/// b's `excludeInboundPorts`.
+const EXCLUDED_INBOUND: u16 = 9002;
+/// Connections at once from the other node.
+const REMOTE_CONNS: usize = 20;
 const PODS_FILE: &str = "/tmp/pods.json";
 const AGENT_LOG: &str = "/tmp/agent.log";
 /// Under TCG everything is 10–50x slower than on hardware.
@@ -164,8 +176,10 @@ fn inbound_from(line: &str, peer: Ipv4Addr, orig: &str) -> bool {
 }
 
 /// The pods, the node and the apps: a, b meshed (Istio), c plain, each namespace
-/// pinned under /var/run/netns; each app echoes on 8080 and 9002; a excludes outbound
-/// port 9002. The sidecars start later, after the agent (see [`start_sidecar`]).
+/// pinned under /var/run/netns; each app echoes on 8080, 9002 and 9003; a excludes
+/// outbound port 9003, b inbound port 9002. Another node (not a pod: no pods file
+/// entry, no namespace file) at 10.232.0.2. The sidecars start later, after the agent
+/// (see [`start_sidecar`]).
 fn setup() -> anyhow::Result<(Node, Vec<Child>)> {
     let modules = sys::load_modules(Path::new("/modules"))?;
     let mut node = Node::new(Path::new(CGROUP_ROOT))?;
@@ -178,21 +192,40 @@ fn setup() -> anyhow::Result<(Node, Vec<Child>)> {
         &["app", "istio-proxy"],
         &[
             istio,
-            ("traffic.sidecar.istio.io/excludeOutboundPorts", "9002"),
+            (
+                "traffic.sidecar.istio.io/excludeOutboundPorts",
+                &EXCLUDED_OUTBOUND.to_string(),
+            ),
         ],
     )?;
-    node.add_pod("b", &["app", "istio-proxy"], &[istio])?;
+    node.add_pod(
+        "b",
+        &["app", "istio-proxy"],
+        &[
+            istio,
+            (
+                "traffic.sidecar.istio.io/excludeInboundPorts",
+                &EXCLUDED_INBOUND.to_string(),
+            ),
+        ],
+    )?;
     node.add_pod("c", &["app"], &[])?;
+    node.add_remote(Path::new(REMOTE_CGROUP))?;
     let mut apps = vec![];
     for pod in ["a", "b", "c"] {
         let name = format!("{pod}-app");
-        apps.push(node.start(pod, "app", APP_UID, "echo", &[&name, "8080", "9002"], 8080)?);
+        let mut args = vec![name.as_str()];
+        args.extend(APP_PORTS);
+        apps.push(node.start(pod, "app", APP_UID, "echo", &args, 8080)?);
     }
     for pod in MESHED {
         pods::shared_log(&sidecar_log_path(pod))?;
     }
     fs::write(PODS_FILE, serde_json::to_vec_pretty(&node.pod_list())?)?;
-    println!("mbe-vm-test: modules {modules:?}, pods a b c up, namespaces in {NETNS_DIR}");
+    println!(
+        "mbe-vm-test: modules {modules:?}, pods a b c up, namespaces in {NETNS_DIR}, \
+         another node at {REMOTE_IP}"
+    );
     Ok((node, apps))
 }
 
@@ -376,11 +409,11 @@ fn inbound_redirect(node: &Node) -> Result<String, Failure> {
     ))
 }
 
-/// a → b:9002 (a's excludeOutboundPorts) skips sidecar a; b did not exclude it, so
-/// sidecar b captures it inbound.
+/// a → b:9003 (a's excludeOutboundPorts) skips sidecar a; b did not exclude it
+/// inbound, so sidecar b captures it.
 fn exclusion(node: &Node) -> Result<String, Failure> {
     let (a, b) = (node.pod("a").ip, node.pod("b").ip);
-    let orig = format!("{b}:9002");
+    let orig = format!("{b}:{EXCLUDED_OUTBOUND}");
     let (na, nb) = log_lengths();
     let out = client(node, "a", &orig, 1024)?;
     let lb = new_sidecar_lines("b", nb, 1);
@@ -392,8 +425,8 @@ fn exclusion(node: &Node) -> Result<String, Failure> {
         || !inbound_from(&lb[0], a, &orig)
     {
         return Err(Failure::new(format!(
-            "a → b:9002 (excludeOutboundPorts) should skip sidecar a and be captured by \
-             sidecar b from {a} with orig={orig}"
+            "a → b:{EXCLUDED_OUTBOUND} (a's excludeOutboundPorts) should skip sidecar a and \
+             be captured by sidecar b from {a} with orig={orig}"
         ))
         .details(&out)
         .details(&format!(
@@ -402,7 +435,69 @@ fn exclusion(node: &Node) -> Result<String, Failure> {
         )));
     }
     Ok(format!(
-        "a → b:9002 (excluded outbound) skips sidecar a, captured by sidecar b with orig {orig}"
+        "a → b:{EXCLUDED_OUTBOUND} (a's excluded outbound) skips sidecar a, captured by \
+         sidecar b with orig {orig}"
+    ))
+}
+
+/// c → b:9002 (b's excludeInboundPorts) reaches b-app directly, from c's address:
+/// neither sidecar sees it, and it is no bypass (b's ledger stays 0); b:8080 next to
+/// it is still captured.
+fn excluded_inbound_port(node: &Node, agent: &mut Agent) -> Result<String, Failure> {
+    let (b, c) = (node.pod("b").ip, node.pod("c").ip);
+    let excluded = format!("{b}:{EXCLUDED_INBOUND}");
+    let captured = format!("{b}:8080");
+    let (na, nb) = log_lengths();
+    let out = client(node, "c", &excluded, 1024)?;
+    // Give a wrongly captured connection time to show in a sidecar's log.
+    std::thread::sleep(Duration::from_millis(300));
+    let (na1, nb1) = log_lengths();
+    if who(&out) != "b-app"
+        || !app_peer(&out).starts_with(&format!("{c}:"))
+        || (na1, nb1) != (na, nb)
+    {
+        let (la, lb) = (sidecar_log("a"), sidecar_log("b"));
+        return Err(Failure::new(format!(
+            "c → b:{EXCLUDED_INBOUND} (b's excludeInboundPorts) should reach b-app directly \
+             from {c}, neither sidecar logging it"
+        ))
+        .details(&out)
+        .details(&format!(
+            "sidecar a: {:?}\nsidecar b: {:?}",
+            &la[na.min(la.len())..],
+            &lb[nb.min(lb.len())..]
+        )));
+    }
+    // The port next to it is still captured; once the agent has counted that one, the
+    // same stats pass holds the excluded connection too.
+    let out8080 = client(node, "c", &captured, 1024)?;
+    let lb = new_sidecar_lines("b", nb, 1);
+    if who(&out8080) != "b-app" || lb.len() != 1 || !inbound_from(&lb[0], c, &captured) {
+        return Err(Failure::new(format!(
+            "c → b:8080 next to the excluded port should still be captured with orig={captured}"
+        ))
+        .details(&out8080)
+        .details(&format!("sidecar b: {lb:?}")));
+    }
+    let inbound = sidecar_log("b")
+        .iter()
+        .filter(|l| l.contains("listener=inbound"))
+        .count();
+    agent
+        .wait_metric(REDIRECT_INBOUND, inbound as f64, PATIENCE)
+        .map_err(|e| agent_failure(agent, format!("{e:#}")))?;
+    let body = agent::metrics()?;
+    let ledger = agent::metric(&body, &ledger_sample("b"));
+    if ledger != Some(0.0) {
+        return Err(Failure::new(format!(
+            "bypass ledger of b after c → b:{EXCLUDED_INBOUND}: {ledger:?}, want 0 \
+             (excluded ports are no bypass)"
+        ))
+        .details(&body));
+    }
+    Ok(format!(
+        "c → b:{EXCLUDED_INBOUND} (b's excluded inbound) reaches b-app directly from {c}, \
+         neither sidecar sees it, bypass ledger of b 0; b:8080 still captured"
     ))
 }
 
@@ -443,6 +538,72 @@ fn inbound_capture(node: &Node) -> Result<String, Failure> {
     Ok(format!(
         "plain c ({c}) and host ({GATEWAY}, root netns and cgroup) → b:8080 not redirected, \
          captured by sidecar b with orig {orig}; a → 127.0.0.1:8080 direct"
+    ))
+}
+
+/// Another node (its own namespace and cgroup, outside the agent's cgroup root, in no
+/// pods file) → b:8080 lands on sidecar b's inbound listener with orig b:8080, b-app
+/// answers via the passthrough, sidecar a sees nothing; then 20 connections at once,
+/// every one on sidecar b.
+fn inbound_from_another_node(node: &Node) -> Result<String, Failure> {
+    let b = node.pod("b").ip;
+    let remote = node
+        .remote
+        .as_ref()
+        .ok_or_else(|| Failure::new("the other node was not set up"))?
+        .ip;
+    let orig = format!("{b}:8080");
+    let (na, nb) = log_lengths();
+    let out = node.remote_client(&orig, 1024, 1).map_err(Failure::new)?;
+    let lb = new_sidecar_lines("b", nb, 1);
+    let la = sidecar_log("a");
+    if who(&out) != "b-app"
+        || !via_passthrough(&out)
+        || !out.contains("ok conns=1")
+        || la.len() != na
+        || lb.len() != 1
+        || !inbound_from(&lb[0], remote, &orig)
+    {
+        return Err(Failure::new(format!(
+            "another node ({remote}) → b:8080 should be captured by sidecar b with \
+             orig={orig}, sidecar a seeing nothing"
+        ))
+        .details(&out)
+        .details(&format!(
+            "sidecar a: {:?}\nsidecar b: {lb:?}",
+            &la[na.min(la.len())..]
+        )));
+    }
+    let nb = nb + 1;
+    let out = node
+        .remote_client(&orig, 1024, REMOTE_CONNS)
+        .map_err(Failure::new)?;
+    let lb = new_sidecar_lines("b", nb, REMOTE_CONNS);
+    let la = sidecar_log("a");
+    let greetings: Vec<&str> = out.lines().filter(|l| l.starts_with("hello ")).collect();
+    let ok = out.contains(&format!("ok conns={REMOTE_CONNS}"))
+        && greetings.len() == REMOTE_CONNS
+        && greetings
+            .iter()
+            .all(|g| who(g) == "b-app" && via_passthrough(g))
+        && la.len() == na
+        && lb.len() == REMOTE_CONNS
+        && lb.iter().all(|l| inbound_from(l, remote, &orig));
+    if !ok {
+        return Err(Failure::new(format!(
+            "{REMOTE_CONNS} connections at once from another node ({remote}) → b:8080 \
+             should all be captured by sidecar b with orig={orig}"
+        ))
+        .details(&out)
+        .details(&format!(
+            "sidecar a: {:?}\nsidecar b: {lb:?}",
+            &la[na.min(la.len())..]
+        )));
+    }
+    Ok(format!(
+        "another node ({remote}, own netns, cgroup {REMOTE_CGROUP}) → b:8080 captured by \
+         sidecar b with orig {orig}, b-app answered via passthrough, sidecar a saw nothing; \
+         {REMOTE_CONNS} at once: all on sidecar b"
     ))
 }
 
@@ -550,12 +711,7 @@ fn bypass_ledger(agent: &mut Agent) -> Result<String, Failure> {
         .wait_metric(REDIRECT_INBOUND, captured as f64, PATIENCE)
         .map_err(|e| agent_failure(agent, format!("{e:#}")))?;
     let body = agent::metrics()?;
-    let ledger = |pod: &str| {
-        agent::metric(
-            &body,
-            &format!("merbridge_edge_inbound_bypassed_total{{pod=\"default/{pod}\"}}"),
-        )
-    };
+    let ledger = |pod: &str| agent::metric(&body, &ledger_sample(pod));
     let (a, b) = (ledger("a"), ledger("b"));
     if a != Some(0.0) || b != Some(0.0) {
         return Err(
@@ -565,6 +721,11 @@ fn bypass_ledger(agent: &mut Agent) -> Result<String, Failure> {
     Ok(format!(
         "merbridge_edge_inbound_bypassed_total 0 for a and b; {counted} connections captured inbound"
     ))
+}
+
+/// The bypass ledger's sample of `pod`.
+fn ledger_sample(pod: &str) -> String {
+    format!("merbridge_edge_inbound_bypassed_total{{pod=\"default/{pod}\"}}")
 }
 
 /// SIGTERM: exit 0, no mb_* program left, nothing attached to the cgroup or the pod
@@ -630,7 +791,8 @@ pub fn run(r: &mut Reporter) {
     r.record(
         "setup",
         Ok(format!(
-            "3 pods (2 meshed), namespaces pinned in {NETNS_DIR}, apps listening"
+            "3 pods (2 meshed), namespaces pinned in {NETNS_DIR}, apps listening, \
+             another node at {REMOTE_IP}"
         )),
     );
     r.record("verifier", verifier());
@@ -657,7 +819,15 @@ pub fn run(r: &mut Reporter) {
     r.record("outbound-redirect", outbound_redirect(&node));
     r.record("inbound-redirect", inbound_redirect(&node));
     r.record("exclusion", exclusion(&node));
+    r.record(
+        "excluded-inbound-port",
+        excluded_inbound_port(&node, &mut agent),
+    );
     r.record("inbound-capture", inbound_capture(&node));
+    r.record(
+        "inbound-from-another-node",
+        inbound_from_another_node(&node),
+    );
     r.record("sk-msg-intact", sk_msg_intact(&node, &mut agent));
     r.record(
         "inbound-refused-when-sidecar-down",

@@ -1,6 +1,7 @@
 //! `mbe-vm-test`: the /init of the qemu test VMs (see qemu-tests/). It mounts what the
-//! agent needs, builds a node with two meshed pods and a plain one, runs the agent and
-//! prints one result line per check on the console, then powers the VM off.
+//! agent needs, builds a node with two meshed pods and a plain one (and another node
+//! routed through it), runs the agent and prints one result line per check on the
+//! console, then powers the VM off.
 //!
 //! Not a user-facing tool: it refuses to run unless it is PID 1, and its stand-in roles
 //! (app, sidecar, client) are only taken by its own children.

@@ -2,7 +2,8 @@
 //! network namespace (pinned under /var/run/netns, as containerd pins them) with a veth
 //! pair to the node (routed: Debian builds the bridge as a module, veth alone is
 //! enough) and a cgroup per container in the kubelet's cgroupfs layout; processes
-//! placed in a pod by setns, cgroup.procs and setuid, or left on the host.
+//! placed in a pod by setns, cgroup.procs and setuid, or left on the host. Another
+//! node is one more namespace routed the same way, with a cgroup outside the node's.
 use std::{
     fs,
     io::Write,
@@ -25,6 +26,8 @@ use crate::{netlink::Netlink, sys};
 pub const GATEWAY: Ipv4Addr = Ipv4Addr::new(10, 231, 0, 1);
 /// Where the pods' network namespaces are pinned as files (the agent's default).
 pub const NETNS_DIR: &str = "/var/run/netns";
+/// Another node's address (10.232.0.0/16 is another node's pod range).
+pub const REMOTE_IP: Ipv4Addr = Ipv4Addr::new(10, 232, 0, 2);
 /// The environment variable that selects a stand-in role in a child.
 pub const ROLE_ENV: &str = "MBE_VM_TEST_ROLE";
 
@@ -67,12 +70,27 @@ impl Pod {
     }
 }
 
-/// The node: its cgroup root (the agent attaches there) and its pods.
+/// Another node, as seen from this one: a network namespace routed through the node
+/// like a pod's (but not a pod: in no pods file, not pinned under [`NETNS_DIR`]), its
+/// processes in a cgroup outside the node's cgroup root, so none of the agent's
+/// cgroup hooks run for them.
+pub struct Remote {
+    /// Its address.
+    pub ip: Ipv4Addr,
+    /// Its network namespace.
+    pub netns: OwnedFd,
+    /// The cgroup its processes run in.
+    pub cgroup: PathBuf,
+}
+
+/// The node: its cgroup root (the agent attaches there), its pods and another node.
 pub struct Node {
     /// The cgroup the agent attaches to.
     pub cgroup_root: PathBuf,
     /// The pods.
     pub pods: Vec<Pod>,
+    /// Another node, once added ([`Node::add_remote`]).
+    pub remote: Option<Remote>,
     root_nl: Netlink,
 }
 
@@ -88,6 +106,7 @@ impl Node {
         Ok(Self {
             cgroup_root: cgroup_root.to_path_buf(),
             pods: vec![],
+            remote: None,
             root_nl,
         })
     }
@@ -101,21 +120,11 @@ impl Node {
     ) -> Result<&Pod> {
         let index = self.pods.len() + 2;
         let ip = Ipv4Addr::new(10, 231, 0, index as u8);
-        let netns = sys::new_netns()?;
+        let netns = self
+            .routed_netns(name, ip)
+            .with_context(|| format!("network of pod {name}"))?;
         let netns_file = Path::new(NETNS_DIR).join(name);
         sys::pin_netns(&netns, &netns_file)?;
-        let host_end = format!("veth-{name}");
-        self.root_nl.add_veth(&host_end, "eth0", &netns)?;
-        self.root_nl.link_up(&host_end)?;
-        self.root_nl.add_route(ip, 32, None, &host_end)?;
-        sys::in_netns(&netns, || {
-            let mut nl = Netlink::open()?;
-            nl.link_up("lo")?;
-            nl.link_up("eth0")?;
-            nl.add_addr("eth0", ip, 32)?;
-            nl.add_route(Ipv4Addr::UNSPECIFIED, 0, Some(GATEWAY), "eth0")
-        })
-        .with_context(|| format!("network of pod {name}"))?;
         let uid = format!("00000000-0000-4000-8000-{index:012x}");
         let pod_dir = self
             .cgroup_root
@@ -147,6 +156,47 @@ impl Node {
         Ok(self.pods.last().unwrap())
     }
 
+    /// A new network namespace at `ip`/32 with a veth pair to the node (`veth-NAME`
+    /// on the node, `eth0` inside) and routes both ways through the node.
+    fn routed_netns(&mut self, name: &str, ip: Ipv4Addr) -> Result<OwnedFd> {
+        let netns = sys::new_netns()?;
+        let host_end = format!("veth-{name}");
+        self.root_nl.add_veth(&host_end, "eth0", &netns)?;
+        self.root_nl.link_up(&host_end)?;
+        self.root_nl.add_route(ip, 32, None, &host_end)?;
+        sys::in_netns(&netns, || {
+            let mut nl = Netlink::open()?;
+            nl.link_up("lo")?;
+            nl.link_up("eth0")?;
+            nl.add_addr("eth0", ip, 32)?;
+            nl.add_route(Ipv4Addr::UNSPECIFIED, 0, Some(GATEWAY), "eth0")
+        })?;
+        Ok(netns)
+    }
+
+    /// Adds another node ([`Remote`]) at [`REMOTE_IP`], its processes in `cgroup`
+    /// (which must lie outside the node's cgroup root).
+    pub fn add_remote(&mut self, cgroup: &Path) -> Result<()> {
+        if cgroup.starts_with(&self.cgroup_root) {
+            bail!(
+                "the other node's cgroup {} is inside the node's {}",
+                cgroup.display(),
+                self.cgroup_root.display()
+            );
+        }
+        let netns = self
+            .routed_netns("remote", REMOTE_IP)
+            .context("network of the other node")?;
+        fs::create_dir_all(cgroup)
+            .with_context(|| format!("creating cgroup {}", cgroup.display()))?;
+        self.remote = Some(Remote {
+            ip: REMOTE_IP,
+            netns,
+            cgroup: cgroup.to_path_buf(),
+        });
+        Ok(())
+    }
+
     /// The pod called `name`.
     pub fn pod(&self, name: &str) -> &Pod {
         self.pods
@@ -166,28 +216,8 @@ impl Node {
         args: &[&str],
     ) -> Result<Command> {
         let pod = self.pod(pod);
-        let procs = fs::OpenOptions::new()
-            .write(true)
-            .open(pod.cgroup(container)?.join("cgroup.procs"))
-            .with_context(|| format!("cgroup of {}/{container}", pod.name))?;
-        let ns = pod.netns.as_raw_fd();
-        let mut cmd = Command::new("/proc/self/exe");
-        cmd.args(args).env(ROLE_ENV, role).stdin(Stdio::null());
-        // SAFETY: only async-signal-safe calls (write, setns, setgroups, setgid, setuid).
-        unsafe {
-            cmd.pre_exec(move || {
-                (&procs).write_all(b"0")?;
-                if libc::setns(ns, libc::CLONE_NEWNET) != 0
-                    || libc::setgroups(0, std::ptr::null()) != 0
-                    || libc::setgid(uid) != 0
-                    || libc::setuid(uid) != 0
-                {
-                    return Err(std::io::Error::last_os_error());
-                }
-                Ok(())
-            });
-        }
-        Ok(cmd)
+        placed(pod.cgroup(container)?, &pod.netns, Some(uid), role, args)
+            .with_context(|| format!("placing {role} in {}/{container}", pod.name))
     }
 
     /// Starts a long-running stand-in and waits until it listens on `port`.
@@ -244,6 +274,26 @@ impl Node {
         run_client(cmd, "host", target)
     }
 
+    /// Runs the client stand-in on the other node ([`Node::add_remote`]), as root,
+    /// with `conns` connections at once.
+    pub fn remote_client(
+        &self,
+        target: &str,
+        bytes: usize,
+        conns: usize,
+    ) -> Result<String, String> {
+        let remote = self.remote.as_ref().ok_or("the other node was not added")?;
+        let cmd = placed(
+            &remote.cgroup,
+            &remote.netns,
+            None,
+            "client",
+            &[target, &bytes.to_string(), &conns.to_string()],
+        )
+        .map_err(|e| format!("{e:#}"))?;
+        run_client(cmd, "the other node", target)
+    }
+
     /// The pods as the kubelet's `/pods` lists them (v1 PodList), on node edge-1.
     pub fn pod_list(&self) -> Value {
         let items: Vec<Value> = self
@@ -279,6 +329,42 @@ impl Node {
             .collect();
         json!({"kind": "PodList", "apiVersion": "v1", "metadata": {}, "items": items})
     }
+}
+
+/// A command re-executing this driver in stand-in `role`, placed in `cgroup` and
+/// network namespace `netns`, as `uid` (or as root).
+fn placed(
+    cgroup: &Path,
+    netns: &OwnedFd,
+    uid: Option<u32>,
+    role: &str,
+    args: &[&str],
+) -> Result<Command> {
+    let procs = fs::OpenOptions::new()
+        .write(true)
+        .open(cgroup.join("cgroup.procs"))
+        .with_context(|| format!("opening {}/cgroup.procs", cgroup.display()))?;
+    let ns = netns.as_raw_fd();
+    let mut cmd = Command::new("/proc/self/exe");
+    cmd.args(args).env(ROLE_ENV, role).stdin(Stdio::null());
+    // SAFETY: only async-signal-safe calls (write, setns, setgroups, setgid, setuid).
+    unsafe {
+        cmd.pre_exec(move || {
+            (&procs).write_all(b"0")?;
+            if libc::setns(ns, libc::CLONE_NEWNET) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            if let Some(uid) = uid
+                && (libc::setgroups(0, std::ptr::null()) != 0
+                    || libc::setgid(uid) != 0
+                    || libc::setuid(uid) != 0)
+            {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    Ok(cmd)
 }
 
 /// Runs a client command: its output, or its error output.
