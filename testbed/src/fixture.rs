@@ -275,6 +275,71 @@ pub fn counters(agent: &mut Agent) -> BTreeMap<String, u64> {
         .collect()
 }
 
+/// `load conns` from a's app to `target` for `ms`, 16 at a time: (connections, errors).
+pub fn short_connection_load(f: &Fixture, target: &str, ms: u64) -> (u64, u64) {
+    let out = f
+        .node
+        .run_in(
+            f.pod("a"),
+            Some("app"),
+            Some(APP_UID),
+            &["load", "conns", target, "64", "16", &ms.to_string()],
+        )
+        .unwrap();
+    let field = |k: &str| -> u64 {
+        out.split_whitespace()
+            .find_map(|kv| kv.strip_prefix(k)?.parse().ok())
+            .unwrap_or_else(|| panic!("no {k} in {out}"))
+    };
+    (field("count="), field("errors="))
+}
+
+/// With the mesh's iptables already in pods a and b (tcp_tw_reuse is turned on there):
+/// their sidecars start, 1.5 s of short connections a → `target` through the rules
+/// alone must all succeed (asserted), then the agent starts, stops and starts again
+/// under 6 s of the same load; returns that load's (connections, errors), with the agent
+/// stopped again.
+pub fn start_stop_restart_under_load(f: &Fixture, target: &str) -> (u64, u64) {
+    for p in ["a", "b"] {
+        crate::proc::run(std::process::Command::new("ip").args([
+            "netns",
+            "exec",
+            &f.pod(p).netns,
+            "sysctl",
+            "-qw",
+            "net.ipv4.tcp_tw_reuse=1",
+        ]))
+        .unwrap();
+    }
+    f.start_sidecars();
+    // The rules alone first: the conntrack entries REDIRECT leaves are what a starting
+    // agent meets.
+    let (n, errors) = short_connection_load(f, target, 1500);
+    assert!(
+        n > 0 && errors == 0,
+        "the mesh's rules alone: {n} connections, {errors} errors"
+    );
+    std::thread::scope(|s| {
+        let load = s.spawn(|| short_connection_load(f, target, 6000));
+        let started = Instant::now();
+        let at = |secs: f64| {
+            let until = Duration::from_secs_f64(secs);
+            if let Some(wait) = until.checked_sub(started.elapsed()) {
+                std::thread::sleep(wait);
+            }
+        };
+        at(1.0);
+        let agent = f.start_agent(&[]);
+        at(2.5);
+        drop(agent);
+        at(3.5);
+        let agent = f.start_agent(&[]);
+        let result = load.join().unwrap();
+        drop(agent);
+        result
+    })
+}
+
 /// Asserts that the bypass ledger reads 0 for every pod: no inbound connection reached
 /// a meshed app without its sidecar.
 pub fn assert_no_bypass(agent: &mut Agent) {

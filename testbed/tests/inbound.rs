@@ -16,7 +16,10 @@ use std::{
 use merbridge_edge_testbed::{
     Pod, PodSpec,
     agent::Agent,
-    fixture::{APP_UID, Fixture, istio_abc, kernel_test, start_sidecar, wait_sidecar_lines, who},
+    fixture::{
+        APP_UID, Fixture, istio_abc, kernel_test, start_sidecar, start_stop_restart_under_load,
+        wait_sidecar_lines, who,
+    },
     iptables::install_istio_iptables,
     proc::run,
 };
@@ -381,25 +384,6 @@ fn a_restarted_agent_adopts_the_pinned_listeners() {
     assert!(agent.metric("merbridge_edge_inbound_listeners").unwrap() >= 2.0);
 }
 
-/// `load conns` from a's app to `target` for `ms`: (connections, errors).
-fn short_connection_load(f: &Fixture, target: &str, ms: u64) -> (u64, u64) {
-    let out = f
-        .node
-        .run_in(
-            f.pod("a"),
-            Some("app"),
-            Some(APP_UID),
-            &["load", "conns", target, "64", "16", &ms.to_string()],
-        )
-        .unwrap();
-    let field = |k: &str| -> u64 {
-        out.split_whitespace()
-            .find_map(|kv| kv.strip_prefix(k)?.parse().ok())
-            .unwrap_or_else(|| panic!("no {k} in {out}"))
-    };
-    (field("count="), field("errors="))
-}
-
 #[test]
 fn next_to_istio_iptables_agent_start_stop_and_restart_fail_no_connection() {
     let Some(_serial) = kernel_test("inbound_coexistence") else {
@@ -409,48 +393,10 @@ fn next_to_istio_iptables_agent_start_stop_and_restart_fail_no_connection() {
     let remote = f.node.other_node().unwrap();
     // Pods as Istio injects them by default: istio-init's rules in a and b.
     for p in ["a", "b"] {
-        let pod = f.pod(p).clone();
-        install_istio_iptables(&pod.netns).unwrap();
-        run(Command::new("ip").args([
-            "netns",
-            "exec",
-            &pod.netns,
-            "sysctl",
-            "-qw",
-            "net.ipv4.tcp_tw_reuse=1",
-        ]))
-        .unwrap();
+        install_istio_iptables(&f.pod(p).netns).unwrap();
     }
-    f.start_sidecars();
-    let b = f.pod("b").clone();
-    let target = format!("{}:8080", b.ip4);
-    // iptables alone first: the conntrack entries REDIRECT leaves are what a starting
-    // agent meets.
-    let (n, errors) = short_connection_load(&f, &target, 1500);
-    assert!(
-        n > 0 && errors == 0,
-        "iptables alone: {n} connections, {errors} errors"
-    );
-    // Then the agent starts, stops and starts again under the same load.
-    let (n, errors) = std::thread::scope(|s| {
-        let load = s.spawn(|| short_connection_load(&f, &target, 6000));
-        let started = Instant::now();
-        let at = |secs: f64| {
-            let until = Duration::from_secs_f64(secs);
-            if let Some(wait) = until.checked_sub(started.elapsed()) {
-                std::thread::sleep(wait);
-            }
-        };
-        at(1.0);
-        let agent = f.start_agent(&[]);
-        at(2.5);
-        drop(agent);
-        at(3.5);
-        let agent = f.start_agent(&[]);
-        let result = load.join().unwrap();
-        drop(agent);
-        result
-    });
+    let target = format!("{}:8080", f.pod("b").ip4);
+    let (n, errors) = start_stop_restart_under_load(&f, &target);
     assert!(n > 0, "connections made");
     assert_eq!(
         errors, 0,

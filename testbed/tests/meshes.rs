@@ -8,7 +8,11 @@ use std::time::Duration;
 
 use merbridge_edge_testbed::{
     PodSpec,
-    fixture::{Fixture, assert_no_bypass, kernel_test, wait_sidecar_lines, who},
+    fixture::{
+        Fixture, assert_no_bypass, kernel_test, start_stop_restart_under_load, wait_sidecar_lines,
+        who,
+    },
+    iptables::install_linkerd_iptables,
 };
 
 const HELPER: &str = env!("CARGO_BIN_EXE_mbe-testbed");
@@ -149,5 +153,48 @@ fn kuma_and_osm_pods_go_through_their_proxies_with_the_original_destination() {
     let mut agent = f.start_agent(&[]);
     assert_through_both_proxies(&f, "k1", "k2", "c");
     assert_through_both_proxies(&f, "o1", "o2", "c");
+    assert_no_bypass(&mut agent);
+}
+
+#[test]
+fn next_to_linkerd_init_rules_agent_start_stop_and_restart_fail_no_connection() {
+    let Some(_serial) = kernel_test("linkerd_coexistence") else {
+        return;
+    };
+    let f = Fixture::new(
+        HELPER.as_ref(),
+        vec![
+            PodSpec::linkerd("a"),
+            PodSpec::linkerd("b"),
+            PodSpec::plain("c"),
+        ],
+    );
+    // Pods as linkerd-init leaves them.
+    for p in ["a", "b"] {
+        install_linkerd_iptables(&f.pod(p).netns).unwrap();
+    }
+    let target = format!("{}:8080", f.pod("b").ip4);
+    let (n, errors) = start_stop_restart_under_load(&f, &target);
+    assert!(n > 0, "connections made");
+    assert_eq!(
+        errors, 0,
+        "failed connections across agent start/stop/restart ({n} made)"
+    );
+    // With the agent and the rules both there: a → b through both proxies with the
+    // original destination, a plain pod into b through b's proxy.
+    let mut agent = f.start_agent(&[]);
+    let (before_a, before_b) = (f.sidecar_log("a").len(), f.sidecar_log("b").len());
+    assert_eq!(who(&f.client("a", &target, &[])), "b-app");
+    assert_eq!(who(&f.client("c", &target, &[])), "b-app");
+    let la = wait_sidecar_lines(&f, "a", before_a, 1);
+    let lb = wait_sidecar_lines(&f, "b", before_b, 2);
+    assert!(
+        la.len() == 1 && la[0].contains(&format!("orig={target}")),
+        "{la:?}"
+    );
+    assert!(
+        lb.len() == 2 && lb.iter().all(|l| l.contains(&format!("orig={target}"))),
+        "{lb:?}"
+    );
     assert_no_bypass(&mut agent);
 }
