@@ -91,6 +91,8 @@ pub struct DatapathOptions {
     pub netns_dir: Option<std::path::PathBuf>,
     /// The sidecar inbound ports whose listeners receive captured connections.
     pub inbound_ports: Vec<u16>,
+    /// Pin the inbound-listener sockhash so the next agent adopts it.
+    pub pin_listeners: bool,
 }
 
 /// The loaded and attached programs and their maps. Dropping it (or the process
@@ -176,7 +178,9 @@ impl Datapath {
                 "loading the eBPF probes (is this kernel 5.7+ with BPF, cgroup-bpf and sockmap?)",
             )
         };
-        let wanted_pin = match pin_dir(opts.bpffs.as_deref()) {
+        let wanted_pin = match pin_dir(opts.bpffs.as_deref())
+            .map(|d| d.filter(|_| opts.pin_listeners))
+        {
             Ok(Some(dir)) => match std::fs::create_dir_all(&dir) {
                 Ok(()) => Some(dir.join(LISTENERS_PIN)),
                 Err(e) => {

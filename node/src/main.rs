@@ -138,6 +138,10 @@ struct RunArgs {
     /// but a local sidecar then reaches apps directly where those rules are absent
     #[argh(switch)]
     no_inbound_capture: bool,
+    /// pin the sidecars' inbound listeners in bpffs so a restarted agent captures inbound
+    /// at once (experimental: restarts under sk_msg streams then cut some streams)
+    #[argh(switch)]
+    pin_inbound_listeners: bool,
     /// size of the per-connection maps (default 65536)
     #[argh(option, default = "65536")]
     max_connections: u32,
@@ -309,6 +313,7 @@ fn main() {
         meshes: args.mesh,
         accelerate: !args.no_accelerate,
         netns_dir: (!args.no_inbound_capture).then_some(args.netns_dir),
+        pin_listeners: args.pin_inbound_listeners,
         sizes: MapSizes {
             connections: args.max_connections,
             ..MapSizes::for_pods(args.max_pods)

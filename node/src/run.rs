@@ -74,6 +74,8 @@ pub struct RunOptions {
     /// Directory of pod network namespace files for inbound capture; None turns
     /// inbound capture off.
     pub netns_dir: Option<PathBuf>,
+    /// Pin the sidecars' inbound listeners for the next agent to adopt.
+    pub pin_listeners: bool,
 }
 
 /// Longest wait between polls while the source keeps failing.
@@ -187,11 +189,12 @@ pub fn run(opts: RunOptions) -> Result<()> {
         sizes: opts.sizes,
         netns_dir: netns_dir.clone(),
         inbound_ports,
+        pin_listeners: opts.pin_listeners,
     })?;
     let inbound_capture = match (&netns_dir, dp.listeners_pin()) {
         (None, _) => "off (--no-inbound-capture): inbound reaches apps directly unless the mesh's iptables capture it".to_string(),
         (Some(d), Some(pin)) => format!("sk_lookup in each network namespace under {}; listeners pinned at {}", d.display(), pin.display()),
-        (Some(d), None) => format!("sk_lookup in each network namespace under {}; listeners not pinned (no writable bpffs)", d.display()),
+        (Some(d), None) => format!("sk_lookup in each network namespace under {}; listeners not pinned", d.display()),
     };
     metrics.update(|s| {
         s.attached = true;

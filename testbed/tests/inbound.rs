@@ -365,7 +365,7 @@ fn a_restarted_agent_adopts_the_pinned_listeners() {
         return;
     };
     let f = Fixture::new(HELPER.as_ref(), istio_abc());
-    let agent = f.start_agent(&[]);
+    let agent = f.start_agent(&["--pin-inbound-listeners"]);
     let b = f.pod("b").clone();
     let target = format!("{}:8080", b.ip4);
     assert_eq!(who(&f.client("c", &target, &[])), "b-app");
@@ -375,7 +375,7 @@ fn a_restarted_agent_adopts_the_pinned_listeners() {
         pin.exists(),
         "the listener sockhash stays pinned across agents"
     );
-    let mut agent = f.start_agent(&[]);
+    let mut agent = f.start_agent(&["--pin-inbound-listeners"]);
     assert_eq!(who(&f.client("c", &target, &[])), "b-app");
     let from_c = format!("[::ffff:{}]", f.pod("c").ip4);
     assert_inbound(&f, "b", 0, &[from_c.clone(), from_c], &target);

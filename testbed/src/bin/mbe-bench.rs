@@ -208,6 +208,9 @@ impl Bench {
                     &root,
                     "--bpffs",
                     &bpffs,
+                    // The sidecars started under the first agent; later ones adopt
+                    // their listeners (no stream runs across an agent restart here).
+                    "--pin-inbound-listeners",
                     "--interval",
                     "200ms",
                 ];
