@@ -54,6 +54,9 @@ fn check_passes_here_and_names_a_missing_capability() {
     let Some(_serial) = kernel_test("check") else {
         return;
     };
+    // The pod network namespace directory, as a node running pods has it (the kubelet
+    // makes the manifest's hostPath when it is missing).
+    std::fs::create_dir_all(merbridge_edge::pod_netns::DEFAULT_NETNS_DIR).unwrap();
     let out = agent_cmd(&["check"]);
     let said = text(&out);
     assert_eq!(out.status.code(), Some(0), "{said}");
