@@ -131,22 +131,29 @@ fn pod_dir_candidates(pod_uid: &str, qos: &str) -> Vec<PathBuf> {
     out
 }
 
-/// The cgroup directory of each container of a pod that exists now. Containers whose
-/// cgroup is not there (yet, or any more) are left out; the next poll looks again.
-pub fn container_cgroups(
-    root: &Path,
-    pod_uid: &str,
-    qos: &str,
-    container_ids: &[&str],
-) -> Vec<(String, PathBuf)> {
-    let Some(pod_dir) = pod_dir_candidates(pod_uid, qos)
-        .into_iter()
+/// QoS classes, for finding a pod whose status names none (or a stale one).
+const QOS_CLASSES: [&str; 3] = ["Burstable", "BestEffort", "Guaranteed"];
+
+/// The pod-level cgroup directory of a pod, if it exists now: the parent of every
+/// container cgroup of the pod, made by the kubelet before the pod's first container.
+/// Looked for under `qos` first, then under the other QoS classes.
+pub fn pod_cgroup(root: &Path, pod_uid: &str, qos: &str) -> Option<PathBuf> {
+    std::iter::once(qos)
+        .chain(
+            QOS_CLASSES
+                .into_iter()
+                .filter(|q| !q.eq_ignore_ascii_case(qos)),
+        )
+        .flat_map(|q| pod_dir_candidates(pod_uid, q))
         .map(|p| root.join(p))
         .find(|p| p.is_dir())
-    else {
-        return Vec::new();
-    };
-    let Ok(entries) = fs::read_dir(&pod_dir) else {
+}
+
+/// The cgroup directory of each of `container_ids` found in the pod cgroup `pod_dir`
+/// now (cgroupfs names it by the container id, systemd `<runtime>-<id>.scope`).
+/// Containers whose cgroup is not there (yet, or any more) are left out.
+pub fn container_cgroups(pod_dir: &Path, container_ids: &[&str]) -> Vec<(String, PathBuf)> {
+    let Ok(entries) = fs::read_dir(pod_dir) else {
         return Vec::new();
     };
     let children: Vec<String> = entries
@@ -204,22 +211,32 @@ mod tests {
     }
 
     #[test]
-    fn finds_containers_for_both_drivers() {
+    fn finds_pods_and_containers_for_both_drivers() {
         let root = std::env::temp_dir().join(format!("mbe-cg-test-{}", std::process::id()));
         let uid = "1234-abcd";
         let a = root.join("kubepods/burstable/pod1234-abcd/aaa111");
-        let b = root.join("kubepods.slice/kubepods-besteffort.slice/kubepods-besteffort-pod1234_abcd.slice/cri-containerd-bbb222.scope");
+        let b = root.join("kubepods.slice/kubepods-besteffort.slice/kubepods-besteffort-pod5678_ef.slice/cri-containerd-bbb222.scope");
         let g = root.join("kubepods/pod9/ccc333");
         for d in [&a, &b, &g] {
             fs::create_dir_all(d).unwrap();
         }
-        let got = container_cgroups(&root, uid, "Burstable", &["aaa111", "missing"]);
+        let pod_a = pod_cgroup(&root, uid, "Burstable").unwrap();
+        assert_eq!(&pod_a, a.parent().unwrap());
+        // A stale or missing QoS class still finds the pod.
+        assert_eq!(pod_cgroup(&root, uid, "").as_ref(), Some(&pod_a));
+        assert_eq!(pod_cgroup(&root, uid, "Guaranteed").as_ref(), Some(&pod_a));
+        let got = container_cgroups(&pod_a, &["aaa111", "missing"]);
         assert_eq!(got, vec![("aaa111".to_string(), a.clone())]);
-        let got = container_cgroups(&root, uid, "BestEffort", &["bbb222"]);
+        let pod_b = pod_cgroup(&root, "5678-ef", "BestEffort").unwrap();
+        assert_eq!(&pod_b, b.parent().unwrap());
+        let got = container_cgroups(&pod_b, &["bbb222"]);
         assert_eq!(got, vec![("bbb222".to_string(), b.clone())]);
-        let got = container_cgroups(&root, "9", "Guaranteed", &["ccc333"]);
-        assert_eq!(got, vec![("ccc333".to_string(), g.clone())]);
-        assert!(container_cgroups(&root, "nope", "Burstable", &["aaa111"]).is_empty());
+        let pod_g = pod_cgroup(&root, "9", "Guaranteed").unwrap();
+        assert_eq!(
+            container_cgroups(&pod_g, &["ccc333"]),
+            vec![("ccc333".to_string(), g.clone())]
+        );
+        assert!(pod_cgroup(&root, "nope", "Burstable").is_none());
         fs::remove_dir_all(&root).unwrap();
     }
 }

@@ -5,7 +5,6 @@
 //! is a poll error like any other: the agent keeps its last good state and retries.
 use std::{
     fs,
-    hash::Hasher,
     io::{Read, Write},
     net::{TcpStream, ToSocketAddrs},
     path::{Path, PathBuf},
@@ -20,7 +19,7 @@ use rustls::{
 };
 use ureq::tls::{Certificate, ClientCert, PemItem, PrivateKey, RootCerts, TlsConfig};
 
-use crate::source::{ErrorKind, MAX_PODLIST_BYTES, ParsedPods, PollError, parse_pod_list};
+use crate::source::{ErrorKind, MAX_PODLIST_BYTES, ParsedPods, PodListItems, PollError};
 
 /// The service-account token mounted into every pod.
 pub const SERVICE_ACCOUNT_TOKEN: &str = "/var/run/secrets/kubernetes.io/serviceaccount/token";
@@ -173,16 +172,15 @@ impl KubeletClient {
             ),
             other => self.describe_transport_error(other),
         })?;
-        let digest = {
-            let mut h = std::hash::DefaultHasher::new();
-            h.write(&body);
-            h.finish()
-        };
+        let origin = format!("kubelet {}", self.pods_url);
+        let items = PodListItems::read(&origin, &body)
+            .map_err(|e| PollError::new(ErrorKind::Body, format!("{e:#}")))?;
+        // The same pods in another order are unchanged.
+        let digest = items.digest();
         if self.last_good_body == Some(digest) {
             return Ok(None);
         }
-        let parsed = parse_pod_list(&format!("kubelet {}", self.pods_url), &body)
-            .map_err(|e| PollError::new(ErrorKind::Body, format!("{e:#}")))?;
+        let parsed = items.parse(&origin);
         self.last_good_body = Some(digest);
         Ok(Some(parsed))
     }

@@ -115,6 +115,16 @@ pub struct PodPolicy {
     pub qos_class: String,
 }
 
+impl PodPolicy {
+    /// The pod's addresses.
+    pub fn ips(&self) -> impl Iterator<Item = IpAddr> + '_ {
+        self.ip4
+            .map(IpAddr::V4)
+            .into_iter()
+            .chain(self.ip6.map(IpAddr::V6))
+    }
+}
+
 /// Something wrong with the input that was skipped; logged once by the caller.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct Warning(pub String);
@@ -122,7 +132,7 @@ pub struct Warning(pub String);
 /// What the agent should program, and what it ignored.
 #[derive(Debug, Default)]
 pub struct Desired {
-    /// Meshed pods, in the order of the PodList.
+    /// Meshed pods, by name and uid (whatever the PodList's order).
     pub pods: Vec<PodPolicy>,
     /// Pods seen on this node (any state).
     pub pods_seen: usize,
@@ -133,7 +143,7 @@ pub struct Desired {
 /// Builds the desired state from a PodList.
 pub fn desired_state(pods: &[Pod], node_name: Option<&str>, meshes: MeshSelection) -> Desired {
     let mut out = Desired::default();
-    let mut seen_ips: BTreeSet<IpAddr> = BTreeSet::new();
+    let mut policies = Vec::new();
     for pod in pods {
         let spec = pod.spec.as_ref();
         if let (Some(want), Some(node)) = (node_name, spec.and_then(|s| s.node_name.as_deref())) {
@@ -142,26 +152,39 @@ pub fn desired_state(pods: &[Pod], node_name: Option<&str>, meshes: MeshSelectio
             }
         }
         out.pods_seen += 1;
-        match pod_policy(pod, meshes, &mut out.warnings) {
-            Some(p) => {
-                let ips: Vec<IpAddr> = p
-                    .ip4
-                    .map(IpAddr::V4)
-                    .into_iter()
-                    .chain(p.ip6.map(IpAddr::V6))
-                    .collect();
-                if let Some(dup) = ips.iter().find(|ip| seen_ips.contains(ip)) {
-                    out.warnings.push(Warning(format!(
-                        "pod {}: IP {dup} is already used by another meshed pod on this node; pod skipped",
-                        p.name
-                    )));
-                    continue;
-                }
-                seen_ips.extend(ips);
-                out.pods.push(p);
-            }
-            None => continue,
+        policies.extend(pod_policy(pod, meshes, &mut out.warnings));
+    }
+    // The kubelet lists pods in a different order on every call: nothing below may
+    // depend on it.
+    policies.sort_by(|a, b| (&a.name, &a.uid).cmp(&(&b.name, &b.uid)));
+    let mut claims: BTreeMap<IpAddr, Vec<&str>> = BTreeMap::new();
+    for p in &policies {
+        for ip in p.ips() {
+            claims.entry(ip).or_default().push(&p.name);
         }
+    }
+    // Two meshed pods listing one IP (a reused address in a stale status): which one
+    // owns it is not known, so neither is redirected until the status settles.
+    let shared: BTreeMap<IpAddr, Vec<String>> = claims
+        .into_iter()
+        .filter(|(_, names)| names.len() > 1)
+        .map(|(ip, names)| (ip, names.into_iter().map(str::to_string).collect()))
+        .collect();
+    for p in policies {
+        if let Some((ip, names)) = p.ips().find_map(|ip| shared.get_key_value(&ip)) {
+            let others: Vec<&str> = names
+                .iter()
+                .map(String::as_str)
+                .filter(|n| *n != p.name)
+                .collect();
+            out.warnings.push(Warning(format!(
+                "pod {}: IP {ip} is also listed for meshed pod(s) {} on this node; pod skipped until only one has it",
+                p.name,
+                others.join(", ")
+            )));
+            continue;
+        }
+        out.pods.push(p);
     }
     out
 }

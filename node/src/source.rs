@@ -2,6 +2,7 @@
 //! changes), how they are parsed, and how a failed poll is described.
 use std::{
     fmt, fs,
+    hash::Hasher,
     path::{Path, PathBuf},
     time::SystemTime,
 };
@@ -134,36 +135,77 @@ struct ItemMeta {
 /// PodList at all is an error. Items are parsed straight from the body, with no
 /// intermediate JSON tree.
 pub fn parse_pod_list(origin: &str, body: &[u8]) -> Result<ParsedPods> {
-    let outline: Outline = serde_json::from_slice(body).map_err(|e| {
-        if e.is_data() {
-            anyhow::anyhow!("{origin}: not a v1 PodList: {e}")
-        } else {
-            anyhow::anyhow!("{origin}: body is not JSON: {e}")
+    Ok(PodListItems::read(origin, body)?.parse(origin))
+}
+
+/// A PodList read as far as its items, each left unparsed.
+pub struct PodListItems<'a> {
+    items: Vec<&'a RawValue>,
+}
+
+impl<'a> PodListItems<'a> {
+    /// Reads the outline of a PodList body; an error names `origin` when the body is
+    /// not JSON or not a v1 PodList.
+    pub fn read(origin: &str, body: &'a [u8]) -> Result<Self> {
+        let outline: Outline = serde_json::from_slice(body).map_err(|e| {
+            if e.is_data() {
+                anyhow::anyhow!("{origin}: not a v1 PodList: {e}")
+            } else {
+                anyhow::anyhow!("{origin}: body is not JSON: {e}")
+            }
+        })?;
+        let kind = outline.kind.as_deref().unwrap_or("");
+        if kind != "PodList" {
+            bail!("{origin}: expected a v1 PodList, got kind {kind:?}");
         }
-    })?;
-    let kind = outline.kind.as_deref().unwrap_or("");
-    if kind != "PodList" {
-        bail!("{origin}: expected a v1 PodList, got kind {kind:?}");
+        Ok(Self {
+            items: outline.items.unwrap_or_default(),
+        })
     }
-    let mut out = ParsedPods::default();
-    for (i, item) in outline.items.unwrap_or_default().into_iter().enumerate() {
-        match serde_json::from_str::<Pod>(item.get()) {
-            Ok(pod) => out.pods.push(pod),
-            Err(e) => {
-                let meta = serde_json::from_str::<ItemName>(item.get())
-                    .unwrap_or_default()
-                    .metadata;
-                let name = match (meta.namespace, meta.name) {
-                    (Some(ns), Some(n)) => format!("pod {ns}/{n}"),
-                    (None, Some(n)) => format!("pod {n}"),
-                    _ => format!("item {i}"),
-                };
-                out.skipped
-                    .push(format!("{origin}: {name} skipped: not a valid v1 Pod: {e}"));
+
+    /// A digest of the items that does not depend on their order (the kubelet lists
+    /// its pods in a new order on every call): equal digests, same pods.
+    pub fn digest(&self) -> u64 {
+        let mut each: Vec<u64> = self
+            .items
+            .iter()
+            .map(|item| {
+                let mut h = std::hash::DefaultHasher::new();
+                h.write(item.get().as_bytes());
+                h.finish()
+            })
+            .collect();
+        each.sort_unstable();
+        let mut h = std::hash::DefaultHasher::new();
+        for d in each {
+            h.write_u64(d);
+        }
+        h.finish()
+    }
+
+    /// Parses every item; one that is not a valid Pod is skipped and named.
+    pub fn parse(self, origin: &str) -> ParsedPods {
+        let mut out = ParsedPods::default();
+        for (i, item) in self.items.into_iter().enumerate() {
+            match serde_json::from_str::<Pod>(item.get()) {
+                Ok(pod) => out.pods.push(pod),
+                Err(e) => {
+                    let meta = serde_json::from_str::<ItemName>(item.get())
+                        .unwrap_or_default()
+                        .metadata;
+                    let name = match (meta.namespace, meta.name) {
+                        (Some(ns), Some(n)) => format!("pod {ns}/{n}"),
+                        (None, Some(n)) => format!("pod {n}"),
+                        _ => format!("item {i}"),
+                    };
+                    out.skipped
+                        .push(format!("{origin}: {name} skipped: not a valid v1 Pod: {e}"));
+                }
             }
         }
+        out.skipped.sort();
+        out
     }
-    Ok(out)
 }
 
 /// A pods file, read again whenever its size or modification time changes.

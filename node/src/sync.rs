@@ -30,7 +30,7 @@ type CidrEntry = (u8, Cidr);
 /// Every map entry one pod needs.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct PodEntries {
-    /// Container cgroup id → pod identity.
+    /// Pod cgroup id → pod identity (one entry once the pod's cgroup exists).
     pub cgroups: BTreeMap<u64, PodInfo>,
     /// Pod IP → what proxies need to know.
     pub ips: BTreeMap<[u32; 4], LocalPod>,
@@ -41,14 +41,9 @@ pub struct PodEntries {
 }
 
 impl PodEntries {
-    /// The entries for `policy`, given its pod id, its containers' cgroup ids and its
-    /// sidecar container's cgroup (when known).
-    pub fn build(
-        policy: &PodPolicy,
-        pod_id: u32,
-        cgroup_ids: &[u64],
-        proxy: Option<ProxyCgroup>,
-    ) -> Self {
+    /// The entries for `policy`, given its pod id and its cgroups (None while the
+    /// pod's cgroup does not exist: then no POD_BY_CGROUP entry).
+    pub fn build(policy: &PodPolicy, pod_id: u32, cgroups: Option<PodCgroups>) -> Self {
         let mut flags = 0;
         if policy.dns_port.is_some() {
             flags |= POD_DNS_CAPTURE;
@@ -68,7 +63,7 @@ impl PodEntries {
         if policy.ip6.is_some() {
             flags |= POD_HAS_IP6;
         }
-        if proxy.is_some_and(|p| p.armed) {
+        if cgroups.is_some_and(|c| c.armed) {
             flags |= POD_INBOUND_ARMED;
         }
         let info = PodInfo {
@@ -87,13 +82,15 @@ impl PodEntries {
             inbound_port: policy.inbound_port,
             dns_port: policy.dns_port.unwrap_or(0),
             _pad: [0; 3],
+            proxy_cgroup: cgroups.map_or(0, |c| c.proxy),
         };
         let local = LocalPod {
             pod_id,
             flags,
             inbound_port: policy.inbound_port,
             _pad: [0; 3],
-            proxy_cgroup: proxy.map_or(0, |p| p.id),
+            proxy_cgroup: cgroups.map_or(0, |c| c.proxy),
+            pod_cgroup: cgroups.map_or(0, |c| c.pod),
         };
         let ips = policy
             .ip4
@@ -128,7 +125,7 @@ impl PodEntries {
             })
             .collect();
         Self {
-            cgroups: cgroup_ids.iter().map(|id| (*id, info)).collect(),
+            cgroups: cgroups.map(|c| (c.pod, info)).into_iter().collect(),
             ips,
             ports,
             cidrs,
@@ -143,7 +140,7 @@ impl PodEntries {
             .chain(policy.ip6.map(|a| a.to_string()))
             .collect();
         format!(
-            "mesh {}, IPs [{}], {} container cgroup(s), {} port rule(s), {} address rule(s), out {}/{}, in {}{}",
+            "mesh {}, IPs [{}], {} pod cgroup, {} port rule(s), {} address rule(s), out {}/{}, in {}{}",
             policy.mesh.name(),
             ips.join(", "),
             self.cgroups.len(),
@@ -164,11 +161,13 @@ impl PodEntries {
     }
 }
 
-/// A pod's sidecar container cgroup, where its inbound listener is registered.
+/// A pod's cgroups, under which its sidecar's inbound listener is registered.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct ProxyCgroup {
-    /// The cgroup id.
-    pub id: u64,
+pub struct PodCgroups {
+    /// The pod-level cgroup id: the kernel's key for the pod.
+    pub pod: u64,
+    /// The sidecar container's cgroup id as the pod's status names it; 0 unknown.
+    pub proxy: u64,
     /// Captured connections are refused while no listener is registered (else they
     /// pass to the app): see [`POD_INBOUND_ARMED`].
     pub armed: bool,
@@ -187,7 +186,7 @@ pub struct SyncReport {
     pub removed: usize,
     /// Map writes that failed (full map, or the kernel refused).
     pub write_errors: usize,
-    /// Meshed pods none of whose container cgroups exist yet.
+    /// Meshed pods whose pod cgroup does not exist (yet, or any more).
     pub waiting_for_cgroups: usize,
     /// Pods left out because a map is full.
     pub map_full: usize,
@@ -197,8 +196,8 @@ struct Programmed {
     pod_id: u32,
     name: String,
     entries: PodEntries,
-    /// Some container cgroup of the pod was found once: when none is left, its
-    /// containers exited (no warning), rather than not having started yet.
+    /// The pod's cgroup was found once: when it is gone, the pod is going (no
+    /// warning), rather than not having started yet.
     had_cgroups: bool,
 }
 
@@ -243,8 +242,8 @@ impl Programmer {
         self.listening.len() != before
     }
 
-    /// Whether a sidecar in cgroup `id` is known to register its inbound listener:
-    /// it did, or its cgroup is newer than the probes.
+    /// Whether a sidecar in (pod or container) cgroup `id` is known to register its
+    /// inbound listener: it did, or the cgroup is newer than the probes.
     fn armed(&self, id: u64) -> bool {
         !self.preexisting.contains(&id) || self.listening.contains(&id)
     }
@@ -276,7 +275,8 @@ impl Programmer {
         self.warned.len()
     }
 
-    /// The number of container cgroups programmed for the pod `uid`, if it is programmed.
+    /// The number of cgroups (0 or 1: the pod's) programmed for the pod `uid`, if it is
+    /// programmed.
     pub fn programmed_cgroups(&self, uid: &str) -> Option<usize> {
         self.pods.get(uid).map(|p| p.entries.cgroups.len())
     }
@@ -330,48 +330,26 @@ impl Programmer {
                 Some(p) => p.pod_id,
                 None => self.allocate_pod_id(),
             };
-            let ids: Vec<&str> = policy.container_ids.iter().map(String::as_str).collect();
-            let mut cgroup_ids = Vec::new();
-            let mut proxy_cgroup = None;
-            for (container, path) in
-                cgroups::container_cgroups(&self.cgroup_root, &policy.uid, &policy.qos_class, &ids)
-            {
-                match cgroups::cgroup_id(&path) {
-                    Ok(id) => {
-                        if policy.proxy_container_id.as_deref() == Some(container.as_str()) {
-                            proxy_cgroup = Some(id);
-                        }
-                        cgroup_ids.push(id);
-                    }
-                    // The container exited between listing and stat: next poll.
-                    Err(e) => self.warn_once(&format!(
-                        "pod {}: container {container}: {e:#}",
-                        policy.name
-                    )),
-                }
-            }
+            let cgroups = self.pod_cgroups(policy);
             let had_cgroups = self.pods.get(&policy.uid).is_some_and(|p| p.had_cgroups);
-            if cgroup_ids.is_empty() && had_cgroups {
-                // Its containers exited (or the pod is being deleted and the kubelet
-                // has not listed that yet): its cgroup entries go below.
+            if cgroups.is_none() && had_cgroups {
+                // The pod is being deleted and the kubelet has not listed that yet: its
+                // cgroup entry goes below.
                 report.waiting_for_cgroups += 1;
                 log::debug!(
-                    "pod {}: its container cgroups are gone; cgroup entries removed until one is back",
+                    "pod {}: its cgroup is gone; cgroup entry removed until it is back",
                     policy.name
                 );
-            } else if cgroup_ids.is_empty() {
+            } else if cgroups.is_none() {
                 report.waiting_for_cgroups += 1;
                 self.warn_once(&format!(
-                    "pod {}: no cgroup found yet for its containers under {}; it is not redirected until one appears",
+                    "pod {}: no cgroup found yet for the pod (uid {}) under {}; it is not redirected until one appears",
                     policy.name,
+                    policy.uid,
                     self.cgroup_root.display()
                 ));
             }
-            let proxy = proxy_cgroup.map(|id| ProxyCgroup {
-                id,
-                armed: self.armed(id),
-            });
-            let new = PodEntries::build(policy, pod_id, &cgroup_ids, proxy);
+            let new = PodEntries::build(policy, pod_id, cgroups);
             let old = self.pods.get(&policy.uid).map(|p| p.entries.clone());
             if old.as_ref() == Some(&new) {
                 report.programmed += 1;
@@ -444,14 +422,39 @@ impl Programmer {
             self.full_maps.remove(map);
             info!("map {map} has room again: every meshed pod is programmed");
         }
-        // Only the sidecars of pods still here need to be remembered as listening.
-        let proxies: BTreeSet<u64> = self
+        // Only the cgroups of pods still here need to be remembered as listening.
+        let keys: BTreeSet<u64> = self
             .pods
             .values()
-            .flat_map(|p| p.entries.ips.values().map(|l| l.proxy_cgroup))
+            .flat_map(|p| p.entries.ips.values())
+            .flat_map(|l| [l.pod_cgroup, l.proxy_cgroup])
             .collect();
-        self.listening.retain(|id| proxies.contains(id));
+        self.listening.retain(|id| keys.contains(id));
         report
+    }
+
+    /// The pod's cgroup and its sidecar container's, if the pod's cgroup exists.
+    fn pod_cgroups(&mut self, policy: &PodPolicy) -> Option<PodCgroups> {
+        let dir = cgroups::pod_cgroup(&self.cgroup_root, &policy.uid, &policy.qos_class)?;
+        let pod = match cgroups::cgroup_id(&dir) {
+            Ok(id) => id,
+            Err(e) => {
+                // Removed between the lookup and the stat: next poll.
+                self.warn_once(&format!("pod {}: {e:#}", policy.name));
+                return None;
+            }
+        };
+        let proxy = policy
+            .proxy_container_id
+            .as_deref()
+            .and_then(|id| cgroups::container_cgroups(&dir, &[id]).pop())
+            .and_then(|(_, path)| cgroups::cgroup_id(&path).ok())
+            .unwrap_or(0);
+        // Armed only where the listener can be found: under the pod (seen there), or
+        // under a sidecar container the status names.
+        let armed =
+            self.listening.contains(&pod) || (proxy != 0 && (self.armed(pod) || self.armed(proxy)));
+        Some(PodCgroups { pod, proxy, armed })
     }
 }
 

@@ -170,6 +170,15 @@ impl Churn {
         fixed.iter().filter(|d| root.join(d).is_dir()).count() + pods
     }
 
+    /// The id of the pod cgroup of the pod with Kubernetes uid `pod_uid`, if it exists.
+    pub fn pod_cgroup_id(&self, pod_uid: &str) -> Option<u64> {
+        self.pods
+            .iter()
+            .find(|p| p.json["metadata"]["uid"] == pod_uid)
+            .and_then(|p| std::fs::metadata(&p.pod_dir).ok())
+            .map(|m| m.ino())
+    }
+
     /// The cgroup id of the running container `id`, if there is one.
     pub fn cgroup_id(&self, container_id: &str) -> Option<u64> {
         self.pods

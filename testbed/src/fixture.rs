@@ -52,6 +52,8 @@ pub struct Fixture {
     pub pods_file: PathBuf,
     /// Whether the sidecar stand-ins have been started.
     sidecars_started: std::sync::atomic::AtomicBool,
+    /// The running sidecar stand-in of each meshed pod (node process handles).
+    sidecars: std::sync::Mutex<BTreeMap<String, usize>>,
 }
 
 /// Where the app stand-ins of the fixture's pods listen.
@@ -77,6 +79,7 @@ impl Fixture {
             pods,
             pods_file,
             sidecars_started: false.into(),
+            sidecars: Default::default(),
         }
     }
 
@@ -145,9 +148,43 @@ impl Fixture {
         }
         for pod in self.pods.values() {
             if pod.spec.sidecar().is_some() {
-                start_sidecar(&self.node, pod).expect("sidecar stand-in");
+                let handle = start_sidecar(&self.node, pod, None).expect("sidecar stand-in");
+                self.sidecars
+                    .lock()
+                    .unwrap()
+                    .insert(pod.spec.name.clone(), handle);
             }
         }
+    }
+
+    /// Restarts `pod`'s `container` under a new id and cgroup, as the runtime does after
+    /// a crash, while the PodList keeps naming the old one (the kubelet's status is
+    /// stale while the control plane is away). The sidecar container's stand-in is
+    /// stopped and started again in the new cgroup, as `uid` when given (a user
+    /// namespace maps the proxy's uid to another on the node). Returns the pod as it
+    /// now is (`self.pods` keeps the old one, for the PodList).
+    pub fn restart_container_unreported(
+        &mut self,
+        pod: &str,
+        container: &str,
+        uid: Option<u32>,
+    ) -> Pod {
+        let is_sidecar = self.pod(pod).spec.sidecar() == Some(container);
+        let old = is_sidecar
+            .then(|| self.sidecars.lock().unwrap().remove(pod))
+            .flatten();
+        if let Some(handle) = old {
+            self.node.stop(handle);
+        }
+        let now = self
+            .node
+            .restart_container(pod, container)
+            .expect("container restarted");
+        if is_sidecar {
+            let handle = start_sidecar(&self.node, &now, uid).expect("sidecar stand-in");
+            self.sidecars.lock().unwrap().insert(pod.to_string(), handle);
+        }
+        now
     }
 
     /// Lines the sidecar stand-in of `pod` logged (one per connection).
@@ -163,11 +200,17 @@ impl Fixture {
     /// Runs the client in `pod`'s app container as the app uid.
     /// The client stand-in's output.
     pub fn client(&self, pod: &str, target: &str, extra: &[&str]) -> String {
+        self.client_in(self.pod(pod), target, extra)
+    }
+
+    /// Runs the client in the app container of `pod` as given (for a container
+    /// restarted since the PodList was written) as the app uid.
+    pub fn client_in(&self, pod: &Pod, target: &str, extra: &[&str]) -> String {
         let mut args = vec!["client", target];
         args.extend(extra);
         self.node
-            .run_in(self.pod(pod), Some("app"), Some(APP_UID), &args)
-            .unwrap_or_else(|e| panic!("client {pod} → {target}: {e:#}"))
+            .run_in(pod, Some("app"), Some(APP_UID), &args)
+            .unwrap_or_else(|e| panic!("client {} → {target}: {e:#}", pod.spec.name))
     }
 }
 
@@ -187,7 +230,7 @@ pub fn start_stand_ins(
     args.extend(app_addrs);
     node.spawn(pod, Some("app"), Some(APP_UID), &args)?;
     if sidecar {
-        start_sidecar(node, pod)?;
+        start_sidecar(node, pod, None)?;
     }
     node.wait_listening(pod, 8080)
 }
@@ -195,9 +238,14 @@ pub fn start_stand_ins(
 /// Starts `pod`'s sidecar stand-in, as its mesh runs it: Istio's as uid 1337 on 15001
 /// and 15006, Linkerd's as uid 2102 on 127.0.0.1:4140 and 4143, Kuma's as uid 5678 on
 /// 15001 and 15006, OSM's as uid 1500 on 15001 and 15003; one line per connection
-/// in `sidecar-<pod>.log` in the scratch directory. Returns once it listens. Started
-/// after the agent, its inbound listener is registered for inbound capture.
-pub fn start_sidecar(node: &Node, pod: &Pod) -> anyhow::Result<usize> {
+/// in `sidecar-<pod>.log` in the scratch directory; as `uid` instead when given.
+/// Returns once it listens. Started after the agent, its inbound listener is
+/// registered for inbound capture.
+pub fn start_sidecar(
+    node: &Node,
+    pod: &Pod,
+    uid_override: Option<u32>,
+) -> anyhow::Result<usize> {
     let name = &pod.spec.name;
     let log = node.scratch().join(format!("sidecar-{name}.log"));
     if !log.exists() {
@@ -221,7 +269,7 @@ pub fn start_sidecar(node: &Node, pod: &Pod) -> anyhow::Result<usize> {
     let handle = node.spawn(
         pod,
         Some(container),
-        Some(uid),
+        Some(uid_override.unwrap_or(uid)),
         &["sidecar", name, outbound, inbound, &log],
     )?;
     node.wait_listening(pod, port)?;

@@ -1,6 +1,7 @@
 //! A kubelet stand-in: `GET /pods` over HTTPS on loopback, with a CA and certificates
 //! made for the test, a bearer token (or client certificate) check, and switchable
-//! answers for every fault the agent must survive.
+//! answers for every fault the agent must survive. Like the kubelet, which lists its
+//! pods by walking a map, it serves a PodList's items in a new order on every call.
 use std::{
     io::{Read, Write},
     net::{SocketAddr, TcpListener, TcpStream},
@@ -300,7 +301,10 @@ fn serve_one(tcp: TcpStream, config: Arc<ServerConfig>, shared: &Shared) -> Resu
             tls.flush()?;
             return Ok(());
         }
-        Reply::Body(b) => (200, b),
+        Reply::Body(b) => (
+            200,
+            shuffle_items(b, shared.requests.load(Ordering::SeqCst)),
+        ),
         Reply::Status(s, b) => (s, b.into_bytes()),
         Reply::Stall(d) => {
             std::thread::sleep(d);
@@ -322,4 +326,24 @@ fn serve_one(tcp: TcpStream, config: Arc<ServerConfig>, shared: &Shared) -> Resu
     tls.conn.send_close_notify();
     tls.flush()?;
     Ok(())
+}
+
+/// `body` with its PodList items in an order drawn from `seed`, as the kubelet (which
+/// walks a Go map) lists them; a body that is not a PodList is served as it is.
+fn shuffle_items(body: Vec<u8>, seed: u64) -> Vec<u8> {
+    let Ok(mut list) = serde_json::from_slice::<serde_json::Value>(&body) else {
+        return body;
+    };
+    let Some(items) = list.get_mut("items").and_then(|i| i.as_array_mut()) else {
+        return body;
+    };
+    let mut state = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    for i in (1..items.len()).rev() {
+        // xorshift64
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        items.swap(i, (state % (i as u64 + 1)) as usize);
+    }
+    serde_json::to_vec(&list).unwrap_or(body)
 }

@@ -137,6 +137,14 @@ impl Pod {
             .find(|c| c.name == name)
             .unwrap_or_else(|| panic!("pod {} has no container {name}", self.spec.name))
     }
+
+    /// The pod-level cgroup directory, parent of every container cgroup of the pod.
+    pub fn cgroup(&self) -> &Path {
+        self.containers[0]
+            .cgroup
+            .parent()
+            .expect("a container cgroup has a parent")
+    }
 }
 
 /// Another node, as [`Node::other_node`] makes it.

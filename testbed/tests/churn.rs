@@ -19,7 +19,7 @@ use merbridge_edge::{
     datapath::{cidr_rule_key, kernel_addr, port_rule_key},
     policy::{Desired, MeshSelection, desired_state},
     source::parse_pod_list,
-    sync::{PodEntries, ProxyCgroup},
+    sync::{PodCgroups, PodEntries},
 };
 use merbridge_edge_probes_common::{LocalPod, map_names};
 use merbridge_edge_testbed::{
@@ -143,25 +143,19 @@ fn expected(
                 policy.name
             ));
         }
-        let cgroups: Vec<u64> = policy
-            .container_ids
-            .iter()
-            .filter_map(|c| churn.cgroup_id(c))
-            .collect();
         // No sidecar process listens in the soak; its cgroups are newer than the agent
         // (the population is made after it starts) unless listed in `preexisting`.
-        let proxy_cgroup = policy
-            .proxy_container_id
-            .as_deref()
-            .and_then(|c| churn.cgroup_id(c))
-            .map(|id| ProxyCgroup {
-                id,
-                armed: !preexisting.contains(&id),
-            });
-        want.add(
-            &PodEntries::build(policy, pod_id, &cgroups, proxy_cgroup),
-            pod_id,
-        );
+        let cgroups = churn.pod_cgroup_id(&policy.uid).map(|pod| {
+            let proxy = policy
+                .proxy_container_id
+                .as_deref()
+                .and_then(|c| churn.cgroup_id(c))
+                .unwrap_or(0);
+            let armed =
+                proxy != 0 && (!preexisting.contains(&pod) || !preexisting.contains(&proxy));
+            PodCgroups { pod, proxy, armed }
+        });
+        want.add(&PodEntries::build(policy, pod_id, cgroups), pod_id);
     }
     (want, problems)
 }

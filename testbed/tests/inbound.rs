@@ -284,7 +284,7 @@ fn a_sidecar_that_is_not_listening_means_refused_never_the_app() {
     assert_eq!(bypassed(&mut agent, "b"), 0.0, "nothing reached the app");
     // The sidecar comes back (a container restart in place): captured again.
     let before = f.sidecar_log("b").len();
-    start_sidecar(&f.node, &b).unwrap();
+    start_sidecar(&f.node, &b, None).unwrap();
     let out = f
         .node
         .run_placed(&remote.placement, &["client", &target])
@@ -326,7 +326,7 @@ fn the_bypass_ledger_counts_what_reached_an_app_without_its_sidecar() {
     assert!(status.contains("\"bypassed\":3"), "{status}");
     // The sidecar restarts: its listener is registered, inbound is captured from then on.
     kill_sidecar(&b);
-    start_sidecar(&f.node, &b).unwrap();
+    start_sidecar(&f.node, &b, None).unwrap();
     agent
         .wait_metric(
             "merbridge_edge_inbound_listeners",

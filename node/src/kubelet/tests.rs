@@ -197,11 +197,13 @@ fn a_malformed_pod_is_skipped_by_name_and_the_rest_kept() {
     assert_eq!(got.pods.len(), 5, "{:?}", names(&got));
     assert_eq!(got.skipped.len(), 2, "{:?}", got.skipped);
     assert!(
-        got.skipped[0].contains("pod emojivoto/web-5d7f9b8c4-q8zrt"),
+        got.skipped
+            .iter()
+            .any(|s| s.contains("pod emojivoto/web-5d7f9b8c4-q8zrt")),
         "{:?}",
         got.skipped
     );
-    assert!(got.skipped[1].contains("item 2"), "{:?}", got.skipped);
+    assert!(got.skipped.iter().any(|s| s.contains("item 2")), "{:?}", got.skipped);
 }
 
 #[test]

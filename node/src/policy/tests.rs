@@ -92,9 +92,10 @@ fn each_mesh_is_recognised_by_its_marker() {
         .collect();
     assert_eq!(
         got,
+        // By name, whatever the PodList's order.
         vec![
-            (Mesh::Linkerd, 4140, 4143, 2102, true),
             (Mesh::Kuma, 15001, 15006, 5678, false),
+            (Mesh::Linkerd, 4140, 4143, 2102, true),
             (Mesh::Osm, 15001, 15003, 1500, false)
         ]
     );
@@ -421,9 +422,24 @@ fn bad_ips_missing_fields_and_duplicates() {
     let (mut first, mut second) = (istio("one", json!({})), istio("two", json!({})));
     first["status"]["podIPs"] = json!([{"ip": "10.9.9.9"}]);
     second["status"]["podIPs"] = json!([{"ip": "10.9.9.9"}]);
-    let d = desired_state(&parse(vec![first, second]), None, MeshSelection::Auto);
-    assert_eq!(d.pods.len(), 1, "a duplicate IP is never programmed twice");
-    assert!(d.warnings[0].0.contains("already used"), "{:?}", d.warnings);
+    let third = istio("three", json!({}));
+    let pods = vec![first, second, third];
+    let d = desired_state(&parse(pods.clone()), None, MeshSelection::Auto);
+    let names: Vec<&str> = d.pods.iter().map(|p| p.name.as_str()).collect();
+    assert_eq!(names, ["ns/three"], "no pod of a shared IP is programmed");
+    assert_eq!(d.warnings.len(), 2, "{:?}", d.warnings);
+    assert!(
+        d.warnings[0]
+            .0
+            .contains("pod ns/one: IP 10.9.9.9 is also listed for meshed pod(s) ns/two"),
+        "{:?}",
+        d.warnings
+    );
+    // Whatever the PodList's order, the same pods in the same order, the same warnings.
+    let reversed: Vec<_> = pods.into_iter().rev().collect();
+    let r = desired_state(&parse(reversed), None, MeshSelection::Auto);
+    assert_eq!(r.pods, d.pods);
+    assert_eq!(r.warnings, d.warnings);
 }
 
 #[test]

@@ -9,8 +9,12 @@
 
 /// Names of the maps in the probe object, as the agent looks them up.
 pub mod map_names {
-    /// [`super::PodInfo`] keyed by the cgroup id of each container of a meshed pod.
+    /// [`super::PodInfo`] keyed by the cgroup id of a meshed pod (the pod-level cgroup,
+    /// an ancestor of each of its containers' cgroups).
     pub const POD_BY_CGROUP: &str = "POD_BY_CGROUP";
+    /// Container cgroups seen binding their pod's sidecar ports: the sidecar's own
+    /// (pod cgroup id by container cgroup id, LRU).
+    pub const PROXY_CGROUPS: &str = "PROXY_CGROUPS";
     /// [`super::LocalPod`] keyed by every IP (v4-mapped or v6, `[u32; 4]`) of a local meshed pod.
     pub const POD_BY_IP: &str = "POD_BY_IP";
     /// Port rules: LPM trie of [`super::PortRuleKey`].
@@ -99,7 +103,12 @@ pub const POD_HAS_IP6: u32 = 1 << 5;
 /// a connection passes to the app and is counted in the bypass ledger.
 pub const POD_INBOUND_ARMED: u32 = 1 << 6;
 
-/// What the agent tells the kernel about the pod a container cgroup belongs to.
+/// How many cgroup levels below the root the probes look for a pod's cgroup (the
+/// kubelet's pods sit at level 2 to 4; the extra levels leave room for a node agent's
+/// own parent such as `k3s/` or a test's).
+pub const MAX_POD_CGROUP_LEVEL: i32 = 8;
+
+/// What the agent tells the kernel about a meshed pod, keyed by its pod-level cgroup.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct PodInfo {
@@ -111,7 +120,8 @@ pub struct PodInfo {
     pub pod_id: u32,
     /// `POD_*` flags.
     pub flags: u32,
-    /// uid the sidecar proxy runs as; its connections are never redirected outbound.
+    /// uid the sidecar proxy runs as; its connections are never redirected outbound
+    /// (a cross-check of [`PodInfo::proxy_cgroup`] and [`map_names::PROXY_CGROUPS`]).
     pub proxy_uid: u32,
     /// The sidecar's outbound listener port (Istio 15001).
     pub outbound_port: u16,
@@ -121,6 +131,9 @@ pub struct PodInfo {
     pub dns_port: u16,
     /// Padding; always zero.
     pub _pad: [u16; 3],
+    /// cgroup id of the sidecar container as the pod's status names it (0 unknown):
+    /// its processes are the proxy whatever their uid.
+    pub proxy_cgroup: u64,
 }
 
 /// What the datapath needs to know about a local meshed pod by its address: for
@@ -136,9 +149,13 @@ pub struct LocalPod {
     pub inbound_port: u16,
     /// Padding; always zero.
     pub _pad: [u16; 3],
-    /// cgroup id of the pod's sidecar container, whose inbound listener receives the
-    /// pod's captured connections; 0 while unknown (inbound then refused).
+    /// cgroup id of the pod's sidecar container as its status names it; a listener
+    /// bound before the pod was programmed is registered under it. 0 while unknown.
     pub proxy_cgroup: u64,
+    /// cgroup id of the pod (see [`map_names::POD_BY_CGROUP`]); a listener bound while
+    /// the pod is programmed is registered under it, so a sidecar restarted in a new
+    /// container is found even while the kubelet still reports the old one.
+    pub pod_cgroup: u64,
 }
 
 /// Kinds of port rules; part of [`PortRuleKey`].
@@ -190,14 +207,15 @@ pub struct CidrRuleKey {
     pub addr: [u8; 16],
 }
 
-/// Key of an inbound listener in the listener sockhash: the cgroup of the container
-/// that bound it (the sidecar's, found through [`LocalPod::proxy_cgroup`]) and the
-/// listening socket's address family. Kernel cgroup ids, not agent-chosen pod ids, so
+/// Key of an inbound listener in the listener sockhash: the cgroup of the pod whose
+/// sidecar bound it ([`LocalPod::pod_cgroup`]), or of the container that bound it when
+/// its pod was not programmed yet ([`LocalPod::proxy_cgroup`]), and the listening
+/// socket's address family. Kernel cgroup ids, not agent-chosen pod ids, so
 /// a restarted agent that adopts the pinned sockhash finds the same sockets.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub struct ListenerKey {
-    /// cgroup id of the container that bound the socket.
+    /// cgroup id of the pod, or of the container, that bound the socket.
     pub cgroup: u64,
     /// AF_INET (2) or AF_INET6 (10) of the listening socket.
     pub family: u32,
@@ -350,6 +368,17 @@ pub const fn as_v4(addr: &[u32; 4]) -> Option<u32> {
         None
     }
 }
+
+// The layouts the agent and the probes share, checked when either is compiled.
+const _: () = {
+    assert!(core::mem::size_of::<PodInfo>() == 64);
+    assert!(core::mem::size_of::<LocalPod>() == 32);
+    assert!(core::mem::size_of::<PortRuleKey>() == 7);
+    assert!(core::mem::size_of::<CidrRuleKey>() == 21);
+    assert!(core::mem::size_of::<ListenerKey>() == 16);
+    assert!(core::mem::size_of::<OriginalDst>() == 24);
+    assert!(core::mem::size_of::<SocketTuple>() == 40);
+};
 
 #[cfg(feature = "user")]
 mod user {

@@ -5,10 +5,7 @@
 use aya_ebpf::{
     EbpfContext,
     bindings::bpf_sock_addr,
-    helpers::{
-        bpf_get_current_uid_gid,
-        generated::{bpf_bind, bpf_get_current_cgroup_id, bpf_get_socket_cookie},
-    },
+    helpers::generated::{bpf_bind, bpf_get_socket_cookie},
     macros::cgroup_sock_addr,
     programs::SockAddrContext,
 };
@@ -20,9 +17,10 @@ use merbridge_edge_probes_common::{
 use crate::{
     addr::{AF_INET, LOCALHOST4, LOCALHOST6, is_loopback, read_words, write_words},
     maps::{
-        POD_BY_CGROUP, POD_BY_IP, REDIRECTING_PODS, accelerate, count, release_tuple_slots,
+        POD_BY_IP, REDIRECTING_PODS, accelerate, count, release_tuple_slots,
         remember, remember_dns, reserve_tuple_slots,
     },
+    pods::{current_pod, is_proxy},
     rules::outbound_redirected,
 };
 
@@ -87,21 +85,6 @@ impl Decision {
     }
 }
 
-/// The meshed pod the current process belongs to, if any.
-#[inline(always)]
-pub fn current_pod() -> Option<PodInfo> {
-    // SAFETY: helper without arguments.
-    let cgroup = unsafe { bpf_get_current_cgroup_id() };
-    // SAFETY: the value is copied out before the map can change.
-    unsafe { POD_BY_CGROUP.get(&cgroup).copied() }
-}
-
-/// The uid of the current process.
-#[inline(always)]
-pub fn current_uid() -> u32 {
-    bpf_get_current_uid_gid() as u32
-}
-
 /// The pod's own address in the family of `dst` (v4-mapped for IPv4), and whether it
 /// has one. Both always set (no `Option` of an array: its payload is undefined when
 /// empty, and a spilled undefined register fails the verifier).
@@ -118,7 +101,7 @@ fn own_addr(pod: &PodInfo, dst_is_v4: bool) -> ([u32; 4], bool) {
 #[inline(always)]
 pub fn decide(pod: &PodInfo, protocol: u32, dst: &[u32; 4], port: u16) -> Decision {
     let dst_is_v4 = as_v4(dst).is_some();
-    let is_proxy = current_uid() == pod.proxy_uid;
+    let is_proxy = is_proxy(pod);
 
     if port == DNS_PORT && pod.flags & POD_DNS_CAPTURE != 0 && !is_proxy && !is_loopback(dst) {
         let to = if dst_is_v4 {
@@ -318,7 +301,7 @@ pub unsafe fn user_port(sa: *const bpf_sock_addr) -> u16 {
 /// cgroup/connect4.
 #[cgroup_sock_addr(connect4)]
 pub fn mb_connect4(ctx: SockAddrContext) -> i32 {
-    let Some(pod) = current_pod() else { return 1 };
+    let Some((_, pod)) = current_pod() else { return 1 };
     let sa = ctx.sock_addr;
     // SAFETY: reads of readable fields of the connect context.
     let (dst, port, protocol) = unsafe {
@@ -336,7 +319,7 @@ pub fn mb_connect4(ctx: SockAddrContext) -> i32 {
 /// cgroup/connect6 (IPv6 and v4-mapped destinations of dual-stack sockets).
 #[cgroup_sock_addr(connect6)]
 pub fn mb_connect6(ctx: SockAddrContext) -> i32 {
-    let Some(pod) = current_pod() else { return 1 };
+    let Some((_, pod)) = current_pod() else { return 1 };
     let sa = ctx.sock_addr;
     // SAFETY: reads of readable fields of the connect context.
     let (dst, port, protocol) = unsafe {

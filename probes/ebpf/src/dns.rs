@@ -9,7 +9,8 @@ use merbridge_edge_probes_common::{Counter, ORIGINAL_DNS, OriginalDst, as_v4, v4
 
 use crate::{
     addr::{LOCALHOST4, LOCALHOST6, read_words, write_words},
-    connect::{Action, current_pod, decide, set_destination, user_port},
+    connect::{Action, decide, set_destination, user_port},
+    pods::current_pod,
     maps::{DNS_ORIGINAL_BY_COOKIE, count, remember_dns},
 };
 
@@ -17,7 +18,7 @@ const IPPROTO_UDP: u32 = 17;
 
 #[inline(always)]
 fn on_sendmsg(ctx: &SockAddrContext, v4_ctx: bool) {
-    let Some(pod) = current_pod() else { return };
+    let Some((_, pod)) = current_pod() else { return };
     let sa: *mut bpf_sock_addr = ctx.sock_addr;
     // SAFETY: reads of readable fields of the sendmsg context.
     let (dst, port) = unsafe {
@@ -54,7 +55,7 @@ fn on_sendmsg(ctx: &SockAddrContext, v4_ctx: bool) {
 
 #[inline(always)]
 fn on_recvmsg(ctx: &SockAddrContext, v4_ctx: bool) {
-    let Some(pod) = current_pod() else { return };
+    let Some((_, pod)) = current_pod() else { return };
     // SAFETY: the helper takes the program context.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
     // SAFETY: the value is copied out at once.

@@ -5,9 +5,9 @@ use merbridge_edge_probes_common::{Counter, ORIGINAL_REDIRECTED, OriginalDst, So
 
 use crate::{
     addr::{AF_INET, AF_INET6, normalise, read_words},
-    connect::current_pod,
     inbound::capturing_pod,
     maps::{ORIGINAL_DST_BY_TUPLE, count},
+    pods::current_pod,
 };
 
 const SOL_IP: i32 = 0;
@@ -55,7 +55,7 @@ pub fn mb_getsockopt(ctx: SockoptContext) -> i32 {
 fn captured_inbound(tuple: &SocketTuple) -> Option<OriginalDst> {
     let port = tuple.local_port as u16;
     let pod = capturing_pod(&tuple.local_addr, &tuple.remote_addr, port)?;
-    if current_pod()?.pod_id != pod.pod_id {
+    if current_pod()?.1.pod_id != pod.pod_id {
         return None;
     }
     Some(OriginalDst {

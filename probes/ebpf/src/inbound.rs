@@ -23,7 +23,7 @@ pub fn capturing_pod(local: &[u32; 4], remote: &[u32; 4], port: u16) -> Option<L
     inbound_redirected(&pod, port).then_some(pod)
 }
 
-/// The key of a listener bound in container cgroup `cgroup`, of `family`.
+/// The key of a listener registered under pod or container cgroup `cgroup`, of `family`.
 #[inline(always)]
 pub const fn listener_key(cgroup: u64, family: u32) -> ListenerKey {
     ListenerKey {

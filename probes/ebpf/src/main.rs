@@ -12,6 +12,7 @@ mod dns;
 mod getsockopt;
 mod inbound;
 mod maps;
+mod pods;
 mod rules;
 mod sk_lookup;
 mod sk_msg;

@@ -10,9 +10,15 @@ use merbridge_edge_probes_common::{
     SocketTuple,
 };
 
-/// Pod identity of each container cgroup of a meshed pod.
+/// Pod identity of each meshed pod, by its pod-level cgroup.
 #[map]
 pub static POD_BY_CGROUP: HashMap<u64, PodInfo> = HashMap::with_max_entries(1024, 0);
+
+/// Sidecar container cgroups, learnt when they bind their pod's sidecar ports: pod
+/// cgroup id by container cgroup id. LRU: cgroup ids are never reused, and an entry of
+/// a container that is gone just ages out.
+#[map]
+pub static PROXY_CGROUPS: LruHashMap<u64, u64> = LruHashMap::with_max_entries(2048, 0);
 
 /// Local meshed pods by IP (v4-mapped or v6).
 #[map]
@@ -89,12 +95,13 @@ pub fn release_tuple_slots(n: u64) {
 #[map]
 pub static SOCK_BY_TUPLE: SockHash<SocketTuple> = SockHash::with_max_entries(65536, 0);
 
-/// Inbound listening sockets by the container cgroup that bound them. Pinned by the
+/// Inbound listening sockets by the pod (or container) cgroup that bound them. Pinned by the
 /// agent and adopted by the next one, so a restart keeps them.
 #[map]
 pub static INBOUND_LISTENERS: SockHash<ListenerKey> = SockHash::with_max_entries(2048, 0);
 
-/// Sockets bound to a mesh inbound port: cgroup id by cookie, until they listen.
+/// Sockets bound to a mesh inbound port: the cgroup id of their listener key by
+/// cookie, until they listen.
 #[map]
 pub static INBOUND_BINDS: LruHashMap<u64, u64> = LruHashMap::with_max_entries(1024, 0);
 

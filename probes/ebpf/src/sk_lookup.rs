@@ -46,16 +46,10 @@ pub fn mb_sk_lookup(ctx: SkLookupContext) -> u32 {
     let Some(pod) = capturing_pod(&local, &remote, port as u16) else {
         return SK_PASS;
     };
-    let mut assigned = pod.proxy_cgroup != 0
-        && INBOUND_LISTENERS
-            .redirect_sk_lookup(&ctx, listener_key(pod.proxy_cgroup, family), 0)
-            .is_ok();
-    if !assigned && pod.proxy_cgroup != 0 && family == AF_INET {
-        // A dual-stack [::] listener serves IPv4 too (refused by the kernel if v6only).
-        assigned = INBOUND_LISTENERS
-            .redirect_sk_lookup(&ctx, listener_key(pod.proxy_cgroup, DUAL_STACK_FAMILY), 0)
-            .is_ok();
-    }
+    // The listener registered under the pod (bound while the pod was programmed),
+    // else under the sidecar container the pod's status names (bound before).
+    let assigned = assign_listener(&ctx, pod.pod_cgroup, family)
+        || assign_listener(&ctx, pod.proxy_cgroup, family);
     if !assigned {
         if pod.flags & POD_INBOUND_ARMED == 0 {
             // A sidecar listening since before the agent attached is not known yet:
@@ -78,4 +72,24 @@ pub fn mb_sk_lookup(ctx: SkLookupContext) -> u32 {
     let _ = CAPTURED_BY_TUPLE.insert(&captured, &1, 0);
     count(Counter::RedirectInbound, 1);
     SK_PASS
+}
+
+/// Hands the connection to the listener registered under `cgroup` for `family` (or, for
+/// IPv4, a dual-stack `[::]` listener there); false when there is none.
+#[inline(always)]
+fn assign_listener(ctx: &SkLookupContext, cgroup: u64, family: u32) -> bool {
+    if cgroup == 0 {
+        return false;
+    }
+    if INBOUND_LISTENERS
+        .redirect_sk_lookup(ctx, listener_key(cgroup, family), 0)
+        .is_ok()
+    {
+        return true;
+    }
+    // A dual-stack [::] listener serves IPv4 too (refused by the kernel if v6only).
+    family == AF_INET
+        && INBOUND_LISTENERS
+            .redirect_sk_lookup(ctx, listener_key(cgroup, DUAL_STACK_FAMILY), 0)
+            .is_ok()
 }

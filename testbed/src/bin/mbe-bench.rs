@@ -421,7 +421,7 @@ fn setup() -> Result<Bench> {
     // adopts.
     let agent = bench.enable("ebpf-sockmap")?;
     for pod in [&bench.a, &bench.b] {
-        start_sidecar(&bench.node, pod)?;
+        start_sidecar(&bench.node, pod, None)?;
     }
     bench.disable("ebpf-sockmap", agent)?;
     Ok(bench)

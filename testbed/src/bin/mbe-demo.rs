@@ -243,7 +243,7 @@ fn demo(keep: bool) -> Result<()> {
     let mut agent = Agent::start(&args, &node.scratch().join("agent.log"))?;
     agent.wait_log_count("added: mesh istio", 2, Duration::from_secs(15))?;
     for pod in [&web, &api] {
-        start_sidecar(&node, pod)?;
+        start_sidecar(&node, pod, None)?;
     }
     println!("      sidecars of web and api started: their inbound listeners are registered");
     for line in agent
