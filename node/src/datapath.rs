@@ -103,7 +103,7 @@ pub struct Datapath {
     /// Programs and their links; None once dropped.
     ebpf: Option<Ebpf>,
     pins: Option<SockhashPins>,
-    /// Pod identity by container cgroup id.
+    /// Pod identity by pod cgroup id.
     pub pod_by_cgroup: HashMap<MapData, u64, PodInfo>,
     /// Local meshed pods by IP.
     pub pod_by_ip: HashMap<MapData, [u32; 4], LocalPod>,
@@ -117,6 +117,8 @@ pub struct Datapath {
     original_dst_by_tuple: HashMap<MapData, SocketTuple, OriginalDst>,
     sock_by_tuple: SockHash<MapData, SocketTuple>,
     inbound_listeners: SockHash<MapData, ListenerKey>,
+    /// The sidecar inbound ports whose listeners are registered (post_bind's filter).
+    pub inbound_ports: HashMap<MapData, u16, u8>,
     bypass_by_pod: HashMap<MapData, [u32; 4], u64>,
     /// Where the inbound-listener sockhash is pinned (adopted from an earlier agent or
     /// pinned by this one); None when unpinned.
@@ -309,6 +311,7 @@ impl Datapath {
             original_dst_by_tuple: take(&mut ebpf, maps::ORIGINAL_DST_BY_TUPLE)?,
             sock_by_tuple: sockhash,
             inbound_listeners: take(&mut ebpf, maps::INBOUND_LISTENERS)?,
+            inbound_ports,
             bypass_by_pod: take(&mut ebpf, maps::BYPASS_BY_POD)?,
             listeners_pin,
             rewrite_links,

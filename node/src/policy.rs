@@ -59,6 +59,7 @@ impl CidrRuleKind {
         match self {
             CidrRuleKind::OutExclude => "out-exclude",
             CidrRuleKind::OutInclude => "out-include",
+            CidrRuleKind::InSourceExclude => "in-source-exclude",
         }
     }
 }
@@ -70,6 +71,8 @@ pub enum CidrRuleKind {
     OutExclude,
     /// Outbound range redirected (only meaningful when not all addresses are).
     OutInclude,
+    /// Inbound connections from this source range go straight to the app.
+    InSourceExclude,
 }
 
 /// The desired datapath state of one meshed pod.
@@ -103,9 +106,6 @@ pub struct PodPolicy {
     pub port_rules: BTreeSet<(PortRuleKind, PortRange)>,
     /// Address rules.
     pub cidr_rules: BTreeSet<(CidrRuleKind, Cidr)>,
-    /// Source ranges whose inbound connections the mesh leaves to the app (Linkerd's
-    /// `skip-subnets`). Not enforced yet: inbound capture does not look at the source.
-    pub inbound_source_exclusions: BTreeSet<Cidr>,
     /// Runtime ids of the pod's containers (scheme stripped), sidecar included.
     pub container_ids: BTreeSet<String>,
     /// Runtime id of the sidecar container (its inbound listener receives the pod's
@@ -346,7 +346,6 @@ fn pod_policy(pod: &Pod, meshes: MeshSelection, warnings: &mut Vec<Warning>) -> 
         out_via_loopback: mesh.outbound_listener == OutboundListener::Loopback,
         port_rules: BTreeSet::new(),
         cidr_rules: BTreeSet::new(),
-        inbound_source_exclusions: BTreeSet::new(),
         container_ids: BTreeSet::new(),
         proxy_container_id: None,
         qos_class: status
@@ -472,12 +471,6 @@ fn apply_rule(
 ) {
     match apply_annotation(p, role, value) {
         Err(e) => warnings.push(Warning(format!("pod {name}: {what}: {e}; {outcome}"))),
-        Ok(()) if role == AnnotationRole::ExcludeInboundSources && !value.trim().is_empty() => {
-            warnings.push(Warning(format!(
-                "pod {name}: {what}: inbound connections from these sources should skip the \
-                 proxy, but inbound capture does not look at the source yet: they are captured"
-            )))
-        }
         Ok(()) => {}
     }
 }
@@ -661,7 +654,8 @@ fn apply_annotation(p: &mut PodPolicy, role: AnnotationRole, value: &str) -> Res
             list => list,
         };
         if let Listed::Some(list) = list {
-            p.inbound_source_exclusions.extend(list);
+            p.cidr_rules
+                .extend(list.into_iter().map(|c| (CidrRuleKind::InSourceExclude, c)));
         }
         return Ok(());
     }

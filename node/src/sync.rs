@@ -120,6 +120,7 @@ impl PodEntries {
                 let k = match kind {
                     CidrRuleKind::OutExclude => cidr_rule::OUT_EXCLUDE,
                     CidrRuleKind::OutInclude => cidr_rule::OUT_INCLUDE,
+                    CidrRuleKind::InSourceExclude => cidr_rule::IN_SOURCE_EXCLUDE,
                 };
                 (k, *c)
             })
@@ -216,6 +217,9 @@ pub struct Programmer {
     warned: HashMap<String, u64>,
     generation: u64,
     full_maps: BTreeSet<&'static str>,
+    /// Inbound ports some pod's sidecar uses beyond the meshes' own, written to
+    /// INBOUND_PORTS (the meshes' own are written at load).
+    extra_inbound_ports: BTreeSet<u16>,
 }
 
 impl Programmer {
@@ -231,6 +235,7 @@ impl Programmer {
             warned: HashMap::new(),
             generation: 0,
             full_maps: BTreeSet::new(),
+            extra_inbound_ports: BTreeSet::new(),
         }
     }
 
@@ -422,6 +427,7 @@ impl Programmer {
             self.full_maps.remove(map);
             info!("map {map} has room again: every meshed pod is programmed");
         }
+        self.sync_inbound_ports(dp, desired);
         // Only the cgroups of pods still here need to be remembered as listening.
         let keys: BTreeSet<u64> = self
             .pods
@@ -431,6 +437,36 @@ impl Programmer {
             .collect();
         self.listening.retain(|id| keys.contains(id));
         report
+    }
+
+    /// Writes the inbound ports of pods whose sidecar listens on one the meshes do not
+    /// use by default (istio-init `-z`, linkerd-init `--incoming-proxy-port`) to
+    /// INBOUND_PORTS, and takes out those no pod uses any more.
+    fn sync_inbound_ports(&mut self, dp: &mut Datapath, desired: &[PodPolicy]) {
+        let wanted: BTreeSet<u16> = desired
+            .iter()
+            .map(|p| p.inbound_port)
+            .filter(|port| !is_mesh_inbound_port(*port))
+            .collect();
+        for port in self.extra_inbound_ports.difference(&wanted) {
+            let _ = dp.inbound_ports.remove(port);
+        }
+        self.extra_inbound_ports.retain(|p| wanted.contains(p));
+        for port in wanted {
+            if self.extra_inbound_ports.contains(&port) {
+                continue;
+            }
+            match dp.inbound_ports.insert(port, 1, 0) {
+                Ok(()) => {
+                    self.extra_inbound_ports.insert(port);
+                }
+                Err(e) => self.warn_once(&format!(
+                    "map {} full or refused ({e}): sidecars listening on inbound port {port} \
+                     are not registered; their pods' inbound connections reach the app",
+                    maps::INBOUND_PORTS
+                )),
+            }
+        }
     }
 
     /// The pod's cgroup and its sidecar container's, if the pod's cgroup exists.
@@ -451,11 +487,20 @@ impl Programmer {
             .and_then(|(_, path)| cgroups::cgroup_id(&path).ok())
             .unwrap_or(0);
         // Armed only where the listener can be found: under the pod (seen there), or
-        // under a sidecar container the status names.
-        let armed =
-            self.listening.contains(&pod) || (proxy != 0 && (self.armed(pod) || self.armed(proxy)));
+        // under a sidecar container the status names. A sidecar on a port of its own
+        // may have bound it before the port was known: armed only once seen listening.
+        let seen = self.listening.contains(&pod) || self.listening.contains(&proxy);
+        let new = proxy != 0
+            && is_mesh_inbound_port(policy.inbound_port)
+            && (self.armed(pod) || self.armed(proxy));
+        let armed = seen || new;
         Some(PodCgroups { pod, proxy, armed })
     }
+}
+
+/// Whether `port` is a mesh's default sidecar inbound port (written at load).
+fn is_mesh_inbound_port(port: u16) -> bool {
+    crate::mesh::MESHES.iter().any(|m| m.inbound_port == port)
 }
 
 /// A failed map write, naming the map and the entry.

@@ -182,7 +182,10 @@ impl Fixture {
             .expect("container restarted");
         if is_sidecar {
             let handle = start_sidecar(&self.node, &now, uid).expect("sidecar stand-in");
-            self.sidecars.lock().unwrap().insert(pod.to_string(), handle);
+            self.sidecars
+                .lock()
+                .unwrap()
+                .insert(pod.to_string(), handle);
         }
         now
     }
@@ -241,11 +244,7 @@ pub fn start_stand_ins(
 /// in `sidecar-<pod>.log` in the scratch directory; as `uid` instead when given.
 /// Returns once it listens. Started after the agent, its inbound listener is
 /// registered for inbound capture.
-pub fn start_sidecar(
-    node: &Node,
-    pod: &Pod,
-    uid_override: Option<u32>,
-) -> anyhow::Result<usize> {
+pub fn start_sidecar(node: &Node, pod: &Pod, uid_override: Option<u32>) -> anyhow::Result<usize> {
     let name = &pod.spec.name;
     let log = node.scratch().join(format!("sidecar-{name}.log"));
     if !log.exists() {
@@ -265,6 +264,11 @@ pub fn start_sidecar(
         Some("kuma-sidecar") => ("kuma-sidecar", KUMA_PROXY_UID, "15001", "15006", 15006),
         Some("envoy") => ("envoy", OSM_PROXY_UID, "15001", "15003", 15003),
         _ => ("istio-proxy", PROXY_UID, "15001", "15006", 15006),
+    };
+    let custom = pod.spec.sidecar_inbound_port.map(|p| p.to_string());
+    let (inbound, port) = match (&custom, pod.spec.sidecar_inbound_port) {
+        (Some(s), Some(p)) => (s.as_str(), p),
+        _ => (inbound, port),
     };
     let handle = node.spawn(
         pod,

@@ -15,7 +15,7 @@ use crate::proc::{Guarded, Placement, ip, place};
 static NEXT: AtomicU32 = AtomicU32::new(0);
 
 /// What a pod should look like.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, Default)]
 pub struct PodSpec {
     /// Pod name (namespace is `default`).
     pub name: String,
@@ -25,6 +25,10 @@ pub struct PodSpec {
     pub annotations: Vec<(String, String)>,
     /// Pod labels.
     pub labels: Vec<(String, String)>,
+    /// The mesh's init container, as its injector writes it: name and arguments.
+    pub init: Option<(String, Vec<String>)>,
+    /// The port the sidecar stand-in's inbound listener uses, when not its mesh's.
+    pub sidecar_inbound_port: Option<u16>,
 }
 
 impl PodSpec {
@@ -38,6 +42,7 @@ impl PodSpec {
                 "{\"containers\":[\"istio-proxy\"]}".into(),
             )],
             labels: vec![],
+            ..Default::default()
         }
     }
 
@@ -48,6 +53,7 @@ impl PodSpec {
             containers: vec!["app".into(), "linkerd-proxy".into()],
             annotations: vec![],
             labels: vec![],
+            ..Default::default()
         }
     }
 
@@ -58,6 +64,7 @@ impl PodSpec {
             containers: vec!["app".into(), "kuma-sidecar".into()],
             annotations: vec![],
             labels: vec![],
+            ..Default::default()
         }
     }
 
@@ -71,6 +78,7 @@ impl PodSpec {
                 "osm-proxy-uuid".into(),
                 "8fd6b6c9-5a80-4d5b-8a3c-1e0f3c7a9b21".into(),
             )],
+            ..Default::default()
         }
     }
 
@@ -91,12 +99,25 @@ impl PodSpec {
             containers: vec!["app".into()],
             annotations: vec![],
             labels: vec![],
+            ..Default::default()
         }
     }
 
     /// Adds an annotation.
     pub fn annotate(mut self, key: &str, value: &str) -> Self {
         self.annotations.push((key.into(), value.into()));
+        self
+    }
+
+    /// Gives the pod the mesh's init container `name` with `args`.
+    pub fn init_container(mut self, name: &str, args: &[&str]) -> Self {
+        self.init = Some((name.into(), args.iter().map(|a| a.to_string()).collect()));
+        self
+    }
+
+    /// Has the sidecar stand-in listen for inbound connections on `port`.
+    pub fn sidecar_inbound_port(mut self, port: u16) -> Self {
+        self.sidecar_inbound_port = Some(port);
         self
     }
 }

@@ -33,12 +33,18 @@ pub fn pod_json(pod: &Pod, node_name: &str) -> Value {
             })
         })
         .collect();
+    let init: Vec<Value> = pod
+        .spec
+        .init
+        .iter()
+        .map(|(name, args)| json!({"name": name, "image": format!("example/{name}:1"), "args": args}))
+        .collect();
     json!({
         "metadata": {
             "name": pod.spec.name, "namespace": "default", "uid": pod.uid,
             "annotations": annotations, "labels": labels
         },
-        "spec": {"nodeName": node_name, "containers": containers},
+        "spec": {"nodeName": node_name, "containers": containers, "initContainers": init},
         "status": {
             "phase": "Running", "qosClass": "Burstable", "hostIP": "10.0.0.1",
             "podIP": pod.ip4.to_string(),

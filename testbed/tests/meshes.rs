@@ -198,3 +198,81 @@ fn next_to_linkerd_init_rules_agent_start_stop_and_restart_fail_no_connection() 
     );
     assert_no_bypass(&mut agent);
 }
+
+/// What real installs keep in the init container and the annotations, on the wire:
+/// istio-init's `-z` (the sidecar's inbound listener on a port of its own) and
+/// Linkerd's `skip-subnets` (linkerd-init's `--subnets-to-ignore`: inbound connections
+/// from those sources go straight to the app).
+#[test]
+fn a_custom_inbound_port_and_skipped_source_subnets_are_honoured() {
+    let Some(_serial) = kernel_test("init_settings") else {
+        return;
+    };
+    let mut f = Fixture::new(
+        HELPER.as_ref(),
+        vec![
+            PodSpec::istio("a")
+                .init_container(
+                    "istio-init",
+                    &[
+                        "istio-iptables",
+                        "-p",
+                        "15001",
+                        "-z",
+                        "15016",
+                        "-u",
+                        "1337",
+                        "-m",
+                        "REDIRECT",
+                        "-i",
+                        "*",
+                        "-x",
+                        "",
+                        "-b",
+                        "*",
+                        "-d",
+                        "15090,15021,15020",
+                    ],
+                )
+                .sidecar_inbound_port(15016),
+            // Other nodes (10.232.0.0/16 here) skip b's proxy inbound.
+            PodSpec::linkerd("b").annotate("config.linkerd.io/skip-subnets", "10.232.0.0/16"),
+            PodSpec::plain("c"),
+        ],
+    );
+    let remote = f.node.other_node().unwrap();
+    let mut agent = f.start_agent(&[]);
+    let (a, b, c) = (f.pod("a").clone(), f.pod("b").clone(), f.pod("c").clone());
+
+    // a's sidecar receives its pod's inbound on 15016.
+    let target_a = format!("{}:8080", a.ip4);
+    let before = f.sidecar_log("a").len();
+    assert_eq!(who(&f.client("c", &target_a, &[])), "a-app");
+    let la = wait_sidecar_lines(&f, "a", before, 1);
+    assert!(
+        la.len() == 1
+            && la[0].contains("listener=inbound")
+            && la[0].contains(&format!("peer=[::ffff:{}]", c.ip4))
+            && la[0].contains(&format!("orig={target_a}")),
+        "a's sidecar on its own inbound port: {la:?}"
+    );
+
+    // From another node, b's app directly; from a plain pod here, b's proxy.
+    let target_b = format!("{}:8080", b.ip4);
+    let before = f.sidecar_log("b").len();
+    let out = f
+        .node
+        .run_placed(&remote.placement, &["client", &target_b])
+        .unwrap();
+    assert_eq!(who(&out), "b-app", "{out}");
+    assert_eq!(who(&f.client("c", &target_b, &[])), "b-app");
+    let lb = wait_sidecar_lines(&f, "b", before, 1);
+    std::thread::sleep(Duration::from_millis(200));
+    let lb_all = f.sidecar_log("b")[before..].to_vec();
+    assert!(
+        lb.len() == 1 && lb_all.len() == 1 && lb[0].contains(&format!("peer=[::ffff:{}]", c.ip4)),
+        "only c's connection went through b's proxy: {lb_all:?}"
+    );
+    // A skipped source is the mesh's choice, not a bypass.
+    assert_no_bypass(&mut agent);
+}

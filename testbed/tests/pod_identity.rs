@@ -30,7 +30,10 @@ fn containers_restarted_under_a_stale_status_stay_meshed() {
     let a = f.restart_container_unreported("a", "app", None);
     let before = (f.sidecar_log("a").len(), f.sidecar_log("b").len());
     let out = f.client_in(&a, &target, &["--conns", "3"]);
-    assert!(out.contains("who=b-app") && out.contains("ok conns=3"), "{out}");
+    assert!(
+        out.contains("who=b-app") && out.contains("ok conns=3"),
+        "{out}"
+    );
     let la = wait_sidecar_lines(&f, "a", before.0, 3);
     assert!(
         la.len() == 3
@@ -65,7 +68,10 @@ fn containers_restarted_under_a_stale_status_stay_meshed() {
     f.restart_container_unreported("a", "istio-proxy", Some(MAPPED_PROXY_UID));
     let before = (f.sidecar_log("a").len(), f.sidecar_log("b").len());
     let out = f.client_in(&a, &target, &["--conns", "5"]);
-    assert!(out.contains("who=b-app") && out.contains("ok conns=5"), "{out}");
+    assert!(
+        out.contains("who=b-app") && out.contains("ok conns=5"),
+        "{out}"
+    );
     let la = wait_sidecar_lines(&f, "a", before.0, 5);
     assert!(
         la.len() == 5

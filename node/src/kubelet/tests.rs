@@ -203,7 +203,11 @@ fn a_malformed_pod_is_skipped_by_name_and_the_rest_kept() {
         "{:?}",
         got.skipped
     );
-    assert!(got.skipped.iter().any(|s| s.contains("item 2")), "{:?}", got.skipped);
+    assert!(
+        got.skipped.iter().any(|s| s.contains("item 2")),
+        "{:?}",
+        got.skipped
+    );
 }
 
 #[test]

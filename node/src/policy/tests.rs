@@ -372,13 +372,12 @@ fn linkerd_kuma_osm_annotations() {
     );
     // skip-subnets is about inbound sources (proxy-init's PREROUTING `-s`), not
     // outbound destinations.
-    assert!(l.cidr_rules.is_empty());
     assert_eq!(
-        l.inbound_source_exclusions
+        l.cidr_rules
             .iter()
-            .map(|c| format!("{}/{}", c.addr, c.len))
+            .map(|(k, c)| format!("{} {}/{}", k.label(), c.addr, c.len))
             .collect::<Vec<_>>(),
-        vec!["10.96.0.0/12"]
+        vec!["in-source-exclude 10.96.0.0/12"]
     );
     let k = one(pod(
         "k",

@@ -176,6 +176,9 @@ pub mod cidr_rule {
     pub const OUT_EXCLUDE: u8 = 0;
     /// Outbound traffic to this range is redirected (when the pod lacks `POD_OUT_ALL_ADDRS`).
     pub const OUT_INCLUDE: u8 = 1;
+    /// Inbound connections from this source range go straight to the app (Linkerd's
+    /// `--subnets-to-ignore`).
+    pub const IN_SOURCE_EXCLUDE: u8 = 2;
 }
 
 /// Bits of an LPM key that come before the port or address: pod id (32) + kind (8).

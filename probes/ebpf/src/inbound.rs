@@ -5,14 +5,15 @@ use merbridge_edge_probes_common::{ListenerKey, LocalPod};
 use crate::{
     addr::{AF_INET6, is_loopback},
     maps::{INBOUND_PORTS, POD_BY_IP},
-    rules::inbound_redirected,
+    rules::{inbound_redirected, inbound_source_excluded},
 };
 
 /// The meshed pod whose address is `local`, when a connection from `remote` to
 /// `local:port` is one its sidecar must receive: the pod is meshed, the port is
 /// captured, and the connection comes from outside the pod (not from its own address
 /// or loopback: the sidecar's own passthrough to its app, or the app reaching itself,
-/// are never captured, as with the meshes' PREROUTING-only inbound rules).
+/// are never captured, as with the meshes' PREROUTING-only inbound rules), and not
+/// from a source range the pod's mesh leaves to the app.
 #[inline(always)]
 pub fn capturing_pod(local: &[u32; 4], remote: &[u32; 4], port: u16) -> Option<LocalPod> {
     if remote == local || is_loopback(remote) {
@@ -20,7 +21,7 @@ pub fn capturing_pod(local: &[u32; 4], remote: &[u32; 4], port: u16) -> Option<L
     }
     // SAFETY: copied out at once.
     let pod = unsafe { POD_BY_IP.get(local).copied() }?;
-    inbound_redirected(&pod, port).then_some(pod)
+    (inbound_redirected(&pod, port) && !inbound_source_excluded(&pod, remote)).then_some(pod)
 }
 
 /// The key of a listener registered under pod or container cgroup `cgroup`, of `family`.

@@ -62,7 +62,13 @@ pub fn outbound_redirected(pod: &PodInfo, addr: &[u32; 4], port: u16) -> bool {
     has_cidr_rule(pod.pod_id, cidr_rule::OUT_INCLUDE, addr)
 }
 
-/// Whether a proxy's connection to a local meshed pod's `port` goes to that pod's sidecar.
+/// Whether inbound connections to `peer` from `source` skip its sidecar.
+#[inline(always)]
+pub fn inbound_source_excluded(peer: &LocalPod, source: &[u32; 4]) -> bool {
+    has_cidr_rule(peer.pod_id, cidr_rule::IN_SOURCE_EXCLUDE, source)
+}
+
+/// Whether a connection to a local meshed pod's `port` goes to that pod's sidecar.
 #[inline(always)]
 pub fn inbound_redirected(peer: &LocalPod, port: u16) -> bool {
     if has_port_rule(peer.pod_id, port_rule::IN_EXCLUDE, port) {
