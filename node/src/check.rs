@@ -442,6 +442,20 @@ pub fn run_checks(netns_dir: &std::path::Path) -> Report {
             Impact::Fatal,
         ),
         (
+            H::BPF_FUNC_get_netns_cookie,
+            "bpf_get_netns_cookie",
+            ProgramType::CgroupSockAddr,
+            "connect: learning each pod's network namespace (5.7+)",
+            Impact::Fatal,
+        ),
+        (
+            H::BPF_FUNC_get_netns_cookie,
+            "bpf_get_netns_cookie",
+            ProgramType::SockOps,
+            "sockops: a socket's network namespace, so no pod takes over another's accelerated connection (5.15+)",
+            Impact::Acceleration,
+        ),
+        (
             H::BPF_FUNC_sock_hash_update,
             "bpf_sock_hash_update",
             ProgramType::SockOps,
@@ -498,7 +512,11 @@ pub fn run_checks(netns_dir: &std::path::Path) -> Report {
     for (name, result) in datapath::verify_probes(accelerate_possible) {
         use merbridge_edge_probes_common::program_names as p;
         let (needed_by, impact) = match name {
-            p::SK_MSG => ("sk_msg acceleration", Impact::Acceleration),
+            p::SK_MSG | p::SOCKOPS => ("sk_msg acceleration", Impact::Acceleration),
+            p::SOCK_RELEASE => (
+                "giving back a failed connect's map room (else kept until a restart)",
+                Impact::None,
+            ),
             p::SK_LOOKUP | p::POST_BIND4 | p::POST_BIND6 => {
                 ("inbound capture", Impact::InboundCapture)
             }

@@ -150,7 +150,16 @@ impl Datapath {
     /// Loads the probes, sizes their maps and attaches them under `cgroup_root`.
     pub fn load(opts: &DatapathOptions) -> Result<Self> {
         let s = opts.sizes;
-        let accelerate: u32 = opts.accelerate.into();
+        // Without a sockops socket's network namespace, a pod with NET_ADMIN could
+        // take over another pod's accelerated connection: no acceleration then.
+        let knows_netns = sockops_knows_netns();
+        if opts.accelerate && !knows_netns {
+            warn!(
+                "this kernel cannot tell sockops which network namespace a socket is in \
+                 (bpf_get_netns_cookie in sockops, 5.15+): sk_msg acceleration is off"
+            );
+        }
+        let accelerate: u32 = (opts.accelerate && knows_netns).into();
         let tuple_capacity = u64::from(s.connections);
         let load = |listeners_pin: Option<&std::path::Path>| {
             let mut loader = EbpfLoader::new();
@@ -222,9 +231,27 @@ impl Datapath {
             .context("verifier rejected the getsockopt program")?;
         p.attach(&cgroup, mode)
             .context("attaching cgroup/getsockopt")?;
-        let p: &mut SockOps = program(&mut ebpf, progs::SOCKOPS)?;
+        let sockops = if knows_netns {
+            progs::SOCKOPS
+        } else {
+            progs::SOCKOPS_COMPAT
+        };
+        let p: &mut SockOps = program(&mut ebpf, sockops)?;
         p.load().context("verifier rejected the sockops program")?;
         p.attach(&cgroup, mode).context("attaching sockops")?;
+        // Optional (5.9+): without it a connect the kernel fails before TCP starts
+        // keeps the two tuple entries it was promised until the agent restarts.
+        let p: &mut CgroupSock = program(&mut ebpf, progs::SOCK_RELEASE)?;
+        if let Err(e) = p
+            .load()
+            .map_err(anyhow::Error::from)
+            .and_then(|()| Ok(p.attach(&cgroup, mode)?))
+        {
+            warn!(
+                "cgroup/sock_release not available ({e:#}): connects the kernel fails before \
+                 TCP starts keep their promised map room until the agent restarts"
+            );
+        }
         let mut inbound_ports: HashMap<MapData, u16, u8> = take(&mut ebpf, maps::INBOUND_PORTS)?;
         for port in &opts.inbound_ports {
             inbound_ports
@@ -459,6 +486,16 @@ impl Datapath {
     }
 }
 
+/// Whether sockops programs can read a socket's network namespace cookie (5.15+),
+/// which keeps one pod's sockets out of another's connection state.
+pub fn sockops_knows_netns() -> bool {
+    aya::sys::is_helper_supported(
+        aya::programs::ProgramType::SockOps,
+        aya::sys::BpfHelper::BPF_FUNC_get_netns_cookie,
+    )
+    .unwrap_or(false)
+}
+
 /// Loads every probe through the verifier without attaching anything (for `check`):
 /// each program's name with what happened. Maps are created small.
 pub fn verify_probes(accelerate: bool) -> Vec<(&'static str, Result<(), String>)> {
@@ -492,6 +529,8 @@ pub fn verify_probes(accelerate: bool) -> Vec<(&'static str, Result<(), String>)
         .chain([
             progs::GETSOCKOPT,
             progs::SOCKOPS,
+            progs::SOCKOPS_COMPAT,
+            progs::SOCK_RELEASE,
             progs::SK_MSG,
             progs::SK_LOOKUP,
         ])

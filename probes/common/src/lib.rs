@@ -43,6 +43,8 @@ pub mod map_names {
     pub const CAPTURED_BY_TUPLE: &str = "CAPTURED_BY_TUPLE";
     /// Per pod: inbound connections that reached a meshed app without its sidecar.
     pub const BYPASS_BY_POD: &str = "BYPASS_BY_POD";
+    /// Network namespace cookie of each meshed pod, by pod id (learnt by the probes).
+    pub const NETNS_BY_POD: &str = "NETNS_BY_POD";
 }
 
 /// Names of the programs in the probe object (function names, as aya finds them).
@@ -53,8 +55,14 @@ pub mod program_names {
     pub const CONNECT6: &str = "mb_connect6";
     /// cgroup/getsockopt.
     pub const GETSOCKOPT: &str = "mb_getsockopt";
-    /// sockops.
+    /// sockops, checking each socket's network namespace (5.15+).
     pub const SOCKOPS: &str = "mb_sockops";
+    /// sockops for kernels without the network namespace of a sockops socket (before
+    /// 5.15): the agent then turns acceleration off.
+    pub const SOCKOPS_COMPAT: &str = "mb_sockops_compat";
+    /// cgroup/sock_release: a socket that never connected gives back what its
+    /// connect promised.
+    pub const SOCK_RELEASE: &str = "mb_sock_release";
     /// sk_msg.
     pub const SK_MSG: &str = "mb_sk_msg";
     /// cgroup/sendmsg4 (DNS capture).
@@ -317,10 +325,13 @@ pub enum Counter {
     InboundRefused = 10,
     /// Inbound connections that reached a meshed app without its sidecar.
     InboundBypassed = 11,
+    /// Sockets naming a meshed pod's addresses from another network namespace, kept out
+    /// of the pod's connection state.
+    ForeignSocket = 12,
 }
 
 /// Number of counters (size of the counters array).
-pub const COUNTER_COUNT: u32 = 12;
+pub const COUNTER_COUNT: u32 = 13;
 
 impl Counter {
     /// Every counter, in index order.
@@ -337,6 +348,7 @@ impl Counter {
         Counter::DnsRepliesRestored,
         Counter::InboundRefused,
         Counter::InboundBypassed,
+        Counter::ForeignSocket,
     ];
 
     /// Metric-style name of the counter.
@@ -354,6 +366,7 @@ impl Counter {
             Counter::DnsRepliesRestored => "dns_replies_restored",
             Counter::InboundRefused => "inbound_refused",
             Counter::InboundBypassed => "inbound_bypassed",
+            Counter::ForeignSocket => "foreign_sockets",
         }
     }
 }

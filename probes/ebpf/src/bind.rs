@@ -15,6 +15,7 @@ use aya_ebpf::{
 use crate::{
     inbound::is_inbound_port,
     maps::{INBOUND_BINDS, PROXY_CGROUPS},
+    netns,
     pods::{current_cgroup, current_pod},
 };
 
@@ -32,6 +33,7 @@ fn on_bind(ctx: &SockContext) {
     let pod = current_pod();
     let mut key = container;
     if let Some((pod_cgroup, info)) = pod {
+        netns::learn(info.pod_id, ctx.as_ptr());
         if port == info.outbound_port || port == info.inbound_port {
             // LRU: entries of containers that are gone age out.
             let _ = PROXY_CGROUPS.insert(&container, &pod_cgroup, 0);

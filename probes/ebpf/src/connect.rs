@@ -20,6 +20,7 @@ use crate::{
         POD_BY_IP, REDIRECTING_PODS, accelerate, count, release_tuple_slots,
         remember, remember_dns, reserve_tuple_slots,
     },
+    netns,
     pods::{current_pod, is_proxy},
     rules::outbound_redirected,
 };
@@ -302,6 +303,7 @@ pub unsafe fn user_port(sa: *const bpf_sock_addr) -> u16 {
 #[cgroup_sock_addr(connect4)]
 pub fn mb_connect4(ctx: SockAddrContext) -> i32 {
     let Some((_, pod)) = current_pod() else { return 1 };
+    netns::learn(pod.pod_id, ctx.as_ptr());
     let sa = ctx.sock_addr;
     // SAFETY: reads of readable fields of the connect context.
     let (dst, port, protocol) = unsafe {
@@ -320,6 +322,7 @@ pub fn mb_connect4(ctx: SockAddrContext) -> i32 {
 #[cgroup_sock_addr(connect6)]
 pub fn mb_connect6(ctx: SockAddrContext) -> i32 {
     let Some((_, pod)) = current_pod() else { return 1 };
+    netns::learn(pod.pod_id, ctx.as_ptr());
     let sa = ctx.sock_addr;
     // SAFETY: reads of readable fields of the connect context.
     let (dst, port, protocol) = unsafe {

@@ -12,6 +12,8 @@ mod dns;
 mod getsockopt;
 mod inbound;
 mod maps;
+mod netns;
+mod release;
 mod pods;
 mod rules;
 mod sk_lookup;

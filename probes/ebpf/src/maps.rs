@@ -20,6 +20,12 @@ pub static POD_BY_CGROUP: HashMap<u64, PodInfo> = HashMap::with_max_entries(1024
 #[map]
 pub static PROXY_CGROUPS: LruHashMap<u64, u64> = LruHashMap::with_max_entries(2048, 0);
 
+/// The network namespace (cookie) of each meshed pod, by pod id, learnt from the pod's
+/// own processes. A hash, not LRU: one entry per pod, and an entry that went would let
+/// no socket of its pod be trusted.
+#[map]
+pub static NETNS_BY_POD: HashMap<u32, u64> = HashMap::with_max_entries(1024, 0);
+
 /// Local meshed pods by IP (v4-mapped or v6).
 #[map]
 pub static POD_BY_IP: HashMap<[u32; 4], LocalPod> = HashMap::with_max_entries(1024, 0);

@@ -16,6 +16,7 @@ use merbridge_edge_probes_common::{Counter, ORIGINAL_PAIR_ONLY, OriginalDst, Soc
 use crate::{
     addr::{AF_INET, AF_INET6, both_loopback, is_loopback, normalise, read_words},
     inbound::{capturing_pod, is_inbound_port, listener_key},
+    netns::{self, Ownership},
     maps::{
         CAPTURED_BY_TUPLE, INBOUND_BINDS, INBOUND_LISTENERS, ORIGINAL_DST_BY_COOKIE,
         ORIGINAL_DST_BY_TUPLE, PAIR_PENDING, POD_BY_IP, REDIRECTING_PODS, SOCK_BY_TUPLE,
@@ -142,9 +143,31 @@ fn record(ctx: &SockOpsContext, tuple: &SocketTuple, original: &OriginalDst) {
     }
 }
 
-/// sockops.
+/// sockops, with each socket's network namespace checked against its pod's (5.15+).
 #[sock_ops]
 pub fn mb_sockops(ctx: SockOpsContext) -> u32 {
+    on_sockops::<true>(&ctx)
+}
+
+/// sockops for kernels that cannot tell a sockops socket's network namespace; the
+/// agent runs it with acceleration off.
+#[sock_ops]
+pub fn mb_sockops_compat(ctx: SockOpsContext) -> u32 {
+    on_sockops::<false>(&ctx)
+}
+
+/// Whose socket this is; with `CHECK_NETNS` off, every socket counts as its pod's own.
+#[inline(always)]
+fn ownership<const CHECK_NETNS: bool>(ctx: &SockOpsContext, tuple: &SocketTuple) -> Ownership {
+    if CHECK_NETNS {
+        netns::ownership(ctx.ops as *mut _, tuple)
+    } else {
+        Ownership::Own
+    }
+}
+
+#[inline(always)]
+fn on_sockops<const CHECK_NETNS: bool>(ctx: &SockOpsContext) -> u32 {
     let Some(tuple) = own_tuple(ctx.ops) else {
         return 1;
     };
@@ -156,12 +179,18 @@ pub fn mb_sockops(ctx: SockOpsContext) -> u32 {
             let Some(original) = (unsafe { ORIGINAL_DST_BY_COOKIE.get(&cookie).copied() }) else {
                 return 1;
             };
-            let _ = ORIGINAL_DST_BY_COOKIE.remove(&cookie);
-            if both_loopback(&tuple.local_addr, &tuple.remote_addr) {
+            // Whoever takes the entry out (this, or the socket's release) owns the
+            // two tuple entries promised at connect.
+            if ORIGINAL_DST_BY_COOKIE.remove(&cookie).is_err() {
+                return 1;
+            }
+            if both_loopback(&tuple.local_addr, &tuple.remote_addr)
+                || ownership::<CHECK_NETNS>(ctx, &tuple) != Ownership::Own
+            {
                 release_tuple_slots(2);
                 return 1;
             }
-            record(&ctx, &tuple, &original);
+            record(ctx, &tuple, &original);
             if original.flags & ORIGINAL_PAIR_ONLY != 0 && accelerate() {
                 let _ = PAIR_PENDING.insert(&without_remote_port(&tuple), &tuple.remote_port, 0);
             }
@@ -176,10 +205,19 @@ pub fn mb_sockops(ctx: SockOpsContext) -> u32 {
                 let _ = ctx.set_cb_flags((ctx.cb_flags() | BPF_SOCK_OPS_STATE_CB_FLAG) as i32);
             }
         }
-        BPF_SOCK_OPS_TCP_LISTEN_CB => register_listener(&ctx),
+        BPF_SOCK_OPS_TCP_LISTEN_CB => register_listener(ctx),
         BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB => {
+            let owned = ownership::<CHECK_NETNS>(ctx, &tuple);
+            if owned == Ownership::Foreign {
+                // Another pod claiming this pod's addresses: not its connection to
+                // audit, pair, or record.
+                return 1;
+            }
             audit_inbound(&tuple);
             note_redirecting_pod(&tuple);
+            if owned != Ownership::Own {
+                return 1;
+            }
             let peer = tuple.reversed();
             // SAFETY: copied out at once.
             let pending = unsafe { PAIR_PENDING.get(&without_remote_port(&peer)).copied() };
@@ -201,14 +239,19 @@ pub fn mb_sockops(ctx: SockOpsContext) -> u32 {
                             &raw const dialled as *const core::ffi::c_void,
                         )
                     };
+                    // This side's entry, promised at connect, will never be made.
+                    release_tuple_slots(1);
                 }
                 return 1;
             };
-            record(&ctx, &tuple, &original);
+            record(ctx, &tuple, &original);
         }
         BPF_SOCK_OPS_STATE_CB => {
             if ctx.arg(1) == BPF_TCP_CLOSE {
-                if ORIGINAL_DST_BY_TUPLE.remove(&tuple).is_ok() {
+                // Only the pod's own socket takes its connection's entry with it.
+                if ownership::<CHECK_NETNS>(ctx, &tuple) == Ownership::Own
+                    && ORIGINAL_DST_BY_TUPLE.remove(&tuple).is_ok()
+                {
                     release_tuple_slots(1);
                 }
                 // SAFETY: the helper takes the sock_ops context.
