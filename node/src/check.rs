@@ -1,7 +1,7 @@
 //! `merbridge-edge check`: can this kernel and this process run the agent? Every answer
 //! comes from trying: loading tiny programs, creating tiny maps, loading the real
 //! probes through the verifier. Version numbers are only quoted as advice.
-use std::{fmt::Write as _, fs, path::PathBuf};
+use std::{fmt::Write as _, fs};
 
 use aya::{
     maps::MapType,
@@ -10,7 +10,7 @@ use aya::{
 };
 use serde::Serialize;
 
-use crate::{cgroups, datapath};
+use crate::{cgroups, datapath, sockhash_pin};
 
 /// How much of the agent a missing item takes away.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize)]
@@ -18,6 +18,10 @@ use crate::{cgroups, datapath};
 pub enum Impact {
     /// Only informational.
     None,
+    /// Pinning in bpffs fails: what should outlive an agent restart does not (its
+    /// sk_msg-accelerated connections, with `--pin-inbound-listeners` the sidecars'
+    /// inbound listeners); everything else works.
+    Restarts,
     /// Inbound capture (sk_lookup) must be off; inbound reaches apps directly unless
     /// the mesh's own iptables rules capture it.
     InboundCapture,
@@ -140,17 +144,6 @@ const CAP_SYS_ADMIN: u32 = 21;
 const CAP_PERFMON: u32 = 38;
 const CAP_BPF: u32 = 39;
 
-fn mount_of(fstype: &str) -> Option<PathBuf> {
-    let text = fs::read_to_string("/proc/self/mountinfo").ok()?;
-    text.lines().find_map(|line| {
-        let (left, right) = line.split_once(" - ")?;
-        if right.split_whitespace().next()? != fstype {
-            return None;
-        }
-        left.split_whitespace().nth(4).map(PathBuf::from)
-    })
-}
-
 /// An error with its causes, on one line.
 fn chain(e: &dyn std::error::Error) -> String {
     let mut text = e.to_string();
@@ -170,8 +163,9 @@ fn answer(r: Result<bool, impl std::error::Error>, yes: &str, no: &str) -> (bool
     }
 }
 
-/// Runs every check; `netns_dir` is where the pod network namespace files are.
-pub fn run_checks(netns_dir: &std::path::Path) -> Report {
+/// Runs every check; `netns_dir` is where the pod network namespace files are, `bpffs`
+/// the mount to pin in (found as `run` finds it when None).
+pub fn run_checks(netns_dir: &std::path::Path, bpffs: Option<&std::path::Path>) -> Report {
     let (release, machine) = uname();
     let version = kernel_version(&release);
     let mut items = Vec::new();
@@ -245,18 +239,6 @@ pub fn run_checks(netns_dir: &std::path::Path) -> Report {
         Impact::Fatal,
         "mount cgroup2 (systemd.unified_cgroup_hierarchy=1, or mount -t cgroup2 none /sys/fs/cgroup/unified)",
     ));
-    let bpffs = mount_of("bpf");
-    items.push(item(
-        "bpffs",
-        true,
-        match &bpffs {
-            Some(p) => format!("mounted at {}", p.display()),
-            None => "not mounted: accelerated connections lose bytes not yet read when the agent restarts".into(),
-        },
-        "keeping accelerated connections whole across agent restarts (the sockhash is pinned)",
-        Impact::None,
-        "",
-    ));
     let btf = std::path::Path::new("/sys/kernel/btf/vmlinux").exists();
     items.push(item(
         "kernel BTF",
@@ -296,6 +278,23 @@ pub fn run_checks(netns_dir: &std::path::Path) -> Report {
              (ulimit -l unlimited, or LimitMEMLOCK=infinity)",
         ));
     }
+
+    // After the memlock limit is lifted: the test pin is a (tiny) map.
+    let pinning = sockhash_pin::try_pin(bpffs);
+    items.push(item(
+        "bpffs pinning",
+        pinning.is_ok(),
+        match &pinning {
+            Ok(dir) => format!("a test map pinned and removed in {}", dir.display()),
+            Err(e) => format!("{e:#}"),
+        },
+        "keeping sk_msg-accelerated connections whole across agent restarts (the sockhash pin), \
+         and with --pin-inbound-listeners the sidecars' inbound listeners",
+        Impact::Restarts,
+        "give the agent a bpffs it may write; EACCES with CAP_BPF held is usually AppArmor \
+         (containerd's default profile denies writes to /sys/fs/[^c]*/**): mount the host's \
+         /sys/fs/bpf elsewhere, like /host/sys/fs/bpf as the k3s manifest does, and pass --bpffs",
+    ));
 
     if !may_bpf {
         // Every load below would fail for want of the capability, not of the kernel.
@@ -563,7 +562,8 @@ impl Report {
 /// The verdict: what the worst missing item costs.
 fn verdict_of(items: &[Item]) -> Verdict {
     match items.iter().map(|i| i.impact).max().unwrap_or(Impact::None) {
-        Impact::None => Verdict::Full,
+        // The agent runs fully; `render` says what a restart then costs.
+        Impact::None | Impact::Restarts => Verdict::Full,
         Impact::InboundCapture => Verdict::WithoutInboundCapture,
         Impact::Acceleration => Verdict::WithoutAcceleration,
         Impact::Fatal => Verdict::Cannot,
@@ -577,7 +577,10 @@ pub fn render(r: &Report) -> String {
     for i in &r.items {
         let mark = if i.ok {
             "ok     "
-        } else if matches!(i.impact, Impact::Acceleration | Impact::InboundCapture) {
+        } else if matches!(
+            i.impact,
+            Impact::Acceleration | Impact::InboundCapture | Impact::Restarts
+        ) {
             "limited"
         } else {
             "MISSING"
@@ -600,6 +603,13 @@ pub fn render(r: &Report) -> String {
             Verdict::Cannot => "verdict: the agent cannot run here; see the MISSING lines",
         }
     );
+    if r.verdict != Verdict::Cannot && r.items.iter().any(|i| i.impact == Impact::Restarts) {
+        let _ = writeln!(
+            out,
+            "but pinning in bpffs fails: {}",
+            sockhash_pin::UNPINNED_SOCKHASH_COST
+        );
+    }
     out
 }
 
@@ -634,5 +644,35 @@ mod tests {
             Verdict::Cannot
         );
         assert_eq!(Verdict::WithoutAcceleration.exit_code(), 3);
+        // Pins failing cost restarts only: the agent still runs with every feature.
+        assert_eq!(
+            verdict(vec![mk(true, Impact::Fatal), mk(false, Impact::Restarts)]),
+            Verdict::Full
+        );
+    }
+
+    #[test]
+    fn a_failing_pin_is_shown_limited_with_what_it_costs() {
+        let report = Report {
+            kernel: "x".into(),
+            items: vec![item(
+                "bpffs pinning",
+                false,
+                "creating /x/merbridge-edge: EACCES: Permission denied (os error 13)".into(),
+                "restarts",
+                Impact::Restarts,
+                "mount it elsewhere",
+            )],
+            verdict: Verdict::Full,
+        };
+        let text = render(&report);
+        assert!(
+            text.starts_with("limited  bpffs pinning  creating /x/merbridge-edge: EACCES"),
+            "{text}"
+        );
+        assert!(
+            text.contains("but pinning in bpffs fails: sk_msg-accelerated connections"),
+            "{text}"
+        );
     }
 }

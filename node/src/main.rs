@@ -68,6 +68,10 @@ struct CheckArgs {
         default = "PathBuf::from(merbridge_edge::pod_netns::DEFAULT_NETNS_DIR)"
     )]
     netns_dir: PathBuf,
+    /// bpffs mount whose pinning to try, as `run --bpffs` takes it (default /sys/fs/bpf,
+    /// else the first bpffs mount)
+    #[argh(option)]
+    bpffs: Option<PathBuf>,
 }
 
 /// Attach the probes and keep their maps in step with the node's pods.
@@ -108,7 +112,8 @@ struct RunArgs {
     cgroup_root: Option<PathBuf>,
     /// bpffs mount where the sockhash and the sidecars' inbound listeners are pinned, so
     /// accelerated connections and inbound capture outlive an agent restart (default
-    /// /sys/fs/bpf, else the first bpffs mount)
+    /// /sys/fs/bpf, else the first bpffs mount; in a container under containerd's
+    /// AppArmor profile, which denies writes below /sys/fs/bpf, mount it elsewhere)
     #[argh(option)]
     bpffs: Option<PathBuf>,
     /// time between polls, like 2s or 500ms (default 2s)
@@ -148,7 +153,9 @@ struct RunArgs {
     /// meshed pods the maps hold (default 1024; a kubelet runs at most 110 by default)
     #[argh(option, default = "1024")]
     max_pods: u32,
-    /// address for /metrics, /healthz and /readyz, or "off" (default 127.0.0.1:15890)
+    /// address for /metrics, /healthz and /readyz, or "off" (default 127.0.0.1:15890);
+    /// /healthz answers 503 when the main loop has completed no pass for max(3 x
+    /// --interval, 10s), plus --kubelet-timeout when reading the kubelet (20s by default)
     #[argh(
         option,
         default = "Some(([127, 0, 0, 1], 15890).into())",
@@ -230,7 +237,7 @@ fn main() {
     let args = match cli.command {
         Some(Command::Run(args)) => args,
         Some(Command::Check(c)) => {
-            let report = check::run_checks(&c.netns_dir);
+            let report = check::run_checks(&c.netns_dir, c.bpffs.as_deref());
             if c.json {
                 println!(
                     "{}",

@@ -1,13 +1,18 @@
 //! `/metrics` (Prometheus text format), `/healthz` and `/readyz`, served by a small
 //! HTTP/1.1 listener on a thread of its own, so a slow scraper never delays a poll.
-//! The poll loop publishes a [`Snapshot`]; the listener only reads it.
+//! The poll loop publishes a [`Snapshot`]; the listener only reads it. The loop also
+//! beats a [`Heartbeat`] after every pass: `/healthz` fails when the last beat is older
+//! than its bound, so a wedged loop is seen even though this thread still answers.
 use std::{
     collections::BTreeMap,
     fmt::Write as _,
     io::{self, Read, Write},
     net::{SocketAddr, TcpListener, TcpStream},
-    sync::{Arc, Mutex},
-    time::Duration,
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::{Duration, Instant},
 };
 
 use serde::{Deserialize, Serialize};
@@ -111,20 +116,99 @@ impl Snapshot {
     }
 }
 
-/// The shared, latest snapshot.
-#[derive(Default)]
-pub struct Metrics(Mutex<Snapshot>);
+/// When the main loop last completed a pass, on the monotonic clock, and how long it
+/// may go without one before `/healthz` fails.
+#[derive(Debug)]
+pub struct Heartbeat {
+    /// Start of the clock the beats are counted on.
+    origin: Instant,
+    /// Milliseconds from `origin` to the last beat.
+    last_ms: AtomicU64,
+    /// Longest time between beats of a healthy loop.
+    bound: Duration,
+}
+
+impl Heartbeat {
+    /// A heartbeat that beats now and allows `bound` between beats.
+    pub fn new(bound: Duration) -> Self {
+        Self {
+            origin: Instant::now(),
+            last_ms: AtomicU64::new(0),
+            bound,
+        }
+    }
+
+    /// Records a completed pass.
+    pub fn beat(&self) {
+        let ms = u64::try_from(self.origin.elapsed().as_millis()).unwrap_or(u64::MAX);
+        self.last_ms.store(ms, Ordering::Relaxed);
+    }
+
+    /// Time since the last beat.
+    pub fn since_last(&self) -> Duration {
+        self.origin
+            .elapsed()
+            .saturating_sub(Duration::from_millis(self.last_ms.load(Ordering::Relaxed)))
+    }
+
+    /// The allowed time between beats.
+    pub fn bound(&self) -> Duration {
+        self.bound
+    }
+
+    /// `Ok` while the last beat is within the bound, else the one-line reason.
+    pub fn check(&self) -> Result<(), String> {
+        let since = self.since_last();
+        if since <= self.bound {
+            return Ok(());
+        }
+        Err(format!(
+            "not healthy: the main loop has not completed a pass for {:.1}s (bound {:.1}s)\n",
+            since.as_secs_f64(),
+            self.bound.as_secs_f64()
+        ))
+    }
+}
+
+/// The shared, latest snapshot, and the main loop's heartbeat.
+#[derive(Debug)]
+pub struct Metrics {
+    snapshot: Mutex<Snapshot>,
+    heartbeat: Heartbeat,
+}
 
 impl Metrics {
+    /// An empty snapshot; `/healthz` fails once the loop goes `heartbeat_bound` without
+    /// a [`Metrics::beat`] (counted from now).
+    pub fn new(heartbeat_bound: Duration) -> Self {
+        Self {
+            snapshot: Mutex::default(),
+            heartbeat: Heartbeat::new(heartbeat_bound),
+        }
+    }
+
     /// Replaces the snapshot through `f`.
     pub fn update(&self, f: impl FnOnce(&mut Snapshot)) {
-        let mut s = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        let mut s = self.snapshot.lock().unwrap_or_else(|p| p.into_inner());
         f(&mut s);
     }
 
     /// A copy of the snapshot.
     pub fn get(&self) -> Snapshot {
-        self.0.lock().unwrap_or_else(|p| p.into_inner()).clone()
+        self.snapshot
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// Records a completed pass of the main loop.
+    pub fn beat(&self) {
+        self.heartbeat.beat();
+    }
+
+    /// The main loop's heartbeat.
+    pub fn heartbeat(&self) -> &Heartbeat {
+        &self.heartbeat
     }
 }
 
@@ -380,7 +464,10 @@ fn handle(mut stream: TcpStream, metrics: &Metrics) -> io::Result<()> {
             &render(&snapshot),
             head_only,
         ),
-        "/healthz" => respond(&mut stream, 200, "text/plain", "ok\n", head_only),
+        "/healthz" => match metrics.heartbeat.check() {
+            Ok(()) => respond(&mut stream, 200, "text/plain", "ok\n", head_only),
+            Err(why) => respond(&mut stream, 503, "text/plain", &why, head_only),
+        },
         "/status" => respond(
             &mut stream,
             200,
@@ -450,7 +537,7 @@ mod tests {
 
     #[test]
     fn endpoints_follow_the_snapshot() {
-        let metrics = Arc::new(Metrics::default());
+        let metrics = Arc::new(Metrics::new(Duration::from_secs(60)));
         let addr = serve("127.0.0.1:0".parse().unwrap(), metrics.clone()).unwrap();
         assert_eq!(get(addr, "/healthz").0, 200);
         let (status, body) = get(addr, "/readyz");
@@ -489,6 +576,34 @@ mod tests {
             );
         }
         assert_eq!(get(addr, "/nope").0, 404);
+    }
+
+    #[test]
+    fn healthz_fails_while_the_heartbeat_is_stale_and_recovers_with_a_beat() {
+        let metrics = Arc::new(Metrics::new(Duration::from_millis(300)));
+        let addr = serve("127.0.0.1:0".parse().unwrap(), metrics.clone()).unwrap();
+        metrics.beat();
+        assert_eq!(get(addr, "/healthz"), (200, "ok\n".to_string()));
+        // The loop stops beating: past the bound, /healthz says how long and the bound.
+        std::thread::sleep(Duration::from_millis(450));
+        let (status, body) = get(addr, "/healthz");
+        assert_eq!(status, 503, "{body}");
+        assert!(
+            body.starts_with("not healthy: the main loop has not completed a pass for 0.")
+                && body.ends_with("s (bound 0.3s)\n")
+                && body.lines().count() == 1,
+            "{body:?}"
+        );
+        // Readiness is not the heartbeat's business.
+        metrics.update(|s| {
+            s.attached = true;
+            s.polls_ok = 1;
+        });
+        assert_eq!(get(addr, "/readyz").0, 200);
+        // A fresh beat: healthy again at once.
+        metrics.beat();
+        assert_eq!(get(addr, "/healthz").0, 200);
+        assert!(metrics.heartbeat().since_last() < Duration::from_millis(300));
     }
 
     #[test]

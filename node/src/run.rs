@@ -23,6 +23,7 @@ use crate::{
     mesh::MESHES,
     metrics::{self, Metrics, PodStatus},
     policy::{Desired, MeshSelection, PodPolicy, desired_state},
+    sockhash_pin::{UNPINNED_LISTENERS_COST, UNPINNED_SOCKHASH_COST},
     source::{PodsFile, PollError, Source},
     sync::Programmer,
 };
@@ -81,6 +82,23 @@ pub struct RunOptions {
 /// Longest wait between polls while the source keeps failing.
 const MAX_BACKOFF: Duration = Duration::from_secs(30);
 
+/// Least time the main loop may go without completing a pass before `/healthz` fails:
+/// a healthy pass can take seconds (a sync of many pods, a walk of the connection maps,
+/// naming the certificate of a kubelet whose handshake failed).
+pub const HEALTHZ_FLOOR: Duration = Duration::from_secs(10);
+
+/// How long the main loop may go without completing a pass before `/healthz` fails:
+/// three intervals or [`HEALTHZ_FLOOR`], whichever is longer, plus `kubelet_timeout`
+/// when pods come from the kubelet (one request may hold the loop that long). The
+/// backoff after failed polls adds nothing: the loop keeps passing at its 100 ms tick
+/// while it waits to poll again.
+pub fn healthz_bound(interval: Duration, kubelet_timeout: Option<Duration>) -> Duration {
+    interval
+        .saturating_mul(3)
+        .max(HEALTHZ_FLOOR)
+        .saturating_add(kubelet_timeout.unwrap_or_default())
+}
+
 /// Delay before the next poll after `failures` failures in a row: the interval,
 /// doubling with each failure, capped at `MAX_BACKOFF` (or the interval if longer).
 pub fn backoff(interval: Duration, failures: u32) -> Duration {
@@ -129,11 +147,20 @@ impl FailureLog {
 /// Runs until SIGTERM or SIGINT.
 pub fn run(opts: RunOptions) -> Result<()> {
     install_signal_handlers();
-    let metrics = Arc::new(Metrics::default());
+    let kubelet_timeout = match &opts.source {
+        SourceConfig::Kubelet(k) => Some(k.request_timeout),
+        SourceConfig::File(_) => None,
+    };
+    let heartbeat_bound = healthz_bound(opts.interval, kubelet_timeout);
+    let metrics = Arc::new(Metrics::new(heartbeat_bound));
     if let Some(addr) = opts.metrics_addr {
         let bound = metrics::serve(addr, metrics.clone()).with_context(|| {
             format!("metrics address {addr}: cannot listen (pick another with --metrics-addr)")
         })?;
+        info!(
+            "/healthz fails when the main loop completes no pass for {:.1}s",
+            heartbeat_bound.as_secs_f64()
+        );
         info!("serving /metrics, /healthz and /readyz on http://{bound}");
     }
     let cgroup_root = cgroups::resolve_cgroup_root(opts.cgroup_root.as_deref())?;
@@ -141,6 +168,7 @@ pub fn run(opts: RunOptions) -> Result<()> {
         opts.netns_dir
             .as_deref()
             .unwrap_or(std::path::Path::new(crate::pod_netns::DEFAULT_NETNS_DIR)),
+        opts.bpffs.as_deref(),
     );
     let mut accelerate = opts.accelerate;
     let mut netns_dir = opts.netns_dir.clone();
@@ -179,6 +207,7 @@ pub fn run(opts: RunOptions) -> Result<()> {
             );
         }
     }
+    warn_what_unpinned_restarts_cost(&report, accelerate, opts.pin_listeners);
     let mut inbound_ports: Vec<u16> = MESHES.iter().map(|m| m.inbound_port).collect();
     inbound_ports.sort_unstable();
     inbound_ports.dedup();
@@ -241,6 +270,8 @@ pub fn run(opts: RunOptions) -> Result<()> {
     let mut last_counters = None;
     let mut connection_maps = Vec::new();
     let mut next_connection_count = Instant::now();
+    // Started: the heartbeat's bound counts from the first pass on.
+    metrics.beat();
     while !STOP.load(Ordering::SeqCst) {
         let started = Instant::now();
         let mut polled = None;
@@ -409,6 +440,8 @@ pub fn run(opts: RunOptions) -> Result<()> {
                 }
             });
         }
+        // A pass completed: /healthz stays healthy while these keep coming.
+        metrics.beat();
         let wake = next_poll.min(next_sync).min(next_stats);
         let nap = wake.saturating_duration_since(Instant::now()).min(tick);
         match &watch {
@@ -419,6 +452,38 @@ pub fn run(opts: RunOptions) -> Result<()> {
     info!("stopping: detaching probes");
     drop(dp);
     Ok(())
+}
+
+/// Says at start, when the check's test pin failed, what an agent restart will cost
+/// with the features in use (nothing to say when neither pin is wanted).
+fn warn_what_unpinned_restarts_cost(report: &check::Report, accelerate: bool, pin_listeners: bool) {
+    let costs: Vec<&str> = [
+        (accelerate, UNPINNED_SOCKHASH_COST),
+        (pin_listeners, UNPINNED_LISTENERS_COST),
+    ]
+    .into_iter()
+    .filter_map(|(wanted, cost)| wanted.then_some(cost))
+    .collect();
+    for i in report
+        .items
+        .iter()
+        .filter(|i| !i.ok && i.impact == check::Impact::Restarts)
+    {
+        if costs.is_empty() {
+            info!(
+                "{}: {} (nothing is pinned with these flags)",
+                i.what, i.detail
+            );
+            continue;
+        }
+        warn!(
+            "{} fails, so an agent restart costs this: {}; to keep it, {}",
+            i.what,
+            costs.join("; "),
+            i.advice
+        );
+        warn!("{}: {}", i.what, i.detail);
+    }
 }
 
 /// A pod as `status` shows it; `programmed` is its cgroup count when in the maps.
@@ -550,6 +615,15 @@ mod tests {
         assert!(parse_duration("0s").is_err());
         assert!(parse_duration("2h").unwrap_err().contains("unknown unit"));
         assert!(parse_duration("abc").is_err());
+    }
+
+    #[test]
+    fn healthz_bound_is_three_intervals_with_a_floor_plus_the_kubelet_timeout() {
+        let s = Duration::from_secs;
+        assert_eq!(healthz_bound(s(2), None), s(10));
+        assert_eq!(healthz_bound(s(2), Some(s(10))), s(20));
+        assert_eq!(healthz_bound(s(5), None), s(15));
+        assert_eq!(healthz_bound(s(60), Some(s(10))), s(190));
     }
 
     #[test]

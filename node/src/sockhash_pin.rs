@@ -68,6 +68,102 @@ pub fn pin_dir(bpffs: Option<&Path>) -> Result<Option<PathBuf>> {
     Ok(mount.map(|m| m.join(PIN_DIR)))
 }
 
+/// What a sockhash that cannot be pinned costs, as the agent says it.
+pub const UNPINNED_SOCKHASH_COST: &str = "sk_msg-accelerated connections still open when the agent stops, restarts or crashes can be cut (their sockhash dies with the agent, and a read blocked on such a socket returns EAGAIN, which many apps treat as fatal)";
+
+/// What a listener map that cannot be pinned costs with `--pin-inbound-listeners`.
+pub const UNPINNED_LISTENERS_COST: &str = "--pin-inbound-listeners has no effect: a restarted agent does not adopt the sidecars' inbound listeners, so meshed pods' inbound reaches their apps uncaptured (counted by the bypass ledger) until each sidecar listens again";
+
+/// Tries what the agent's pins need in the pin directory under `bpffs` (see
+/// [`pin_dir`]): creates the directory, pins a one-entry array map there as
+/// `check-<pid>` and removes the pin again (and the directory, when it made it).
+/// Returns the directory, or what failed with the path and the errno name (EACCES
+/// from an AppArmor profile that denies writes there, EROFS on a read-only mount).
+pub fn try_pin(bpffs: Option<&Path>) -> Result<PathBuf> {
+    let dir =
+        pin_dir(bpffs)?.context("no bpffs mounted (mount one at /sys/fs/bpf, or pass --bpffs)")?;
+    let existed = dir.exists();
+    fs::create_dir_all(&dir)
+        .map_err(named_errno)
+        .with_context(|| format!("creating {}", dir.display()))?;
+    let pinned = pin_test_map(&dir.join(format!("check-{}", std::process::id())));
+    if !existed {
+        // Only when empty: an agent may have pinned there meanwhile.
+        let _ = fs::remove_dir(&dir);
+    }
+    pinned.map(|()| dir)
+}
+
+/// `e` with its errno's name in front (`EACCES: Permission denied (os error 13)`).
+fn named_errno(e: std::io::Error) -> std::io::Error {
+    let name = match e.raw_os_error() {
+        Some(libc::EACCES) => "EACCES",
+        Some(libc::EPERM) => "EPERM",
+        Some(libc::EROFS) => "EROFS",
+        Some(libc::ENOENT) => "ENOENT",
+        Some(libc::EEXIST) => "EEXIST",
+        Some(libc::ENOTDIR) => "ENOTDIR",
+        Some(libc::EINVAL) => "EINVAL",
+        _ => return e,
+    };
+    std::io::Error::new(e.kind(), format!("{name}: {e}"))
+}
+
+/// Pins a fresh one-entry array map at `path`, then removes the pin.
+fn pin_test_map(path: &Path) -> Result<()> {
+    use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+    const BPF_MAP_CREATE: libc::c_long = 0;
+    const BPF_OBJ_PIN: libc::c_long = 6;
+    const BPF_MAP_TYPE_ARRAY: u32 = 2;
+    // map_type, key_size, value_size, max_entries: the head of `union bpf_attr`.
+    let mut create = [BPF_MAP_TYPE_ARRAY, 4, 4, 1];
+    // SAFETY: bpf(2) reads an attr buffer of the size passed.
+    let fd = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_MAP_CREATE,
+            create.as_mut_ptr(),
+            std::mem::size_of_val(&create),
+        )
+    };
+    if fd < 0 {
+        return Err(named_errno(std::io::Error::last_os_error()))
+            .context("creating a test map to pin (needs CAP_BPF)");
+    }
+    // SAFETY: a fresh fd that nothing else owns.
+    let map = unsafe { OwnedFd::from_raw_fd(fd as i32) };
+    let name = std::ffi::CString::new(path.as_os_str().as_encoded_bytes())
+        .with_context(|| format!("pin path {}", path.display()))?;
+    /// The BPF_OBJ_PIN part of `union bpf_attr`.
+    #[repr(C)]
+    struct ObjPin {
+        pathname: u64,
+        bpf_fd: u32,
+        file_flags: u32,
+    }
+    let mut attr = ObjPin {
+        pathname: name.as_ptr() as u64,
+        bpf_fd: map.as_raw_fd() as u32,
+        file_flags: 0,
+    };
+    // SAFETY: as above; `name` outlives the call.
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_OBJ_PIN,
+            &mut attr as *mut ObjPin,
+            std::mem::size_of::<ObjPin>(),
+        )
+    };
+    if r < 0 {
+        return Err(named_errno(std::io::Error::last_os_error()))
+            .with_context(|| format!("pinning a test map at {}", path.display()));
+    }
+    fs::remove_file(path)
+        .map_err(named_errno)
+        .with_context(|| format!("removing the test pin {}", path.display()))
+}
+
 /// Sockets in the sockhash pinned at `path`.
 pub fn pinned_entries(path: &Path) -> Result<usize> {
     // MapData, not MapInfo::from_pin: that one reopens the map by id, which needs
@@ -91,14 +187,12 @@ impl SockhashPins {
             Ok(Some(dir)) => dir,
             Ok(None) => {
                 warn!(
-                    "no bpffs mounted: accelerated connections lose bytes not yet read if the agent restarts (mount bpffs at /sys/fs/bpf)"
+                    "no bpffs mounted (mount bpffs at /sys/fs/bpf, or pass --bpffs): the sockhash is not pinned: {UNPINNED_SOCKHASH_COST}"
                 );
                 return Self::default();
             }
             Err(e) => {
-                warn!(
-                    "{e:#}: the sockhash is not pinned; accelerated connections lose bytes not yet read if the agent restarts"
-                );
+                warn!("{e:#}: the sockhash is not pinned: {UNPINNED_SOCKHASH_COST}");
                 return Self::default();
             }
         };
@@ -126,9 +220,7 @@ impl SockhashPins {
                 }
             }
             Err(e) => {
-                warn!(
-                    "{e:#}: accelerated connections lose bytes not yet read if the agent restarts"
-                );
+                warn!("{e:#}: the sockhash is not pinned: {UNPINNED_SOCKHASH_COST}");
                 Self {
                     dir: Some(dir),
                     own: None,

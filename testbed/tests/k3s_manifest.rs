@@ -195,6 +195,22 @@ fn the_agent_holds_three_capabilities_and_nothing_privileged() {
     assert_eq!(netns.mount_path, "/var/run/netns");
     assert_eq!(netns.read_only, Some(true));
     assert_eq!(netns.mount_propagation.as_deref(), Some("HostToContainer"));
+    // The host's bpffs, mounted where containerd's default AppArmor profile lets the
+    // agent pin, and handed to the agent there.
+    let bpffs = mounts.iter().find(|m| m.name == "bpffs").unwrap();
+    assert_ne!(bpffs.read_only, Some(true));
+    let pin = format!("{}/merbridge-edge/sockhash-7", bpffs.mount_path);
+    assert!(
+        !apparmor_default_denies_write(&pin),
+        "{pin}: containerd's default AppArmor profile denies writing there"
+    );
+    let args = agent.args.clone().unwrap();
+    assert!(
+        args.windows(2)
+            .any(|w| w[0] == "--bpffs" && w[1] == bpffs.mount_path),
+        "--bpffs {} not in {args:?}",
+        bpffs.mount_path
+    );
 
     // Node name and address from the downward API.
     let env = agent.env.clone().unwrap();
@@ -222,6 +238,60 @@ fn the_agent_holds_three_capabilities_and_nothing_privileged() {
         mib(request) <= mib(limit) && mib(limit) <= 64,
         "{request} / {limit}"
     );
+}
+
+/// Whether containerd's default AppArmor profile (`cri-containerd.apparmor.d`, from
+/// containerd's contrib/apparmor/template.go) denies writing `path`: its file rules are
+/// `file,` and these denies (`*` stays within one path component, `**` does not):
+/// `deny /sys/[^f]*/** wklx`, `/sys/f[^s]*/**`, `/sys/fs/[^c]*/**`, `/sys/fs/c[^g]*/**`,
+/// `/sys/fs/cg[^r]*/**`, `/sys/firmware/**`, `/sys/devices/virtual/powercap/**`,
+/// `/sys/kernel/security/**`, and writes in /proc outside /proc/<pid> and
+/// /proc/sys/kernel/shm* (taken here as all of /proc).
+fn apparmor_default_denies_write(path: &str) -> bool {
+    if path.starts_with("/proc/") {
+        return true;
+    }
+    let Some(rest) = path.strip_prefix("/sys/") else {
+        return false;
+    };
+    let parts: Vec<&str> = rest.split('/').collect();
+    // Every rule needs a component and a slash after it.
+    if parts.len() < 2 {
+        return false;
+    }
+    let differs = |part: &str, at: usize, c: u8| part.as_bytes().get(at).is_some_and(|b| *b != c);
+    let (first, second) = (parts[0], parts[1]);
+    differs(first, 0, b'f')
+        || (first.starts_with('f') && differs(first, 1, b's'))
+        || (first == "fs"
+            && parts.len() >= 3
+            && (differs(second, 0, b'c')
+                || (second.starts_with('c') && differs(second, 1, b'g'))
+                || (second.starts_with("cg") && differs(second, 2, b'r'))))
+        || [
+            "/sys/firmware/",
+            "/sys/devices/virtual/powercap/",
+            "/sys/kernel/security/",
+        ]
+        .iter()
+        .any(|p| path.starts_with(p))
+}
+
+#[test]
+fn the_apparmor_model_denies_what_the_profile_denies() {
+    // The pin the manifest made before, which failed with EACCES on Debian/Ubuntu hosts.
+    assert!(apparmor_default_denies_write(
+        "/sys/fs/bpf/merbridge-edge/sockhash-7"
+    ));
+    assert!(apparmor_default_denies_write("/sys/kernel/debug/x"));
+    assert!(apparmor_default_denies_write("/sys/fs/fuse/connections/1"));
+    assert!(!apparmor_default_denies_write(
+        "/sys/fs/cgroup/pod/cgroup.procs"
+    ));
+    assert!(!apparmor_default_denies_write(
+        "/host/sys/fs/bpf/merbridge-edge/x"
+    ));
+    assert!(!apparmor_default_denies_write("/run/merbridge-edge/bpf/x"));
 }
 
 #[test]

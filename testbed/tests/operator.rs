@@ -57,12 +57,23 @@ fn check_passes_here_and_names_a_missing_capability() {
     // The pod network namespace directory, as a node running pods has it (the kubelet
     // makes the manifest's hostPath when it is missing).
     std::fs::create_dir_all(merbridge_edge::pod_netns::DEFAULT_NETNS_DIR).unwrap();
-    let out = agent_cmd(&["check"]);
+    // A bpffs to pin in, as the manifest hands the host's to the agent.
+    let scratch =
+        |name: &str| std::env::temp_dir().join(format!("mbe-check-{name}-{}", std::process::id()));
+    let fs = Bpffs::mount(&scratch("bpffs"), &[]);
+    let bpffs = fs.0.to_str().unwrap();
+    let out = agent_cmd(&["check", "--bpffs", bpffs]);
     let said = text(&out);
     assert_eq!(out.status.code(), Some(0), "{said}");
     assert!(
         !said.contains("MISSING") && !said.contains("limited"),
         "{said}"
+    );
+    let pinned = format!("a test map pinned and removed in {bpffs}/merbridge-edge");
+    assert!(
+        said.lines()
+            .any(|l| l.starts_with("ok       bpffs pinning ") && l.ends_with(&pinned)),
+        "{pinned:?} not in\n{said}"
     );
     for needle in [
         "ok       capability CAP_BPF",
@@ -83,8 +94,50 @@ fn check_passes_here_and_names_a_missing_capability() {
     // one taken away is named.
     let manifest = Manifest::load();
     let granted = manifest.setpriv_capabilities();
-    let out = with_caps(&granted, &["check"]).output().expect("setpriv");
+    let out = with_caps(&granted, &["check", "--bpffs", bpffs])
+        .output()
+        .expect("setpriv");
     assert_eq!(out.status.code(), Some(0), "{granted}: {}", text(&out));
+    assert!(
+        text(&out).contains("ok       bpffs pinning"),
+        "{}",
+        text(&out)
+    );
+    // The test pin and the directory it made are gone again.
+    assert!(!fs.0.join("merbridge-edge").exists());
+
+    // A bpffs the agent may not write (read-only here; AppArmor's EACCES on a node): the
+    // exact error and what it costs, while the agent can still run with every feature.
+    let ro = Bpffs::mount(&scratch("bpffs-ro"), &["-o", "ro"]);
+    let out = agent_cmd(&["check", "--bpffs", ro.0.to_str().unwrap()]);
+    let said = text(&out);
+    assert_eq!(out.status.code(), Some(0), "{said}");
+    let refused = format!(
+        "creating {}/merbridge-edge: EROFS: Read-only file system (os error 30) — needed by keeping sk_msg-accelerated connections whole across agent restarts",
+        ro.0.display()
+    );
+    assert!(
+        said.lines()
+            .any(|l| l.starts_with("limited  bpffs pinning ") && l.contains(&refused)),
+        "{refused:?} not in\n{said}"
+    );
+    assert!(
+        said.contains("verdict: the agent can run here with every feature\nbut pinning in bpffs fails: sk_msg-accelerated connections still open when the agent stops, restarts or crashes can be cut"),
+        "{said}"
+    );
+    let json: serde_json::Value = serde_json::from_slice(
+        &agent_cmd(&["check", "--json", "--bpffs", ro.0.to_str().unwrap()]).stdout,
+    )
+    .expect("JSON");
+    assert_eq!(json["verdict"], "full");
+    let item = json["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|i| i["what"] == "bpffs pinning")
+        .unwrap();
+    assert_eq!(item["ok"], false);
+    assert_eq!(item["impact"], "restarts");
     for cap in manifest.agent_capabilities() {
         let fewer = granted.replace(&format!(",+{}", cap.to_lowercase()), "");
         let out = with_caps(&fewer, &["check"]).output().expect("setpriv");
@@ -131,14 +184,168 @@ fn run_refuses_without_the_capability_in_checks_words() {
     assert!(said.contains("cannot run the agent"), "{said}");
 }
 
+/// An empty PodList.
+const NO_PODS: &str = r#"{"kind":"PodList","apiVersion":"v1","items":[]}"#;
+
+/// A ready agent on `node` reading an empty pods file (`pods.json` in its scratch
+/// directory, returned too), with `extra` flags.
+fn agent_on_empty_pods_file(node: &Node, extra: &[&str]) -> (Agent, PathBuf) {
+    let pods = node.scratch().join("pods.json");
+    std::fs::write(&pods, NO_PODS).unwrap();
+    let root = node.cgroup_root.display().to_string();
+    let mut args = vec![
+        "run",
+        "--pods-file",
+        pods.to_str().unwrap(),
+        "--cgroup-root",
+        &root,
+    ];
+    args.extend_from_slice(extra);
+    let mut agent = Agent::start(&args, &node.scratch().join("agent.log")).unwrap();
+    agent
+        .wait_metric(
+            "merbridge_edge_ready",
+            |v| v == 1.0,
+            Duration::from_secs(10),
+        )
+        .unwrap();
+    (agent, pods)
+}
+
+#[test]
+fn run_says_what_a_restart_costs_when_pinning_fails() {
+    let Some(_serial) = kernel_test("run_unpinned") else {
+        return;
+    };
+    let node = Node::new(HELPER.as_ref()).unwrap();
+    let ro = Bpffs::mount(&node.scratch().join("bpffs-ro"), &["-o", "ro"]);
+    let (mut agent, _) = agent_on_empty_pods_file(
+        &node,
+        &["--bpffs", ro.0.to_str().unwrap(), "--pin-inbound-listeners"],
+    );
+    agent
+        .wait_log("reading pods from", Duration::from_secs(10))
+        .unwrap();
+    let log = agent.log();
+    // Said once at start, before the pins are tried: both costs, and the error.
+    let said: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("bpffs pinning fails, so an agent restart costs this: "))
+        .collect();
+    assert_eq!(said.len(), 1, "{log}");
+    for needle in [
+        "sk_msg-accelerated connections still open when the agent stops, restarts or crashes can be cut",
+        "--pin-inbound-listeners has no effect: a restarted agent does not adopt the sidecars' inbound listeners",
+        "mount the host's /sys/fs/bpf elsewhere",
+    ] {
+        assert!(said[0].contains(needle), "{needle:?} not in {}", said[0]);
+    }
+    assert!(
+        log.contains(&format!(
+            "bpffs pinning: creating {}/merbridge-edge: EROFS",
+            ro.0.display()
+        )),
+        "{log}"
+    );
+    // The agent runs on, unpinned (and became ready).
+    assert_eq!(agent.http_get("/healthz").unwrap().0, 200);
+}
+
+#[test]
+fn healthz_fails_while_the_main_loop_is_stuck_and_recovers_after() {
+    use std::{io::Write, os::unix::fs::OpenOptionsExt};
+    let Some(_serial) = kernel_test("healthz_stuck") else {
+        return;
+    };
+    let node = Node::new(HELPER.as_ref()).unwrap();
+    let bpffs = node.bpffs.display().to_string();
+    let (mut agent, pods) =
+        agent_on_empty_pods_file(&node, &["--bpffs", &bpffs, "--interval", "1s"]);
+    // A pods file: max(3 × 1 s, 10 s), no kubelet timeout.
+    agent
+        .wait_log(
+            "/healthz fails when the main loop completes no pass for 10.0s",
+            Duration::from_secs(10),
+        )
+        .unwrap();
+    assert_eq!(agent.http_get("/healthz").unwrap(), (200, "ok\n".into()));
+
+    // The main loop blocks on something the test holds: the pods file becomes a FIFO
+    // nobody writes, so re-reading it waits in open(2) (as on a hung network
+    // filesystem). The HTTP thread answers on.
+    let fifo = node.scratch().join("pods.fifo");
+    let c = std::ffi::CString::new(fifo.to_str().unwrap()).unwrap();
+    // SAFETY: mkfifo reads the NUL-terminated path.
+    assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0, "mkfifo");
+    std::fs::rename(&fifo, &pods).unwrap();
+    let stuck = std::time::Instant::now();
+    let body = loop {
+        let (status, body) = agent.http_get("/healthz").unwrap();
+        if status == 503 {
+            break body;
+        }
+        assert_eq!(status, 200, "{body}");
+        assert!(
+            stuck.elapsed() < Duration::from_secs(13),
+            "/healthz still {status} {:?} after the loop stopped; log:\n{}",
+            stuck.elapsed(),
+            agent.log()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    let took = stuck.elapsed();
+    assert!(
+        took > Duration::from_millis(9500),
+        "503 after only {took:?}: {body}"
+    );
+    assert!(
+        body.starts_with("not healthy: the main loop has not completed a pass for 1")
+            && body.ends_with("s (bound 10.0s)\n")
+            && body.lines().count() == 1,
+        "{body:?}"
+    );
+    // Readiness is unchanged by a stuck loop; the metrics still answer.
+    assert_eq!(agent.http_get("/readyz").unwrap().0, 200);
+    assert_eq!(agent.metric("merbridge_edge_ready").unwrap(), 1.0);
+
+    // Unblock it: a writer appears (non-blocking: ENXIO unless the agent is the reader
+    // waiting there), a regular file takes the name back, the FIFO ends after a list.
+    let mut writer = std::fs::OpenOptions::new()
+        .write(true)
+        .custom_flags(libc::O_NONBLOCK)
+        .open(&pods)
+        .expect("the agent is waiting to read the FIFO");
+    let file = node.scratch().join("pods.json.new");
+    std::fs::write(&file, NO_PODS).unwrap();
+    std::fs::rename(&file, &pods).unwrap();
+    writer.write_all(NO_PODS.as_bytes()).unwrap();
+    drop(writer);
+    let freed = std::time::Instant::now();
+    loop {
+        let (status, body) = agent.http_get("/healthz").unwrap();
+        if status == 200 {
+            break;
+        }
+        assert!(
+            freed.elapsed() < Duration::from_secs(3),
+            "/healthz still {status} {body:?} after the loop was freed; log:\n{}",
+            agent.log()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(agent.http_get("/readyz").unwrap().0, 200);
+}
+
 /// A bpffs mounted for the test, unmounted and removed on drop.
 struct Bpffs(PathBuf);
 
 impl Bpffs {
-    fn mount(at: &Path) -> Self {
+    /// Mounts a bpffs at `at` with mount(8) `options` (like `-o ro`).
+    fn mount(at: &Path, options: &[&str]) -> Self {
         std::fs::create_dir_all(at).unwrap();
         let ok = Command::new("mount")
             .args(["-t", "bpf", "bpf"])
+            .args(options)
             .arg(at)
             .status()
             .unwrap()
@@ -161,7 +368,7 @@ fn cleanup_removes_leftover_pins_is_idempotent_and_waits_for_a_running_agent() {
         return;
     };
     let node = Node::new(HELPER.as_ref()).unwrap();
-    let fs = Bpffs::mount(&node.scratch().join("bpffs"));
+    let fs = Bpffs::mount(&node.scratch().join("bpffs"), &[]);
     let ours = fs.0.join("merbridge-edge");
     std::fs::create_dir_all(ours.join("old")).unwrap();
     for (path, name) in [
