@@ -1,4 +1,4 @@
-//! `mbe-qemu`: boots the newest Debian 6.1 and 6.12 kernels of each architecture given
+//! `mbe-qemu`: boots the newest Debian 5.10, 6.1 and 6.12 kernels of each architecture given
 //! under qemu (TCG) with an initramfs holding the static agent and the in-VM driver,
 //! and prints one row per kernel. Exits non-zero if any kernel fails, after printing
 //! the failing checks' output and any verifier log. `qemu-tests/run` drives it.
@@ -13,7 +13,7 @@ use anyhow::{Context, Result, bail};
 use argh::FromArgs;
 use merbridge_edge_qemu_tests::{
     initramfs,
-    kernels::{self, Arch, Kernel},
+    kernels::{self, Apt, Arch, Kernel},
     qemu::{self, Boot},
     report::{self, Row},
 };
@@ -33,8 +33,9 @@ struct Args {
     /// static mbe-vm-test for amd64
     #[argh(option)]
     driver_amd64: Option<PathBuf>,
-    /// kernel series, comma-separated (default 6.1,6.12)
-    #[argh(option, default = "String::from(\"6.1,6.12\")")]
+    /// kernel series, comma-separated (default 5.10,6.1,6.12; 5.10 comes from Debian
+    /// bullseye through a private apt configuration under --cache)
+    #[argh(option, default = "String::from(\"5.10,6.1,6.12\")")]
     series: String,
     /// where kernel packages are cached (default /var/cache/merbridge-edge/kernels)
     #[argh(
@@ -97,19 +98,24 @@ fn binaries(args: &Args, arch: Arch) -> Result<Option<(&Path, &Path)>> {
 fn prepare(args: &Args) -> Result<Vec<Job>> {
     fs::create_dir_all(&args.work).with_context(|| format!("creating {}", args.work.display()))?;
     let mut jobs = vec![];
+    let series: Vec<&str> = args
+        .series
+        .split(',')
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+        .collect();
+    let mut apts = std::collections::BTreeMap::new();
     for arch in Arch::ALL {
         let Some((agent, driver)) = binaries(args, arch)? else {
             continue;
         };
-        for series in args
-            .series
-            .split(',')
-            .map(str::trim)
-            .filter(|s| !s.is_empty())
-        {
-            let package = kernels::newest_available(arch, series)?;
-            let version = kernels::candidate_version(&package, arch)?;
-            let kernel = kernels::fetch(&args.cache, &package, &version, arch)?;
+        for &series in &series {
+            if !apts.contains_key(series) {
+                apts.insert(series, Apt::for_series(series, &args.cache)?);
+            }
+            let apt = &apts[series];
+            let kernel = newest_fetchable(apt, &args.cache, arch, series)?;
+            let package = kernel.package.clone();
             let initrd = args.work.join(format!("{package}.initrd.gz"));
             let modules: Vec<&Path> = kernel.modules.iter().map(PathBuf::as_path).collect();
             initramfs::write(
@@ -132,6 +138,50 @@ fn prepare(args: &Args) -> Result<Vec<Job>> {
         bail!("nothing to boot: give --agent-<arch> and --driver-<arch> for arm64 and/or amd64");
     }
     Ok(jobs)
+}
+
+/// Attempts at most this many packages of a series, newest first.
+const FETCH_ATTEMPTS: usize = 8;
+
+/// The newest kernel of `series` for `arch` that can be fetched (or is cached): an
+/// archive index may name packages its mirror does not serve (a 404), and then the
+/// next older one is tried, which the run says.
+fn newest_fetchable(apt: &Apt, cache: &Path, arch: Arch, series: &str) -> Result<Kernel> {
+    let mut errors = vec![];
+    for package in kernels::available(apt, arch, series)?
+        .iter()
+        .take(FETCH_ATTEMPTS)
+    {
+        let fetched = kernels::candidate_version(apt, package, arch)
+            .and_then(|version| kernels::fetch(apt, cache, package, &version, arch));
+        match fetched {
+            Ok(k) => {
+                if !errors.is_empty() {
+                    eprintln!(
+                        "mbe-qemu: {series} ({arch}): booting {package}, the newest of {} \
+                         the mirror serves",
+                        errors.len() + 1
+                    );
+                }
+                return Ok(k);
+            }
+            Err(e) => {
+                let line = format!("{e:#}");
+                let short = line
+                    .lines()
+                    .find(|l| l.contains("404") || l.starts_with("E:"))
+                    .unwrap_or(&line)
+                    .trim()
+                    .to_string();
+                eprintln!("mbe-qemu: {package} ({arch}) cannot be fetched: {short}");
+                errors.push(format!("{package}: {line}"));
+            }
+        }
+    }
+    bail!(
+        "no {series} kernel for {arch} could be fetched:\n{}",
+        errors.join("\n")
+    )
 }
 
 fn run(args: &Args) -> Result<bool> {

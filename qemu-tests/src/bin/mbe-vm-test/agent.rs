@@ -91,10 +91,19 @@ impl Agent {
         }
     }
 
+    /// SIGKILL, then waits up to `limit` for the exit.
+    pub fn kill(&mut self, limit: Duration) -> Result<ExitStatus> {
+        self.signal(libc::SIGKILL, limit)
+    }
+
     /// SIGTERM, then waits up to `limit` for the exit.
     pub fn terminate(&mut self, limit: Duration) -> Result<ExitStatus> {
+        self.signal(libc::SIGTERM, limit)
+    }
+
+    fn signal(&mut self, signal: i32, limit: Duration) -> Result<ExitStatus> {
         // SAFETY: signalling our own child.
-        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        unsafe { libc::kill(self.child.id() as i32, signal) };
         let end = Instant::now() + limit;
         loop {
             if let Some(s) = self.exited() {
@@ -103,7 +112,7 @@ impl Agent {
             if Instant::now() > end {
                 let _ = self.child.kill();
                 let _ = self.child.wait();
-                bail!("the agent did not exit within {limit:?} of SIGTERM");
+                bail!("the agent did not exit within {limit:?} of signal {signal}");
             }
             std::thread::sleep(Duration::from_millis(20));
         }

@@ -1,16 +1,17 @@
-//! The checks, in order, mirroring testbed/tests/datapath.rs and inbound.rs: the
-//! probes pass the verifier, the agent attaches and programs the pods, outbound
-//! redirect and inbound capture at the receiving pod with SO_ORIGINAL_DST, exclusions
-//! (outbound at the client's sidecar, inbound at the server's), a plain pod, a host
-//! process and another node captured inbound only, refused while a sidecar is down, an
-//! empty bypass ledger, sk_msg moves data intact, and after SIGTERM nothing stays
-//! attached.
+//! The checks, in order, mirroring testbed/tests/datapath.rs, inbound.rs, meshes.rs and
+//! faults.rs: the probes pass the verifier, the agent attaches and programs the pods,
+//! outbound redirect and inbound capture at the receiving pod with SO_ORIGINAL_DST,
+//! exclusions (outbound at the client's sidecar, inbound at the server's), a plain pod,
+//! a host process and another node captured inbound only, the same over IPv6, sk_msg
+//! moves data intact, refused while a sidecar is down, Linkerd, Kuma and OSM pods end to
+//! end, an empty bypass ledger, a stream in flight intact across SIGKILL of the agent
+//! (and a new agent taking over), and after SIGTERM nothing stays attached.
 use std::{
     collections::BTreeMap,
     fs,
-    net::Ipv4Addr,
-    path::Path,
-    process::Child,
+    net::IpAddr,
+    path::{Path, PathBuf},
+    process::{Child, Stdio},
     time::{Duration, Instant},
 };
 
@@ -19,14 +20,64 @@ use merbridge_edge_qemu_tests::protocol;
 use crate::{
     agent::{self, Agent},
     bpf,
-    pods::{self, GATEWAY, NETNS_DIR, Node, REMOTE_IP},
-    sys,
+    pods::{self, GATEWAY, NETNS_DIR, Node, REMOTE_IP, Sidecar, simple_template},
+    probe_log, sys,
 };
 
 /// uid of the app stand-ins.
 const APP_UID: u32 = 1000;
-/// uid of the sidecar stand-ins (Istio's proxy uid).
-const PROXY_UID: u32 = 1337;
+/// Istio's sidecar, as its injector and Envoy run it (uid 1337, listeners on every
+/// address).
+const ISTIO: Sidecar = Sidecar {
+    mesh: "istio",
+    container: "istio-proxy",
+    uid: 1337,
+    outbound: "[::]:15001",
+    inbound: "[::]:15006",
+};
+/// Linkerd's proxy (charts/partials/templates/_proxy.tpl's defaults): uid 2102,
+/// outbound on 127.0.0.1:4140 only, inbound on 4143.
+const LINKERD: Sidecar = Sidecar {
+    mesh: "linkerd",
+    container: "linkerd-proxy",
+    uid: 2102,
+    outbound: "127.0.0.1:4140",
+    inbound: "[::]:4143",
+};
+/// Kuma's sidecar: uid 5678, 15001 and 15006.
+const KUMA: Sidecar = Sidecar {
+    mesh: "kuma",
+    container: "kuma-sidecar",
+    uid: 5678,
+    outbound: "0.0.0.0:15001",
+    inbound: "0.0.0.0:15006",
+};
+/// OSM's Envoy: uid 1500, 15001 and 15003.
+const OSM: Sidecar = Sidecar {
+    mesh: "osm",
+    container: "envoy",
+    uid: 1500,
+    outbound: "0.0.0.0:15001",
+    inbound: "0.0.0.0:15003",
+};
+/// The pods of the other meshes, two of each (client, server).
+const MESH_PODS: [(&str, &str, Sidecar); 3] =
+    [("l1", "l2", LINKERD), ("k1", "k2", KUMA), ("o1", "o2", OSM)];
+/// A Linkerd pod as Linkerd's injector writes it (linkerd2 edge-26.8.3, linkerd-proxy a
+/// native sidecar, linkerd-init's arguments), from the injected-pod fixtures.
+const LINKERD_POD: &str = "web-2e3f4a5b6-s5t6u";
+const INJECTED_PODS: &str = include_str!("../../../../testbed/fixtures/injected-pods.json");
+/// The stream in flight when the agent is killed: 8 MiB in 64 KiB writes 25 ms apart
+/// (about 3 s open).
+const SIGKILL_STREAM: usize = 8 << 20;
+const SIGKILL_CHUNK: usize = 64 << 10;
+const SIGKILL_PAUSE_MS: u64 = 25;
+/// A bulk stream through both sidecars, written as fast as it goes.
+const BULK_STREAM: usize = 48 << 20;
+/// Where a restarted agent logs.
+const AGENT2_LOG: &str = "/tmp/agent-2.log";
+/// The agents' sockhash pins.
+const PIN_DIR: &str = "/sys/fs/bpf/merbridge-edge";
 const CGROUP_ROOT: &str = "/sys/fs/cgroup/mbe-node";
 /// The other node's cgroup: outside [`CGROUP_ROOT`], so no hook of the agent runs for
 /// its processes.
@@ -43,7 +94,7 @@ const PODS_FILE: &str = "/tmp/pods.json";
 const AGENT_LOG: &str = "/tmp/agent.log";
 /// Under TCG everything is 10–50x slower than on hardware.
 const PATIENCE: Duration = Duration::from_secs(20);
-/// The pods with a sidecar.
+/// The Istio pods.
 const MESHED: [&str; 2] = ["a", "b"];
 /// A refused connection is answered at once; a dropped one would wait for the
 /// client's 10 s connect timeout.
@@ -54,6 +105,22 @@ const LISTENERS: &str = "merbridge_edge_inbound_listeners";
 const REDIRECT_INBOUND: &str = "merbridge_edge_datapath_events_total{event=\"redirect_inbound\"}";
 const INBOUND_REFUSED: &str = "merbridge_edge_datapath_events_total{event=\"inbound_refused\"}";
 const SK_MSG: &str = "merbridge_edge_datapath_bytes_total{event=\"sk_msg\"}";
+/// `merbridge-edge check`'s verdict on this kernel, once the verifier check ran.
+static VERDICT: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+
+/// Whether check's verdict has sk_msg acceleration on (the agent turns it off by
+/// itself where check says it must be off).
+fn accelerated() -> bool {
+    matches!(
+        VERDICT.get().map(String::as_str),
+        Some("full" | "without_inbound_capture")
+    )
+}
+
+const DNS_REDIRECTED: &str = "merbridge_edge_datapath_events_total{event=\"dns_redirected\"}";
+/// Pod e's switch for Istio DNS capture (the proxy metadata in its ProxyConfig
+/// annotation, as the testbed's DNS test writes it).
+const DNS_CAPTURE_CONFIG: &str = "proxyMetadata:\n  ISTIO_META_DNS_CAPTURE: \"true\"\n";
 
 /// Why a check failed: a summary, output lines, and any verifier log.
 #[derive(Default)]
@@ -149,9 +216,18 @@ fn who(out: &str) -> &str {
     field(out, "who=")
 }
 
-/// Whom the app saw connecting (`peer=` of its greeting).
-fn app_peer(out: &str) -> &str {
-    field(out, "peer=")
+/// Whom the app saw connecting (`peer=` of its greeting), IPv4-mapped addresses
+/// written as IPv4.
+fn app_peer(out: &str) -> String {
+    unmapped(field(out, "peer="))
+}
+
+/// `[::ffff:a.b.c.d]:p` as `a.b.c.d:p`; anything else unchanged.
+fn unmapped(addr: &str) -> String {
+    match addr.parse::<std::net::SocketAddr>() {
+        Ok(a) => merbridge_edge_standins::canonical(a).to_string(),
+        Err(_) => addr.to_string(),
+    }
 }
 
 fn field<'a>(out: &'a str, key: &str) -> &'a str {
@@ -167,19 +243,36 @@ fn via_passthrough(out: &str) -> bool {
 }
 
 /// Whether a sidecar log line is an inbound connection from `peer` with the original
-/// destination `orig`.
-fn inbound_from(line: &str, peer: Ipv4Addr, orig: &str) -> bool {
+/// destination `orig`, accepted on `orig` itself (captured without NAT).
+fn inbound_from(line: &str, peer: impl Into<IpAddr>, orig: &str) -> bool {
     let fields: Vec<&str> = line.split_whitespace().collect();
+    let peer = peer.into();
+    let peer_ok = unmapped(field(line, "peer="))
+        .parse::<std::net::SocketAddr>()
+        .is_ok_and(|a| a.ip() == peer);
     fields.contains(&"listener=inbound")
         && fields.contains(&format!("orig={orig}").as_str())
-        && field(line, "peer=").starts_with(&format!("{peer}:"))
+        && unmapped(field(line, "local=")) == orig
+        && peer_ok
 }
 
-/// The pods, the node and the apps: a, b meshed (Istio), c plain, each namespace
-/// pinned under /var/run/netns; each app echoes on 8080, 9002 and 9003; a excludes
-/// outbound port 9003, b inbound port 9002. Another node (not a pod: no pods file
-/// entry, no namespace file) at 10.232.0.2. The sidecars start later, after the agent
-/// (see [`start_sidecar`]).
+/// Whether a sidecar log line is an outbound connection with the original destination
+/// `orig`, accepted at `local` from a peer starting with `peer`.
+fn outbound_at(line: &str, local: &str, peer: &str, orig: &str) -> bool {
+    let fields: Vec<&str> = line.split_whitespace().collect();
+    fields.contains(&"listener=outbound")
+        && fields.contains(&format!("orig={orig}").as_str())
+        && unmapped(field(line, "local=")) == local
+        && unmapped(field(line, "peer=")).starts_with(peer)
+}
+
+/// The pods, the node and the apps: a, b meshed (Istio), c plain, l1 and l2 (Linkerd,
+/// as its injector writes them), k1 and k2 (Kuma), o1 and o2 (OSM), e (Istio with DNS
+/// capture on; a DNS server stand-in in c, e's DNS proxy stand-ins), each namespace
+/// pinned under /var/run/netns; each app echoes on 8080, 9002 and 9003 (IPv4 and IPv6);
+/// a excludes outbound port 9003, b inbound port 9002. Another node (not a pod: no pods
+/// file entry, no namespace file) at 10.232.0.2. The sidecars start later, after the
+/// agent (see [`start_sidecar`]).
 fn setup() -> anyhow::Result<(Node, Vec<Child>)> {
     let modules = sys::load_modules(Path::new("/modules"))?;
     let mut node = Node::new(Path::new(CGROUP_ROOT))?;
@@ -187,59 +280,164 @@ fn setup() -> anyhow::Result<(Node, Vec<Child>)> {
         "sidecar.istio.io/status",
         "{\"containers\":[\"istio-proxy\"]}",
     );
-    node.add_pod(
-        "a",
+    let excluded_out = EXCLUDED_OUTBOUND.to_string();
+    let a = simple_template(
         &["app", "istio-proxy"],
         &[
             istio,
             (
                 "traffic.sidecar.istio.io/excludeOutboundPorts",
-                &EXCLUDED_OUTBOUND.to_string(),
+                &excluded_out,
             ),
         ],
-    )?;
-    node.add_pod(
-        "b",
+    );
+    node.add_pod("a", a, Some(ISTIO))?;
+    let excluded_in = EXCLUDED_INBOUND.to_string();
+    let b = simple_template(
         &["app", "istio-proxy"],
         &[
             istio,
-            (
-                "traffic.sidecar.istio.io/excludeInboundPorts",
-                &EXCLUDED_INBOUND.to_string(),
-            ),
+            ("traffic.sidecar.istio.io/excludeInboundPorts", &excluded_in),
         ],
-    )?;
-    node.add_pod("c", &["app"], &[])?;
+    );
+    node.add_pod("b", b, Some(ISTIO))?;
+    node.add_pod("c", simple_template(&["app"], &[]), None)?;
+    let linkerd = linkerd_template()?;
+    for (from, to, sidecar) in MESH_PODS {
+        for pod in [from, to] {
+            let template = match sidecar.mesh {
+                "linkerd" => linkerd.clone(),
+                "kuma" => kuma_template(),
+                _ => osm_template(pod),
+            };
+            node.add_pod(pod, template, Some(sidecar))?;
+        }
+    }
+    let e = simple_template(
+        &["app", "istio-proxy"],
+        &[istio, ("proxy.istio.io/config", DNS_CAPTURE_CONFIG)],
+    );
+    node.add_pod("e", e, Some(ISTIO))?;
     node.add_remote(Path::new(REMOTE_CGROUP))?;
     let mut apps = vec![];
-    for pod in ["a", "b", "c"] {
+    // DNS: a server in c (as root: port 53), e's proxy on 15053 (IPv4 and IPv6
+    // loopback, as Istio's agent listens).
+    apps.push(node.start_udp("c", "app", 0, "udp-echo", &["c-dns", "[::]:53"], 53)?);
+    for (name, addr) in [
+        ("e-dns-proxy", "127.0.0.1:15053"),
+        ("e-dns-proxy6", "[::1]:15053"),
+    ] {
+        apps.push(node.start_udp(
+            "e",
+            ISTIO.container,
+            ISTIO.uid,
+            "udp-echo",
+            &[name, addr],
+            15053,
+        )?);
+    }
+    let names: Vec<String> = node.pods.iter().map(|p| p.name.clone()).collect();
+    for pod in &names {
         let name = format!("{pod}-app");
         let mut args = vec![name.as_str()];
         args.extend(APP_PORTS);
-        apps.push(node.start(pod, "app", APP_UID, "echo", &args, 8080)?);
-    }
-    for pod in MESHED {
-        pods::shared_log(&sidecar_log_path(pod))?;
+        let container = app_container(&node, pod);
+        apps.push(node.start(pod, &container, APP_UID, "echo", &args, 8080)?);
+        if node.pod(pod).sidecar.is_some() {
+            pods::shared_log(&sidecar_log_path(pod))?;
+        }
     }
     fs::write(PODS_FILE, serde_json::to_vec_pretty(&node.pod_list())?)?;
     println!(
-        "mbe-vm-test: modules {modules:?}, pods a b c up, namespaces in {NETNS_DIR}, \
-         another node at {REMOTE_IP}"
+        "mbe-vm-test: modules {modules:?}, pods {} up, namespaces in {NETNS_DIR}, \
+         another node at {REMOTE_IP}",
+        names.join(" ")
     );
     Ok((node, apps))
 }
 
-/// Starts the sidecar stand-in of `pod` (outbound 15001, inbound 15006) and waits
-/// until it listens on 15006.
+/// The Linkerd pod of the injected-pod fixtures: its annotations, labels, init
+/// containers (linkerd-init, linkerd-proxy as a native sidecar) and containers.
+fn linkerd_template() -> anyhow::Result<serde_json::Value> {
+    let list: serde_json::Value = serde_json::from_str(INJECTED_PODS)?;
+    let pod = list["items"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|p| p["metadata"]["name"] == LINKERD_POD)
+        .ok_or_else(|| anyhow::anyhow!("no pod {LINKERD_POD} in the injected-pod fixtures"))?;
+    Ok(serde_json::json!({"metadata": pod["metadata"], "spec": pod["spec"]}))
+}
+
+/// A Kuma pod as Kuma's injector marks it: the `kuma-sidecar` container as uid 5678
+/// and the injector's annotations (sidecar uid, transparent-proxying ports).
+fn kuma_template() -> serde_json::Value {
+    serde_json::json!({
+        "metadata": {
+            "annotations": {
+                "kuma.io/mesh": "default",
+                "kuma.io/sidecar-injected": "true",
+                "kuma.io/sidecar-uid": "5678",
+                "kuma.io/transparent-proxying": "enabled",
+                "kuma.io/transparent-proxying-inbound-port": "15006",
+                "kuma.io/transparent-proxying-outbound-port": "15001"
+            },
+            "labels": {"app": "kuma-demo"}
+        },
+        "spec": {"containers": [
+            {"name": "app", "image": "example/app:1"},
+            {"name": "kuma-sidecar", "image": "kumahq/kuma-dp:2.9.0",
+             "securityContext": {"runAsUser": 5678, "runAsGroup": 5678}}
+        ]}
+    })
+}
+
+/// An OSM pod as OSM's injector marks it: the `osm-proxy-uuid` label and the `envoy`
+/// container as uid 1500.
+fn osm_template(pod: &str) -> serde_json::Value {
+    serde_json::json!({
+        "metadata": {
+            "labels": {
+                "app": "osm-demo",
+                "osm-proxy-uuid": format!("8fd6b6c9-5a80-4d5b-8a3c-1e0f3c7a9b2{}", &pod[1..])
+            }
+        },
+        "spec": {"containers": [
+            {"name": "app", "image": "example/app:1"},
+            {"name": "envoy", "image": "envoyproxy/envoy:v1.27.0",
+             "securityContext": {"runAsUser": 1500}}
+        ]}
+    })
+}
+
+/// The app container of `pod`: its first container that is not its sidecar.
+fn app_container(node: &Node, pod: &str) -> String {
+    let p = node.pod(pod);
+    p.template["spec"]["containers"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|c| c["name"].as_str())
+        .find(|c| p.sidecar.as_ref().is_none_or(|s| s.container != *c))
+        .unwrap_or("app")
+        .to_string()
+}
+
+/// Starts the sidecar stand-in of `pod` (its mesh's container, uid and listener
+/// addresses) and waits until it listens inbound.
 fn start_sidecar(node: &Node, pod: &str) -> anyhow::Result<Child> {
     let log = sidecar_log_path(pod);
+    let s = node
+        .pod(pod)
+        .sidecar
+        .ok_or_else(|| anyhow::anyhow!("pod {pod} has no sidecar"))?;
     node.start(
         pod,
-        "istio-proxy",
-        PROXY_UID,
+        s.container,
+        s.uid,
         "sidecar",
-        &[pod, "15001", "15006", &log],
-        15006,
+        &[pod, s.outbound, s.inbound, &log],
+        Sidecar::port(s.inbound),
     )
 }
 
@@ -279,12 +477,45 @@ fn verifier() -> Result<String, Failure> {
         })
         .collect();
     if probes.is_empty() || !rejected.is_empty() {
+        let others: Vec<&str> = items
+            .iter()
+            .filter(|i| {
+                i["ok"] != serde_json::Value::Bool(true)
+                    && !i["what"]
+                        .as_str()
+                        .is_some_and(|w| w.contains("passes the verifier"))
+            })
+            .filter_map(|i| i["what"].as_str())
+            .collect();
         let mut f = Failure::new(format!(
-            "{} of {} probes rejected",
+            "{} of {} probes rejected; check's verdict {} (exit {}){}",
             rejected.len(),
-            probes.len()
+            probes.len(),
+            report["verdict"].as_str().unwrap_or("?"),
+            out.status.code().unwrap_or(-1),
+            if others.is_empty() {
+                String::new()
+            } else {
+                format!("; also failing: {}", others.join(", "))
+            }
         ));
         f.verifier = rejected.clone();
+        // The agent gives one line per rejection; the whole verifier log of each.
+        for item in probes
+            .iter()
+            .filter(|i| i["ok"] != serde_json::Value::Bool(true))
+        {
+            let what = item["what"].as_str().unwrap_or("");
+            let Some(name) = what.split_whitespace().nth(1) else {
+                continue;
+            };
+            match probe_log::verifier_log(Path::new(agent::BINARY), name) {
+                Ok(lines) => f.verifier.extend(lines),
+                Err(e) => f
+                    .verifier
+                    .push(format!("{name}: no full verifier log: {e:#}")),
+            }
+        }
         return Err(f
             .details(&rejected.join("\n"))
             .details(&String::from_utf8_lossy(&out.stderr)));
@@ -294,8 +525,24 @@ fn verifier() -> Result<String, Failure> {
         .filter(|i| i["ok"] != serde_json::Value::Bool(true))
         .map(|i| i["what"].as_str().unwrap_or("?").to_string())
         .collect();
+    let verdict = report["verdict"].as_str().unwrap_or("?").to_string();
+    let code = out.status.code().unwrap_or(-1);
+    // check's exit status says the same as its verdict.
+    let want_code = match verdict.as_str() {
+        "full" => 0,
+        "without_inbound_capture" => 4,
+        "without_acceleration" => 3,
+        _ => 1,
+    };
+    if code != want_code {
+        return Err(Failure::new(format!(
+            "check's verdict {verdict} but exit {code} (want {want_code})"
+        ))
+        .details(&text));
+    }
+    let _ = VERDICT.set(verdict);
     Ok(format!(
-        "{} probes loaded; verdict {}{}",
+        "{} probes loaded; verdict {} (exit {code}){}",
         probes.len(),
         report["verdict"].as_str().unwrap_or("?"),
         if missing.is_empty() {
@@ -316,8 +563,17 @@ fn agent_failure(agent: &Agent, summary: String) -> Failure {
 
 /// The client stand-in in `pod`'s app container.
 fn client(node: &Node, pod: &str, target: &str, bytes: usize) -> Result<String, Failure> {
-    node.client(pod, "app", APP_UID, target, bytes)
+    node.client(pod, &app_container(node, pod), APP_UID, target, bytes)
         .map_err(Failure::new)
+}
+
+/// The pods with a sidecar.
+fn meshed_pods(node: &Node) -> Vec<&str> {
+    node.pods
+        .iter()
+        .filter(|p| p.sidecar.is_some())
+        .map(|p| p.name.as_str())
+        .collect()
 }
 
 /// The sidecars' log lengths now.
@@ -325,16 +581,18 @@ fn log_lengths() -> (usize, usize) {
     (sidecar_log("a").len(), sidecar_log("b").len())
 }
 
-/// The agent programs both meshed pods and puts sk_lookup in every pod namespace; then
-/// the sidecars start (so their listeners are seen binding) and are registered.
+/// The agent programs every meshed pod and puts sk_lookup in every pod namespace; then
+/// the Istio sidecars start (so their listeners are seen binding) and are registered
+/// (the other meshes' sidecars start in their own checks).
 fn agent_attaches(
     node: &Node,
     agent: &mut Agent,
     sidecars: &mut BTreeMap<&'static str, Child>,
 ) -> Result<String, Failure> {
     let started = Instant::now();
+    let meshed = meshed_pods(node).len();
     agent
-        .wait_metric(PROGRAMMED, 2.0, Duration::from_secs(90))
+        .wait_metric(PROGRAMMED, meshed as f64, Duration::from_secs(90))
         .map_err(|e| agent_failure(agent, format!("{e:#}")))?;
     let programmed = started.elapsed();
     let (summary, total) = bpf::attached_summary(&node.cgroup_root)?;
@@ -363,8 +621,8 @@ fn agent_attaches(
         .wait_metric(LISTENERS, MESHED.len() as f64, PATIENCE)
         .map_err(|e| agent_failure(agent, format!("sidecars listening on 15006: {e:#}")))?;
     Ok(format!(
-        "2 pods programmed in {:.1} s; attached: {summary}; sk_lookup in {} pod namespaces; \
-         sidecars started after: {listeners} inbound listeners registered",
+        "{meshed} pods programmed in {:.1} s; attached: {summary}; sk_lookup in {} pod \
+         namespaces; Istio sidecars started after: {listeners} inbound listeners registered",
         programmed.as_secs_f64(),
         lookups.len()
     ))
@@ -619,6 +877,33 @@ fn sk_msg_intact(node: &Node, agent: &mut Agent) -> Result<String, Failure> {
     if !out.contains(&format!("ok bytes={mib}")) || who(&out) != "b-app" {
         return Err(Failure::new("1 MiB a → b did not come back intact").details(&out));
     }
+    if !accelerated() {
+        // check said acceleration must be off: the agent runs without it.
+        std::thread::sleep(Duration::from_millis(500));
+        let after = agent::metrics()
+            .ok()
+            .and_then(|m| agent::metric(&m, SK_MSG))
+            .unwrap_or(0.0);
+        if after != before {
+            return Err(Failure::new(format!(
+                "check's verdict is {:?} (sk_msg acceleration off), yet sk_msg moved {} bytes",
+                VERDICT.get(),
+                after - before
+            )));
+        }
+        if !agent.log().contains("sk_msg acceleration off") {
+            return Err(agent_failure(
+                agent,
+                "check's verdict has acceleration off; the agent did not say it runs without it"
+                    .into(),
+            ));
+        }
+        return Ok(format!(
+            "1 MiB echoed intact; check's verdict {:?}: the agent runs with sk_msg \
+             acceleration off (says so) and sk_msg moved 0 bytes",
+            VERDICT.get()
+        ));
+    }
     // 1 MiB each way over at least two accelerated legs: app a ↔ sidecar a and
     // sidecar a ↔ sidecar b (sidecar b ↔ app b, its own pod, is a third).
     let want = before + (4 * mib) as f64;
@@ -635,6 +920,35 @@ fn sk_msg_intact(node: &Node, agent: &mut Agent) -> Result<String, Failure> {
         "1 MiB echoed intact; sk_msg moved {} bytes ({:.1} MiB)",
         after - before,
         (after - before) / mib as f64
+    ))
+}
+
+/// 48 MiB a → b written as fast as it goes, through both sidecars (sk_msg on the local
+/// legs), echoed byte for byte.
+fn sk_msg_bulk_stream(node: &Node) -> Result<String, Failure> {
+    let b = node.pod("b").ip;
+    let before = agent::metrics()
+        .ok()
+        .and_then(|m| agent::metric(&m, SK_MSG))
+        .unwrap_or(0.0);
+    let t = Instant::now();
+    let out = client(node, "a", &format!("{b}:8080"), BULK_STREAM)?;
+    let secs = t.elapsed().as_secs_f64();
+    if !out.contains(&format!("ok bytes={BULK_STREAM}")) || who(&out) != "b-app" {
+        return Err(Failure::new(format!(
+            "{} MiB a → b did not come back intact",
+            BULK_STREAM >> 20
+        ))
+        .details(&out));
+    }
+    let after = agent::metrics()
+        .ok()
+        .and_then(|m| agent::metric(&m, SK_MSG))
+        .unwrap_or(before);
+    Ok(format!(
+        "{} MiB echoed intact in {secs:.1} s; sk_msg moved {:.1} MiB",
+        BULK_STREAM >> 20,
+        (after - before) / (1 << 20) as f64
     ))
 }
 
@@ -699,27 +1013,438 @@ fn inbound_refused(
     ))
 }
 
-/// No inbound connection reached a meshed pod's app without its sidecar.
-fn bypass_ledger(agent: &mut Agent) -> Result<String, Failure> {
-    // Every connection sidecar b accepted inbound was counted by sk_lookup: once the
+/// IPv6: a → [b]:8080 through sidecar a's outbound listener with SO_ORIGINAL_DST
+/// [b]:8080, captured at b by sidecar b's inbound listener on [b]:8080 itself; plain c
+/// → [b]:8080 captured by sidecar b only.
+fn ipv6(node: &Node) -> Result<String, Failure> {
+    let (a, b, c) = (node.pod("a"), node.pod("b"), node.pod("c"));
+    let orig = format!("[{}]:8080", b.ip6);
+    let (na, nb) = log_lengths();
+    let out = client(node, "a", &orig, 64 << 10)?;
+    let la = new_sidecar_lines("a", na, 1);
+    let lb = new_sidecar_lines("b", nb, 1);
+    let want_local = format!("[{}]:15001", a.ip6);
+    let ok = who(&out) == "b-app"
+        && out.contains(&format!("ok bytes={}", 64 << 10))
+        && la.len() == 1
+        && outbound_at(&la[0], &want_local, &format!("[{}]:", a.ip6), &orig)
+        && lb.len() == 1
+        && inbound_from(&lb[0], a.ip6, &orig);
+    if !ok {
+        return Err(Failure::new(format!(
+            "a → {orig}: expected b-app through sidecar a's outbound listener ({want_local}) \
+             and sidecar b's inbound listener, orig={orig} on both"
+        ))
+        .details(&out)
+        .details(&format!("sidecar a: {la:?}\nsidecar b: {lb:?}")));
+    }
+    let (na, nb) = log_lengths();
+    let out_c = client(node, "c", &orig, 1024)?;
+    let lb = new_sidecar_lines("b", nb, 1);
+    std::thread::sleep(Duration::from_millis(300));
+    let la = sidecar_log("a");
+    if who(&out_c) != "b-app"
+        || la.len() != na
+        || lb.len() != 1
+        || !inbound_from(&lb[0], c.ip6, &orig)
+    {
+        return Err(Failure::new(format!(
+            "plain c ({}) → {orig} should be captured by sidecar b only",
+            c.ip6
+        ))
+        .details(&out_c)
+        .details(&format!("sidecar b: {lb:?}")));
+    }
+    Ok(format!(
+        "a → {orig} via sidecar a ({want_local}, SO_ORIGINAL_DST {orig}) and captured by \
+         sidecar b on {orig}; plain c ({}) → {orig} captured by sidecar b only",
+        c.ip6
+    ))
+}
+
+/// DNS capture: pod e (Istio, ISTIO_META_DNS_CAPTURE on) asking c's DNS server (IPv4
+/// and IPv6, connected and unconnected UDP) gets e's DNS proxy's answer, from the
+/// address it asked (the original destination restored on the reply); a (capture
+/// off) gets c's server; e's proxy itself (uid 1337) gets c's server (no loop).
+fn dns_capture(node: &Node, agent: &mut Agent) -> Result<String, Failure> {
+    let c = node.pod("c");
+    let before = agent::metrics()
+        .ok()
+        .and_then(|m| agent::metric(&m, DNS_REDIRECTED))
+        .unwrap_or(0.0);
+    let query = |pod: &str, container: &str, uid: u32, target: &str, connected: bool| {
+        let mut args = vec![target];
+        if connected {
+            args.push("connected");
+        }
+        node.run(pod, container, uid, "udp-query", &args)
+            .map(|o| o.trim().to_string())
+            .unwrap_or_else(|e| e)
+    };
+    let (c4, c6) = (format!("{}:53", c.ip), format!("[{}]:53", c.ip6));
+    let mut wrong = vec![];
+    let mut asked = 0;
+    for connected in [false, true] {
+        for (pod, target, want) in [
+            ("e", &c4, format!("reply=who=e-dns-proxy from={c4}")),
+            ("e", &c6, format!("reply=who=e-dns-proxy6 from={c6}")),
+            ("a", &c4, format!("reply=who=c-dns from={c4}")),
+        ] {
+            let got = query(pod, "app", APP_UID, target, connected);
+            if got != want {
+                wrong.push(format!(
+                    "{pod} → {target} (connected={connected}): {got:?}, want {want:?}"
+                ));
+            }
+            asked += usize::from(pod == "e");
+        }
+    }
+    let own = query("e", ISTIO.container, ISTIO.uid, &c4, false);
+    let want_own = format!("reply=who=c-dns from={c4}");
+    if own != want_own {
+        wrong.push(format!("e's proxy → {c4}: {own:?}, want {want_own:?}"));
+    }
+    if !wrong.is_empty() {
+        return Err(Failure::new(wrong.join("; ")));
+    }
+    let redirected = agent
+        .wait_metric(DNS_REDIRECTED, before + asked as f64, PATIENCE)
+        .map_err(|e| agent_failure(agent, format!("{e:#}")))?;
+    Ok(format!(
+        "e → c:53 (IPv4 and IPv6, connected and not) answered by e's DNS proxy from the \
+         address asked; a → c:53 and e's proxy → c:53 answered by c's server; \
+         dns_redirected +{}",
+        redirected - before
+    ))
+}
+
+/// A mesh's pods end to end: both sidecars start (their listeners registered), `from`'s
+/// app → `to`:8080 goes through `from`'s outbound listener (Linkerd: 127.0.0.1:4140
+/// from a per-pod 127.128.0.0/10 source) with SO_ORIGINAL_DST `to`:8080, is captured at
+/// `to` by its inbound listener on `to`:8080 itself, and reaches `to`'s app through the
+/// passthrough with no further hop (each sidecar logs exactly one connection: no loop);
+/// plain c → `to`:8080 is captured by `to`'s sidecar only.
+fn mesh(
+    node: &Node,
+    agent: &mut Agent,
+    sidecars: &mut BTreeMap<&'static str, Child>,
+    (from, to, sidecar): (&'static str, &'static str, Sidecar),
+) -> Result<String, Failure> {
+    for pod in [from, to] {
+        sidecars.insert(pod, start_sidecar(node, pod)?);
+    }
+    // Every running sidecar's inbound listener, these two included.
+    let listeners = agent
+        .wait_metric(LISTENERS, sidecars.len() as f64, PATIENCE)
+        .map_err(|e| {
+            agent_failure(
+                agent,
+                format!(
+                    "{} sidecars listening on {}: {e:#}",
+                    sidecar.mesh, sidecar.inbound
+                ),
+            )
+        })?;
+    let (pf, pt, c) = (node.pod(from), node.pod(to), node.pod("c").ip);
+    let orig = format!("{}:8080", pt.ip);
+    let (local, peer) = if sidecar.outbound.starts_with("127.0.0.1:") {
+        (sidecar.outbound.to_string(), "127.128.".to_string())
+    } else {
+        (
+            format!("{}:{}", pf.ip, Sidecar::port(sidecar.outbound)),
+            format!("{}:", pf.ip),
+        )
+    };
+    let (nf, nt) = (sidecar_log(from).len(), sidecar_log(to).len());
+    let out = client(node, from, &orig, 64 << 10)?;
+    let lf = new_sidecar_lines(from, nf, 1);
+    let lt = new_sidecar_lines(to, nt, 1);
+    // Give a looping connection time to show.
+    std::thread::sleep(Duration::from_millis(300));
+    let (lf_all, lt_all) = (sidecar_log(from), sidecar_log(to));
+    let ok = who(&out) == format!("{to}-app")
+        && via_passthrough(&out)
+        && out.contains(&format!("ok bytes={}", 64 << 10))
+        && lf.len() == 1
+        && lf_all.len() == nf + 1
+        && outbound_at(&lf[0], &local, &peer, &orig)
+        && lt.len() == 1
+        && lt_all.len() == nt + 1
+        && inbound_from(&lt[0], pf.ip, &orig);
+    if !ok {
+        return Err(Failure::new(format!(
+            "{} {from} → {orig}: expected {to}-app via {from}'s outbound listener ({local}, \
+             peer {peer}…) and {to}'s inbound listener, orig={orig} on both, one line each",
+            sidecar.mesh
+        ))
+        .details(&out)
+        .details(&format!(
+            "sidecar {from}: {:?}\nsidecar {to}: {:?}",
+            &lf_all[nf.min(lf_all.len())..],
+            &lt_all[nt.min(lt_all.len())..]
+        )));
+    }
+    let nf = lf_all.len();
+    let nt = lt_all.len();
+    let out_c = client(node, "c", &orig, 1024)?;
+    let lt = new_sidecar_lines(to, nt, 1);
+    std::thread::sleep(Duration::from_millis(300));
+    let lf_all = sidecar_log(from);
+    if who(&out_c) != format!("{to}-app")
+        || !via_passthrough(&out_c)
+        || lf_all.len() != nf
+        || lt.len() != 1
+        || !inbound_from(&lt[0], c, &orig)
+    {
+        return Err(Failure::new(format!(
+            "plain c ({c}) → {orig} should be captured by {to}'s {} sidecar only",
+            sidecar.mesh
+        ))
+        .details(&out_c)
+        .details(&format!("sidecar {to}: {lt:?}")));
+    }
+    Ok(format!(
+        "uid {}, {listeners} listeners registered; {from} → {to}:8080 via {from}'s outbound \
+         listener ({local}, peer {peer}…) with SO_ORIGINAL_DST {orig}, captured by {to}'s \
+         inbound listener ({}) on {orig}, {to}-app via passthrough, one hop each (no loop); \
+         plain c captured by {to}'s sidecar only",
+        sidecar.uid, sidecar.inbound
+    ))
+}
+
+/// The sockhash pins of the agents.
+fn sockhash_pins() -> Vec<PathBuf> {
+    let mut pins: Vec<PathBuf> = fs::read_dir(PIN_DIR)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| p.to_string_lossy().contains("/sockhash-"))
+        .collect();
+    pins.sort();
+    pins
+}
+
+/// Waits until nothing of the agent is attached to the node cgroup or a pod namespace.
+fn wait_detached(node: &Node) -> Result<(), Failure> {
+    let end = Instant::now() + PATIENCE;
+    loop {
+        let (summary, total) = bpf::attached_summary(&node.cgroup_root)?;
+        let mut lookups = vec![];
+        for p in &node.pods {
+            lookups.push((p.name.as_str(), bpf::sk_lookup_count(&p.netns_file)?));
+        }
+        if total == 0 && lookups.iter().all(|&(_, n)| n == 0) {
+            return Ok(());
+        }
+        if Instant::now() > end {
+            return Err(Failure::new(format!(
+                "left attached: {summary}; sk_lookup {lookups:?}"
+            )));
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// SIGKILL of the agent with an 8 MiB a → b stream in flight (paced to stay open about
+/// 3 s, through both sidecars, its local legs moved by sk_msg): the stream completes
+/// byte for byte, the kernel
+/// detached every program at once (new a → b connections go direct), the killed
+/// agent's sockhash stays pinned; a new agent removes that pin, programs the pods
+/// again and, once the Istio sidecars listen again (restarted, as a pod restart), a →
+/// b goes through both with the original destination.
+fn agent_sigkill(
+    node: &Node,
+    agent: &mut Agent,
+    sidecars: &mut BTreeMap<&'static str, Child>,
+) -> Result<String, Failure> {
+    let (a, b) = (node.pod("a").ip, node.pod("b").ip);
+    let target = format!("{b}:8080");
+    let sk_before = agent::metrics()
+        .ok()
+        .and_then(|m| agent::metric(&m, SK_MSG))
+        .unwrap_or(0.0);
+    let mut stream = node
+        .stand_in(
+            "a",
+            &app_container(node, "a"),
+            APP_UID,
+            "client-paced",
+            &[
+                &target,
+                &SIGKILL_STREAM.to_string(),
+                &SIGKILL_CHUNK.to_string(),
+                &SIGKILL_PAUSE_MS.to_string(),
+            ],
+        )?
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(|e| Failure::new(format!("starting the stream: {e}")))?;
+    // In flight: sk_msg has moved a first MiB of it (without acceleration: sidecar b
+    // has its connection, and half a second of it has gone by).
+    let nb_before = sidecar_log("b").len();
+    let moving = if accelerated() {
+        agent.wait_metric(SK_MSG, sk_before + (1 << 20) as f64, PATIENCE)
+    } else {
+        let got = new_sidecar_lines("b", nb_before, 1);
+        std::thread::sleep(Duration::from_millis(500));
+        if got.is_empty() {
+            Err(anyhow::anyhow!("sidecar b never saw the stream"))
+        } else {
+            Ok(0.0)
+        }
+    };
+    let in_flight = stream.try_wait().ok().flatten().is_none();
+    let killed = agent.kill(PATIENCE)?;
+    let killed_at = Instant::now();
+    let out = stream
+        .wait_with_output()
+        .map_err(|e| Failure::new(format!("waiting for the stream: {e}")))?;
+    let stream_secs = killed_at.elapsed().as_secs_f64();
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    // Every verdict on the killed agent, then a new agent in any case (the checks after
+    // this one need a running agent).
+    let mut problems: Vec<String> = vec![];
+    if let Err(e) = moving {
+        problems.push(format!("the stream did not get going: {e:#}"));
+    } else if !in_flight {
+        problems.push(format!(
+            "the {SIGKILL_STREAM}-byte stream ended before the kill; nothing was proved"
+        ));
+    } else if !out.status.success() || !text.contains(&format!("ok bytes={SIGKILL_STREAM}")) {
+        problems.push(format!(
+            "the {} MiB stream in flight at SIGKILL did not complete intact ({}; {:.1} s \
+             after the kill): {}",
+            SIGKILL_STREAM >> 20,
+            out.status,
+            stream_secs,
+            stderr.trim()
+        ));
+    }
+    if let Err(f) = wait_detached(node) {
+        problems.push(format!("after SIGKILL: {}", f.summary));
+    }
+    let pins = sockhash_pins();
+    let want_pins = usize::from(accelerated());
+    if pins.len() != want_pins {
+        problems.push(format!(
+            "the killed agent's sockhash pins: {pins:?}, want {want_pins} (pinned only \
+             when it accelerated)"
+        ));
+    }
+    let (na, nb) = log_lengths();
+    let direct = client(node, "a", &target, 1024)?;
+    std::thread::sleep(Duration::from_millis(300));
+    if who(&direct) != "b-app"
+        || !app_peer(&direct).starts_with(&format!("{a}:"))
+        || log_lengths() != (na, nb)
+    {
+        problems.push(format!(
+            "after SIGKILL, a → b should go direct (neither sidecar): {}",
+            direct.trim()
+        ));
+    }
+    // A new agent takes over.
+    *agent = Agent::start(
+        Path::new(PODS_FILE),
+        &node.cgroup_root,
+        Path::new(NETNS_DIR),
+        Path::new(AGENT2_LOG),
+    )?;
+    agent
+        .wait_metric(
+            PROGRAMMED,
+            meshed_pods(node).len() as f64,
+            Duration::from_secs(90),
+        )
+        .map_err(|e| agent_failure(agent, format!("new agent: {e:#}")))?;
+    let end = Instant::now() + PATIENCE;
+    while pins.len() == 1 && sockhash_pins().contains(&pins[0]) {
+        if Instant::now() > end {
+            problems.push(format!(
+                "the new agent left the killed agent's pin {}",
+                pins[0].display()
+            ));
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    for pod in MESHED {
+        if let Some(mut old) = sidecars.remove(pod) {
+            let _ = old.kill();
+            let _ = old.wait();
+        }
+        sidecars.insert(pod, start_sidecar(node, pod)?);
+    }
+    agent
+        .wait_metric(LISTENERS, MESHED.len() as f64, PATIENCE)
+        .map_err(|e| agent_failure(agent, format!("restarted sidecars: {e:#}")))?;
+    let (na, nb) = log_lengths();
+    let out = client(node, "a", &target, 1024)?;
+    let la = new_sidecar_lines("a", na, 1);
+    let lb = new_sidecar_lines("b", nb, 1);
+    if who(&out) != "b-app"
+        || la.len() != 1
+        || !outbound_at(&la[0], &format!("{a}:15001"), &format!("{a}:"), &target)
+        || lb.len() != 1
+        || !inbound_from(&lb[0], a, &target)
+    {
+        problems.push(format!(
+            "with the new agent and the sidecars restarted, a → b should go through both: \
+             {} sidecar a: {la:?} sidecar b: {lb:?}",
+            out.trim()
+        ));
+    }
+    if !problems.is_empty() {
+        return Err(Failure::new(problems.join("; "))
+            .details(&text)
+            .details(&stderr));
+    }
+    Ok(format!(
+        "{} MiB a → b in flight at SIGKILL ({killed}) completed intact {stream_secs:.1} s \
+         later; detached at once, a → b direct; {}; new agent: a → b through both sidecars \
+         again (orig {target})",
+        SIGKILL_STREAM >> 20,
+        if accelerated() {
+            "killed agent's sockhash pinned, removed by the new agent"
+        } else {
+            "no sockhash pinned (acceleration off, as check said)"
+        }
+    ))
+}
+
+/// No inbound connection reached a meshed pod's app without its sidecar, in any mesh.
+fn bypass_ledger(node: &Node, agent: &mut Agent) -> Result<String, Failure> {
+    // Every connection a sidecar accepted inbound was counted by sk_lookup: once the
     // published counter has them all, the ledger of the same pass is complete too.
-    let captured = sidecar_log("b")
+    let meshed = meshed_pods(node);
+    let captured: usize = meshed
         .iter()
-        .filter(|l| l.contains("listener=inbound"))
-        .count();
+        .map(|p| {
+            sidecar_log(p)
+                .iter()
+                .filter(|l| l.contains("listener=inbound"))
+                .count()
+        })
+        .sum();
     let counted = agent
         .wait_metric(REDIRECT_INBOUND, captured as f64, PATIENCE)
         .map_err(|e| agent_failure(agent, format!("{e:#}")))?;
     let body = agent::metrics()?;
-    let ledger = |pod: &str| agent::metric(&body, &ledger_sample(pod));
-    let (a, b) = (ledger("a"), ledger("b"));
-    if a != Some(0.0) || b != Some(0.0) {
+    let ledgers: Vec<(&str, Option<f64>)> = meshed
+        .iter()
+        .map(|p| (*p, agent::metric(&body, &ledger_sample(p))))
+        .collect();
+    if ledgers.iter().any(|(_, v)| *v != Some(0.0)) {
         return Err(
-            Failure::new(format!("bypass ledger: a {a:?}, b {b:?}, want 0 each")).details(&body),
+            Failure::new(format!("bypass ledger: {ledgers:?}, want 0 each")).details(&body),
         );
     }
     Ok(format!(
-        "merbridge_edge_inbound_bypassed_total 0 for a and b; {counted} connections captured inbound"
+        "merbridge_edge_inbound_bypassed_total 0 for {}; {counted} connections captured inbound",
+        meshed.join(" ")
     ))
 }
 
@@ -791,8 +1516,10 @@ pub fn run(r: &mut Reporter) {
     r.record(
         "setup",
         Ok(format!(
-            "3 pods (2 meshed), namespaces pinned in {NETNS_DIR}, apps listening, \
-             another node at {REMOTE_IP}"
+            "{} pods ({} meshed: Istio, Linkerd, Kuma, OSM), IPv4 and IPv6, namespaces \
+             pinned in {NETNS_DIR}, apps and DNS stand-ins up, another node at {REMOTE_IP}",
+            node.pods.len(),
+            meshed_pods(&node).len()
         )),
     );
     r.record("verifier", verifier());
@@ -828,11 +1555,24 @@ pub fn run(r: &mut Reporter) {
         "inbound-from-another-node",
         inbound_from_another_node(&node),
     );
+    r.record("ipv6", ipv6(&node));
+    r.record("dns-capture", dns_capture(&node, &mut agent));
     r.record("sk-msg-intact", sk_msg_intact(&node, &mut agent));
+    r.record("sk-msg-bulk-stream", sk_msg_bulk_stream(&node));
     r.record(
         "inbound-refused-when-sidecar-down",
         inbound_refused(&node, &mut agent, &mut sidecars),
     );
-    r.record("inbound-bypass-ledger", bypass_ledger(&mut agent));
+    for m in MESH_PODS {
+        r.record(
+            &format!("mesh-{}", m.2.mesh),
+            mesh(&node, &mut agent, &mut sidecars, m),
+        );
+    }
+    r.record("inbound-bypass-ledger", bypass_ledger(&node, &mut agent));
+    r.record(
+        "agent-sigkill-stream",
+        agent_sigkill(&node, &mut agent, &mut sidecars),
+    );
     r.record("agent-stops-clean", agent_stops_clean(&node, &mut agent));
 }

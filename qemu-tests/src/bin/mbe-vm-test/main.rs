@@ -10,6 +10,7 @@ mod bpf;
 mod checks;
 mod netlink;
 mod pods;
+mod probe_log;
 mod standins;
 mod sys;
 

@@ -1,8 +1,9 @@
 //! Just enough rtnetlink, by hand, to build the pods' network (no iproute2 in the VM):
-//! veth pairs with the peer in another namespace, links up, IPv4 addresses and routes.
+//! veth pairs with the peer in another namespace, links up, IPv4 and IPv6 addresses and
+//! routes.
 use std::{
     io,
-    net::Ipv4Addr,
+    net::{Ipv4Addr, Ipv6Addr},
     os::fd::{AsRawFd, FromRawFd, OwnedFd},
 };
 
@@ -34,6 +35,8 @@ const RT_SCOPE_UNIVERSE: u8 = 0;
 const RT_SCOPE_LINK: u8 = 253;
 const RTN_UNICAST: u8 = 1;
 const RTNH_F_ONLINK: u32 = 4;
+/// ifa_flags: no duplicate address detection (the address is usable at once).
+const IFA_F_NODAD: u8 = 0x02;
 
 /// A NETLINK_ROUTE socket, bound to the network namespace it was opened in.
 pub struct Netlink {
@@ -212,6 +215,67 @@ impl Netlink {
             RTN_UNICAST,
         ];
         body.extend_from_slice(&flags.to_ne_bytes());
+        if prefix > 0 {
+            attr(&mut body, RTA_DST, &dst.octets());
+        }
+        if let Some(gw) = gateway {
+            attr(&mut body, RTA_GATEWAY, &gw.octets());
+        }
+        attr(&mut body, RTA_OIF, &index.to_ne_bytes());
+        let via = gateway.map(|g| format!(" via {g}")).unwrap_or_default();
+        self.request(
+            RTM_NEWROUTE,
+            NLM_F_CREATE | NLM_F_EXCL,
+            &body,
+            &format!("adding route {dst}/{prefix}{via} dev {name}"),
+        )
+    }
+
+    /// `ip -6 addr add ADDR/PREFIX dev NAME nodad`.
+    pub fn add_addr6(&mut self, name: &str, addr: Ipv6Addr, prefix: u8) -> Result<()> {
+        let index = index_of(name)? as u32;
+        let scope = if addr.segments()[0] & 0xffc0 == 0xfe80 {
+            RT_SCOPE_LINK
+        } else {
+            RT_SCOPE_UNIVERSE
+        };
+        let mut body = vec![libc::AF_INET6 as u8, prefix, IFA_F_NODAD, scope];
+        body.extend_from_slice(&index.to_ne_bytes());
+        attr(&mut body, IFA_LOCAL, &addr.octets());
+        attr(&mut body, IFA_ADDRESS, &addr.octets());
+        self.request(
+            RTM_NEWADDR,
+            NLM_F_CREATE | NLM_F_EXCL,
+            &body,
+            &format!("adding {addr}/{prefix} to {name}"),
+        )
+    }
+
+    /// `ip -6 route add DST/PREFIX [via GW] dev NAME`.
+    pub fn add_route6(
+        &mut self,
+        dst: Ipv6Addr,
+        prefix: u8,
+        gateway: Option<Ipv6Addr>,
+        name: &str,
+    ) -> Result<()> {
+        let index = index_of(name)? as u32;
+        let scope = if gateway.is_some() {
+            RT_SCOPE_UNIVERSE
+        } else {
+            RT_SCOPE_LINK
+        };
+        let mut body = vec![
+            libc::AF_INET6 as u8,
+            prefix,
+            0,
+            0,
+            RT_TABLE_MAIN,
+            RTPROT_BOOT,
+            scope,
+            RTN_UNICAST,
+        ];
+        body.extend_from_slice(&0u32.to_ne_bytes());
         if prefix > 0 {
             attr(&mut body, RTA_DST, &dst.octets());
         }

@@ -1,36 +1,42 @@
 //! The hidden stand-in roles, as in testbed's `mbe-testbed`: `echo` (an app that
-//! greets with who it is and echoes), `sidecar` (a proxy that asks SO_ORIGINAL_DST,
-//! logs one line per connection and forwards, inbound from 127.0.0.6 like Envoy) and
-//! `client` (connects, checks the echo byte for byte; optionally many connections at
-//! once).
+//! greets with who it is and echoes, IPv4 and IPv6), `sidecar` (a proxy that asks
+//! SO_ORIGINAL_DST, logs one line per connection and forwards, inbound from 127.0.0.6
+//! like Envoy; its listeners on the addresses its mesh uses), `client` (connects,
+//! checks the echo byte for byte; optionally many connections at once, or paced so
+//! that a stream stays in flight for seconds), and for DNS
+//! `udp-echo` (answers each datagram with `who=<name>`) and `udp-query` (sends one
+//! datagram, connected or not, and prints the reply and whom it came from).
 use std::{
     io::{BufRead, BufReader, Read, Write},
-    net::{Shutdown, SocketAddr, TcpStream},
+    net::{Shutdown, SocketAddr, TcpStream, UdpSocket},
     sync::{Arc, Barrier},
     time::Duration,
 };
 
-use merbridge_edge_standins::{echo, sidecar};
+use merbridge_edge_standins::{canonical, echo, sidecar_on};
 
 /// Runs role `role` with `args`.
 pub fn run(role: &str, args: &[String]) -> Result<(), String> {
     let a: Vec<&str> = args.iter().map(String::as_str).collect();
     match (role, a.as_slice()) {
         ("echo", [name, ports @ ..]) => {
-            let addrs: Vec<String> = ports.iter().map(|p| format!("0.0.0.0:{p}")).collect();
+            let addrs: Vec<String> = ports.iter().map(|p| format!("[::]:{p}")).collect();
             echo(name, &addrs.iter().map(String::as_str).collect::<Vec<_>>())
         }
-        ("sidecar", [name, out_port, in_port, log]) => {
-            sidecar(name, "0.0.0.0", port(out_port)?, port(in_port)?, log)
-        }
+        ("sidecar", [name, out_addr, in_addr, log]) => sidecar_on(name, out_addr, in_addr, log),
         ("client", [addr, bytes]) => client(addr, count(bytes)?),
         ("client", [addr, bytes, conns]) => clients(addr, count(bytes)?, count(conns)?),
+        ("client-paced", [addr, bytes, chunk, pause_ms]) => client_paced(
+            addr,
+            count(bytes)?,
+            count(chunk)?,
+            Duration::from_millis(count(pause_ms)? as u64),
+        ),
+        ("udp-echo", [name, addr]) => udp_echo(name, addr),
+        ("udp-query", [addr]) => udp_query(addr, false),
+        ("udp-query", [addr, "connected"]) => udp_query(addr, true),
         _ => Err(format!("unknown stand-in {role} {a:?}")),
     }
-}
-
-fn port(s: &str) -> Result<u16, String> {
-    s.parse().map_err(|_| format!("bad port {s}"))
 }
 
 fn count(s: &str) -> Result<usize, String> {
@@ -47,6 +53,32 @@ fn client(addr: &str, bytes: usize) -> Result<(), String> {
     let (s, reader, hello) = connect(addr)?;
     print!("{hello}");
     echo_check(s, reader, bytes)?;
+    println!("ok bytes={bytes}");
+    Ok(())
+}
+
+/// Like [`client`], but sends `bytes` in `chunk`-byte writes with `pause` between
+/// them, so the stream stays open for `bytes / chunk × pause`.
+fn client_paced(addr: &str, bytes: usize, chunk: usize, pause: Duration) -> Result<(), String> {
+    let addr: SocketAddr = addr.parse().map_err(|_| format!("bad address {addr}"))?;
+    let (s, reader, hello) = connect(addr)?;
+    print!("{hello}");
+    let data = pattern(bytes);
+    let mut w = s.try_clone().map_err(|e| e.to_string())?;
+    let sent = data.clone();
+    let writer = std::thread::spawn(move || -> std::io::Result<()> {
+        for part in sent.chunks(chunk.max(1)) {
+            w.write_all(part)?;
+            std::thread::sleep(pause);
+        }
+        Ok(())
+    });
+    let got = read_echo(reader, bytes);
+    let wrote = writer.join().unwrap();
+    let got = got?;
+    wrote.map_err(|e| format!("writing: {e}"))?;
+    let _ = s.shutdown(Shutdown::Both);
+    compare(&got, &data)?;
     println!("ok bytes={bytes}");
     Ok(())
 }
@@ -98,25 +130,90 @@ fn connect(addr: SocketAddr) -> Result<(TcpStream, BufReader<TcpStream>, String)
 }
 
 /// Sends `bytes` and checks they come back unchanged.
-fn echo_check(s: TcpStream, mut reader: BufReader<TcpStream>, bytes: usize) -> Result<(), String> {
+fn echo_check(s: TcpStream, reader: BufReader<TcpStream>, bytes: usize) -> Result<(), String> {
     let data = pattern(bytes);
     let mut w = s.try_clone().map_err(|e| e.to_string())?;
     let sent = data.clone();
     let writer = std::thread::spawn(move || w.write_all(&sent));
-    let mut got = vec![0u8; bytes];
-    reader
-        .read_exact(&mut got)
-        .map_err(|e| format!("reading the echo of {bytes} bytes: {e}"))?;
+    let got = read_echo(reader, bytes)?;
     writer
         .join()
         .unwrap()
         .map_err(|e| format!("writing: {e}"))?;
     let _ = s.shutdown(Shutdown::Both);
+    compare(&got, &data)
+}
+
+/// Reads `bytes` of echo, saying how many came before an early end or error.
+fn read_echo(mut reader: BufReader<TcpStream>, bytes: usize) -> Result<Vec<u8>, String> {
+    let mut got = vec![0u8; bytes];
+    let mut filled = 0;
+    while filled < bytes {
+        match reader.read(&mut got[filled..]) {
+            Ok(0) => {
+                return Err(format!(
+                    "the echo ended after {filled} of {bytes} bytes (end of stream)"
+                ));
+            }
+            Ok(n) => filled += n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => {
+                return Err(format!(
+                    "reading the echo after {filled} of {bytes} bytes: {e}"
+                ));
+            }
+        }
+    }
+    Ok(got)
+}
+
+/// Whether the echo is what was sent; else where it first differs.
+fn compare(got: &[u8], data: &[u8]) -> Result<(), String> {
     if got != data {
-        let first = got.iter().zip(&data).position(|(a, b)| a != b).unwrap_or(0);
+        let first = got.iter().zip(data).position(|(a, b)| a != b).unwrap_or(0);
         return Err(format!(
             "echo differs from what was sent, first at byte {first}"
         ));
     }
+    Ok(())
+}
+
+/// A DNS server stand-in: answers each datagram with `who=<name>`.
+fn udp_echo(name: &str, addr: &str) -> Result<(), String> {
+    let s = UdpSocket::bind(addr).map_err(|e| format!("bind {addr}: {e}"))?;
+    let mut buf = [0u8; 1500];
+    loop {
+        let (_, from) = s.recv_from(&mut buf).map_err(|e| e.to_string())?;
+        let _ = s.send_to(format!("who={name}").as_bytes(), from);
+    }
+}
+
+/// Sends one datagram to `addr` (after connect(2) when `connected`) and prints
+/// `reply=<text> from=<addr>`.
+fn udp_query(addr: &str, connected: bool) -> Result<(), String> {
+    let target: SocketAddr = addr.parse().map_err(|_| format!("bad address {addr}"))?;
+    let bind = if target.is_ipv4() {
+        "0.0.0.0:0"
+    } else {
+        "[::]:0"
+    };
+    let s = UdpSocket::bind(bind).map_err(|e| e.to_string())?;
+    s.set_read_timeout(Some(Duration::from_secs(5))).ok();
+    if connected {
+        s.connect(target)
+            .map_err(|e| format!("connect {target}: {e}"))?;
+        s.send(b"q").map_err(|e| e.to_string())?;
+    } else {
+        s.send_to(b"q", target).map_err(|e| e.to_string())?;
+    }
+    let mut buf = [0u8; 1500];
+    let (n, from) = s
+        .recv_from(&mut buf)
+        .map_err(|e| format!("no reply from {target}: {e}"))?;
+    println!(
+        "reply={} from={}",
+        String::from_utf8_lossy(&buf[..n]),
+        canonical(from)
+    );
     Ok(())
 }
