@@ -1,10 +1,11 @@
 //! The complete verifier log of a probe this kernel rejects. The agent reports a
 //! rejection in one line (the error and the verifier's last words); to report the whole
 //! log, this takes the probe object the agent embeds (the BPF ELF inside its binary),
-//! creates its maps (legacy `maps` section, 16 entries each, as `check` makes them),
-//! points the program's map loads at them and loads it with the verifier log on.
-//! Only programs whose relocations all name maps are loaded this way; for any other
-//! the reason is given instead.
+//! creates its maps (legacy `maps` section, 16 entries each, as `check` makes them)
+//! and its globals' sections (one-entry arrays, `.rodata` frozen, `ACCELERATE` = 1),
+//! points the program's loads at them and loads it with the verifier log on. Only
+//! programs whose relocations all name maps or globals are loaded this way (calls into
+//! `.text` are not); for any other the reason is given instead.
 use std::{collections::BTreeMap, fs, os::fd::AsRawFd, path::Path};
 
 use anyhow::{Context, Result, bail};
@@ -14,6 +15,13 @@ const SHT_SYMTAB: u32 = 2;
 const SHT_REL: u32 = 9;
 const R_BPF_64_64: u32 = 1;
 const BPF_PSEUDO_MAP_FD: u8 = 1;
+const BPF_PSEUDO_MAP_VALUE: u8 = 2;
+const BPF_F_RDONLY_PROG: u32 = 1 << 7;
+const BPF_MAP_UPDATE_ELEM: i64 = 2;
+const BPF_MAP_FREEZE: i64 = 22;
+/// Globals the agent sets before loading, with the value `check` gives them
+/// (`ACCELERATE`: 1, as `check` tries the probes with acceleration on).
+const GLOBALS: [(&str, u32); 1] = [("ACCELERATE", 1)];
 const BPF_MAP_CREATE: i64 = 0;
 const BPF_PROG_LOAD: i64 = 5;
 /// Map entries, as `merbridge-edge check` sizes the maps.
@@ -163,6 +171,26 @@ pub fn verifier_log(agent: &Path, program: &str) -> Result<Vec<String>> {
         .find(|(name, _, _)| name == program)
         .map(|(_, shndx, _)| (shndx as usize, &secs[shndx as usize]))
         .with_context(|| format!("no program {program} in the probe object"))?;
+    // FUNC symbols of the section: the program alone, else (local functions to place
+    // as the agent's loader does) this loader would not load what the agent loads.
+    let size_at = |i: usize| u64_at(&obj, symtab.offset + i * 24 + 16);
+    let funcs: Vec<u64> = (0..symtab.size / 24)
+        .filter(|&i| {
+            obj[symtab.offset + i * 24 + 4] & 0xf == 2
+                && u16_at(&obj, symtab.offset + i * 24 + 6) as usize == prog_index
+        })
+        .map(size_at)
+        .collect();
+    if funcs.len() != 1 || funcs[0] as usize != section.size {
+        bail!(
+            "{program}'s section {} holds more than the program ({} functions, {} of {} \
+             bytes); the agent's one-line report is all there is",
+            section.name,
+            funcs.len(),
+            funcs.first().copied().unwrap_or(0),
+            section.size
+        );
+    }
     let (prog_type, attach_type) = types(&section.name)
         .with_context(|| format!("unknown program section {}", section.name))?;
     let mut insns = obj[section.offset..section.offset + section.size].to_vec();
@@ -182,10 +210,76 @@ pub fn verifier_log(agent: &Path, program: &str) -> Result<Vec<String>> {
         let info = u64_at(&obj, r + 8);
         let (sym, kind) = ((info >> 32) as usize, (info & 0xffff_ffff) as u32);
         let (name, shndx, value) = symbol(&obj, &secs, symtab, sym);
+        let data = &secs[shndx as usize];
+        if kind == R_BPF_64_64
+            && shndx as usize != maps_index
+            && [".rodata", ".data", ".bss"]
+                .iter()
+                .any(|d| data.name == *d || data.name.starts_with(&format!("{d}.")))
+        {
+            // A global: its section as a one-entry array map (read-only and frozen for
+            // .rodata), the load pointing into it.
+            let key = format!("section {}", data.name);
+            if !maps.contains_key(&key) {
+                let size = data.size.max(1) as u32;
+                let mut attr = [0u8; 128];
+                attr[0..4].copy_from_slice(&2u32.to_le_bytes()); // BPF_MAP_TYPE_ARRAY
+                attr[4..8].copy_from_slice(&4u32.to_le_bytes());
+                attr[8..12].copy_from_slice(&size.to_le_bytes());
+                attr[12..16].copy_from_slice(&1u32.to_le_bytes());
+                let rodata = data.name.starts_with(".rodata");
+                if rodata {
+                    attr[16..20].copy_from_slice(&BPF_F_RDONLY_PROG.to_le_bytes());
+                }
+                let fd = bpf(BPF_MAP_CREATE, &mut attr)
+                    .with_context(|| format!("creating the map of {}", data.name))?;
+                let mut value = if data.name.starts_with(".bss") {
+                    vec![0u8; size as usize]
+                } else {
+                    obj[data.offset..data.offset + data.size].to_vec()
+                };
+                value.resize(size as usize, 0);
+                // The agent's defaults for the globals it overrides.
+                for (global, v) in GLOBALS {
+                    if let Some((_, gshndx, gvalue)) = (0..symtab.size / 24)
+                        .map(|i| symbol(&obj, &secs, symtab, i))
+                        .find(|(n, _, _)| n == global)
+                        && gshndx == shndx
+                    {
+                        let at = gvalue as usize;
+                        value[at..at + 4].copy_from_slice(&v.to_le_bytes());
+                    }
+                }
+                let zero = 0u32;
+                let mut attr = [0u8; 128];
+                attr[0..4].copy_from_slice(&(fd as u32).to_le_bytes());
+                attr[8..16].copy_from_slice(&(&zero as *const u32 as u64).to_le_bytes());
+                attr[16..24].copy_from_slice(&(value.as_ptr() as u64).to_le_bytes());
+                bpf(BPF_MAP_UPDATE_ELEM, &mut attr)
+                    .with_context(|| format!("filling the map of {}", data.name))?;
+                if rodata {
+                    let mut attr = [0u8; 128];
+                    attr[0..4].copy_from_slice(&(fd as u32).to_le_bytes());
+                    bpf(BPF_MAP_FREEZE, &mut attr)
+                        .with_context(|| format!("freezing the map of {}", data.name))?;
+                }
+                // SAFETY: a new fd the kernel returned.
+                maps.insert(key.clone(), unsafe {
+                    std::os::fd::FromRawFd::from_raw_fd(fd)
+                });
+            }
+            let fd = maps[&key].as_raw_fd();
+            let addend = u32_at(&insns, offset + 4) as u64 + value;
+            insns[offset + 1] = (insns[offset + 1] & 0x0f) | (BPF_PSEUDO_MAP_VALUE << 4);
+            insns[offset + 4..offset + 8].copy_from_slice(&fd.to_le_bytes());
+            insns[offset + 12..offset + 16].copy_from_slice(&(addend as u32).to_le_bytes());
+            continue;
+        }
         if kind != R_BPF_64_64 || shndx as usize != maps_index {
             bail!(
-                "{program} has a relocation this loader does not handle ({name}, type {kind}); \
-                 the agent's one-line report is all there is"
+                "{program} has a relocation this loader does not handle ({name} in {}, type \
+                 {kind}); the agent's one-line report is all there is",
+                data.name
             );
         }
         if !maps.contains_key(&name) {
