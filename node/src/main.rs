@@ -150,6 +150,10 @@ struct RunArgs {
     /// size of the per-connection maps (default 65536)
     #[argh(option, default = "65536")]
     max_connections: u32,
+    /// entries of each rule map (port rules, address rules), shared by all pods; one pod
+    /// may take a 16th (default 65536)
+    #[argh(option, default = "65536")]
+    max_rules: u32,
     /// meshed pods the maps hold (default 1024; a kubelet runs at most 110 by default)
     #[argh(option, default = "1024")]
     max_pods: u32,
@@ -323,6 +327,7 @@ fn main() {
         pin_listeners: args.pin_inbound_listeners,
         sizes: MapSizes {
             connections: args.max_connections,
+            rules: args.max_rules,
             ..MapSizes::for_pods(args.max_pods)
         },
     };

@@ -191,6 +191,8 @@ pub struct SyncReport {
     pub waiting_for_cgroups: usize,
     /// Pods left out because a map is full.
     pub map_full: usize,
+    /// Pods left out because they need more rule entries than one pod's share.
+    pub over_share: usize,
 }
 
 struct Programmed {
@@ -220,6 +222,8 @@ pub struct Programmer {
     /// Inbound ports some pod's sidecar uses beyond the meshes' own, written to
     /// INBOUND_PORTS (the meshes' own are written at load).
     extra_inbound_ports: BTreeSet<u16>,
+    /// Most port-rule (and most address-rule) entries one pod may take.
+    rule_share: usize,
 }
 
 impl Programmer {
@@ -236,7 +240,16 @@ impl Programmer {
             generation: 0,
             full_maps: BTreeSet::new(),
             extra_inbound_ports: BTreeSet::new(),
+            rule_share: usize::MAX,
         }
+    }
+
+    /// Limits each pod to `share` port-rule and `share` address-rule entries, so that
+    /// one pod's annotations cannot fill the rule maps for every other pod. A pod that
+    /// needs more is not redirected (fail open) and is named in a warning.
+    pub fn with_rule_share(mut self, share: usize) -> Self {
+        self.rule_share = share;
+        self
     }
 
     /// Records the cgroups that have a registered inbound listener now; true when one
@@ -355,6 +368,22 @@ impl Programmer {
                 ));
             }
             let new = PodEntries::build(policy, pod_id, cgroups);
+            let needs = new.ports.len().max(new.cidrs.len());
+            if needs > self.rule_share {
+                report.over_share += 1;
+                self.warn_once(&format!(
+                    "pod {}: its rules need {} port-rule and {} address-rule entries, over one \
+                     pod's share of {} (a 16th of --max-rules); the pod is not redirected",
+                    policy.name,
+                    new.ports.len(),
+                    new.cidrs.len(),
+                    self.rule_share
+                ));
+                if let Some(old) = self.pods.remove(&policy.uid) {
+                    let _ = apply(dp, &old.entries, &PodEntries::default(), old.pod_id);
+                }
+                continue;
+            }
             let old = self.pods.get(&policy.uid).map(|p| p.entries.clone());
             if old.as_ref() == Some(&new) {
                 report.programmed += 1;

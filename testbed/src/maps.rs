@@ -22,6 +22,17 @@ fn bytes(v: &Value) -> Vec<u8> {
 /// The id of the one loaded map called `name` (kernel names are cut at 15 bytes).
 /// More than one such map means another agent is running: an error.
 pub fn map_id(name: &str) -> Result<u64> {
+    map_id_keyed(name, None)
+}
+
+/// Every entry of the loaded map called `name` whose keys are `key_size` bytes (for
+/// maps whose names are the same once cut at 15 bytes, such as the two
+/// `ORIGINAL_DST_BY_*`).
+pub fn dump_keyed(name: &str, key_size: u64) -> Result<Vec<Entry>> {
+    dump_id(map_id_keyed(name, Some(key_size))?)
+}
+
+fn map_id_keyed(name: &str, key_size: Option<u64>) -> Result<u64> {
     let kernel_name = &name[..name.len().min(15)];
     let out = Command::new("bpftool")
         .args(["-j", "map", "show"])
@@ -33,6 +44,7 @@ pub fn map_id(name: &str) -> Result<u64> {
         .into_iter()
         .flatten()
         .filter(|m| m["name"].as_str() == Some(kernel_name))
+        .filter(|m| key_size.is_none() || m["bytes_key"].as_u64() == key_size)
         .filter_map(|m| m["id"].as_u64())
         .collect();
     let [id] = ids[..] else {

@@ -528,6 +528,78 @@ fn a_full_pod_map_is_said_once_and_the_rest_are_kept() {
     assert_eq!(pod_ips().unwrap().len(), 6 + 10);
 }
 
+/// One pod whose annotations need about 65,000 rule entries, next to ordinary pods, with
+/// the kubelet listing them in a new order on every poll: it alone is left out (named
+/// once), and the others stay programmed on every poll.
+#[test]
+fn a_pod_over_its_rule_share_is_left_out_whatever_the_order() {
+    let Some(_serial) = kernel_test("kubelet_rule_share") else {
+        return;
+    };
+    let node = Node::new(HELPER.as_ref()).unwrap();
+    let mut pods = istio_pods(4);
+    // Every odd port excluded both ways: 2 × 32,768 single-port entries, as annotations
+    // (no istio-init: its arguments would be the pod's configuration instead).
+    let odd: Vec<String> = (1..=65535u32).step_by(2).map(|p| p.to_string()).collect();
+    let odd = odd.join(",");
+    pods[0]["spec"]
+        .as_object_mut()
+        .unwrap()
+        .remove("initContainers");
+    pods[0]["status"]
+        .as_object_mut()
+        .unwrap()
+        .remove("initContainerStatuses");
+    for key in [
+        "traffic.sidecar.istio.io/excludeOutboundPorts",
+        "traffic.sidecar.istio.io/excludeInboundPorts",
+    ] {
+        pods[0]["metadata"]["annotations"][key] = json!(odd);
+    }
+    let ordinary: Vec<IpAddr> = pods[1..]
+        .iter()
+        .map(|p| p["status"]["podIP"].as_str().unwrap().parse().unwrap())
+        .collect();
+    let big: IpAddr = pods[0]["status"]["podIP"]
+        .as_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    let list = with_items(serde_json::from_str(KUBELET_FIXTURE).unwrap(), pods);
+    let kubelet = Kubelet::start(
+        node.scratch().join("kubelet"),
+        serde_json::to_vec(&list).unwrap(),
+    );
+    let mut agent = start_agent(&node, &kubelet, &["--max-rules", "65536"]);
+    agent
+        .wait_log("pod shop/load-0: its rules need 655", WAIT)
+        .unwrap();
+    for poll in 0..20 {
+        let since = kubelet.server().requests();
+        kubelet.server().wait_requests(since, 1, WAIT).unwrap();
+        let ips = pod_ips().unwrap();
+        assert!(
+            ordinary.iter().all(|ip| ips.contains(ip)) && !ips.contains(&big),
+            "poll {poll}: {ips:?}"
+        );
+    }
+    assert_eq!(
+        agent
+            .log()
+            .matches("pod shop/load-0: its rules need")
+            .count(),
+        1,
+        "said once"
+    );
+    let rules = agent
+        .metric("merbridge_edge_map_entries{map=\"PORT_RULES\"}")
+        .unwrap();
+    assert!(
+        rules < 4096.0,
+        "the big pod's 65,536 entries never went in: {rules}"
+    );
+}
+
 #[test]
 fn pods_come_go_restart_and_change_mesh() {
     let Some(_serial) = kernel_test("kubelet_lifecycle") else {

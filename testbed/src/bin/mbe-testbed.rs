@@ -1,7 +1,9 @@
 //! Stand-ins for what runs in a meshed pod, for the real-kernel tests:
 //! `echo` (an app), `sidecar` (a proxy honouring SO_ORIGINAL_DST), `client`,
 //! `sockopts` (getsockopt pass-through checks), `udp-echo` and `udp-query` (DNS),
-//! `latency` (connection set-up and request/response times, for the demo and benches).
+//! `latency` (connection set-up and request/response times, for the demo and benches),
+//! `forge` (a hostile pod's sockets claiming another pod's address) and `connect-many`
+//! (connections held open until the pod's ports run out).
 use std::{
     io::{BufRead, BufReader, Read, Write},
     mem::size_of,
@@ -40,10 +42,12 @@ fn main() {
             size.parse().map_err(|_| "bad size".to_string()),
         ),
         ["sockopts"] => sockopts(),
+        ["forge", victim, listen_port, ms, ports @ ..] => forge(victim, listen_port, ms, ports),
+        ["connect-many", target, count] => connect_many(target, count),
         ["udp-echo", name, addr] => udp_echo(name, addr),
         ["udp-query", addr, rest @ ..] => udp_query(addr, rest.contains(&"--connected")),
         _ => Err(format!(
-            "usage: mbe-testbed echo|sidecar|client|sockopts|udp-echo|udp-query …; got {a:?}"
+            "usage: mbe-testbed echo|sidecar|client|sockopts|forge|connect-many|udp-echo|udp-query …; got {a:?}"
         )),
     };
     if let Err(e) = result {
@@ -528,5 +532,162 @@ fn udp_query(addr: &str, connected: bool) -> Result<(), String> {
         String::from_utf8_lossy(&buf[..n]),
         canonical(from)
     );
+    Ok(())
+}
+
+/// A TCP socket bound to `source` before anything else is done with it.
+fn bound_socket(source: SocketAddr) -> Result<std::os::fd::OwnedFd, String> {
+    use std::os::fd::FromRawFd;
+    let family = if source.is_ipv4() {
+        libc::AF_INET
+    } else {
+        libc::AF_INET6
+    };
+    // SAFETY: plain socket(2); the descriptor is owned at once.
+    let fd = unsafe { libc::socket(family, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0) };
+    if fd < 0 {
+        return Err(format!("socket: {}", std::io::Error::last_os_error()));
+    }
+    // SAFETY: fd is a fresh descriptor nobody else owns.
+    let fd = unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) };
+    let one: libc::c_int = 1;
+    // SAFETY: setsockopt with an int value of its size.
+    unsafe {
+        libc::setsockopt(
+            fd.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_REUSEADDR,
+            &one as *const _ as *const libc::c_void,
+            size_of::<libc::c_int>() as u32,
+        )
+    };
+    let (storage, len) = sockaddr_of(source);
+    // SAFETY: a sockaddr of the socket's family and its length.
+    if unsafe {
+        libc::bind(
+            fd.as_raw_fd(),
+            &storage as *const _ as *const libc::sockaddr,
+            len,
+        )
+    } != 0
+    {
+        return Err(format!(
+            "bind {source}: {}",
+            std::io::Error::last_os_error()
+        ));
+    }
+    Ok(fd)
+}
+
+fn sockaddr_of(a: SocketAddr) -> (libc::sockaddr_storage, u32) {
+    // SAFETY: sockaddr_storage is plain data; zero is a valid value.
+    let mut storage: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
+    match a {
+        SocketAddr::V4(v4) => {
+            // SAFETY: sockaddr_storage is large enough and aligned for sockaddr_in.
+            let sin = unsafe { &mut *(&mut storage as *mut _ as *mut libc::sockaddr_in) };
+            sin.sin_family = libc::AF_INET as u16;
+            sin.sin_port = v4.port().to_be();
+            sin.sin_addr.s_addr = u32::from(*v4.ip()).to_be();
+            (storage, size_of::<libc::sockaddr_in>() as u32)
+        }
+        SocketAddr::V6(v6) => {
+            // SAFETY: as above, for sockaddr_in6.
+            let sin6 = unsafe { &mut *(&mut storage as *mut _ as *mut libc::sockaddr_in6) };
+            sin6.sin6_family = libc::AF_INET6 as u16;
+            sin6.sin6_port = v6.port().to_be();
+            sin6.sin6_addr.s6_addr = v6.ip().octets();
+            (storage, size_of::<libc::sockaddr_in6>() as u32)
+        }
+    }
+}
+
+/// Connects the bound socket `fd` to `target`; the stream, or the error.
+fn connect_bound(fd: std::os::fd::OwnedFd, target: SocketAddr) -> std::io::Result<TcpStream> {
+    let (storage, len) = sockaddr_of(target);
+    // SAFETY: a sockaddr of the socket's family and its length.
+    if unsafe {
+        libc::connect(
+            fd.as_raw_fd(),
+            &storage as *const _ as *const libc::sockaddr,
+            len,
+        )
+    } != 0
+    {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(TcpStream::from(fd))
+}
+
+/// A hostile pod's attempt on another pod's accelerated connections (run in its own
+/// network namespace, with the victim's address on its loopback): listens on
+/// `victim:listen_port`, connects to it from `victim:<port>` for each port given (a
+/// tuple the victim's own connections may have), then for `ms` milliseconds reads
+/// whatever arrives on any of these sockets. Prints `forged=<sockets> received=<bytes>`.
+fn forge(victim: &str, listen_port: &str, ms: &str, ports: &[&str]) -> Result<(), String> {
+    let victim: std::net::IpAddr = victim
+        .parse()
+        .map_err(|_| format!("bad address {victim}"))?;
+    let listen_port: u16 = listen_port.parse().map_err(|_| "bad port")?;
+    let ms: u64 = ms.parse().map_err(|_| "bad duration")?;
+    let at = SocketAddr::new(victim, listen_port);
+    let listener = TcpListener::bind(at).map_err(|e| format!("listen {at}: {e}"))?;
+    let mut sockets = Vec::new();
+    for p in ports {
+        let port: u16 = p.parse().map_err(|_| format!("bad port {p}"))?;
+        let Ok(fd) = bound_socket(SocketAddr::new(victim, port)) else {
+            continue;
+        };
+        if let Ok(s) = connect_bound(fd, at) {
+            sockets.push(s);
+            if let Ok((a, _)) = listener.accept() {
+                sockets.push(a);
+            }
+        }
+    }
+    for s in &sockets {
+        s.set_nonblocking(true).ok();
+    }
+    let deadline = std::time::Instant::now() + Duration::from_millis(ms);
+    let mut received = 0u64;
+    let mut buf = [0u8; 65536];
+    while std::time::Instant::now() < deadline {
+        for mut s in &sockets {
+            if let Ok(n) = s.read(&mut buf) {
+                received += n as u64;
+            }
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    println!("forged={} received={received}", sockets.len());
+    Ok(())
+}
+
+/// Opens `count` connections to `target` one after another, holding them open (the
+/// kernel picks each source port; with a narrow port range the later ones fail), then
+/// closes them all. Prints `ok=<connected> failed=<failed> first_error=<…>`.
+fn connect_many(target: &str, count: &str) -> Result<(), String> {
+    let target: SocketAddr = target
+        .parse()
+        .map_err(|_| format!("bad address {target}"))?;
+    let count: usize = count.parse().map_err(|_| "bad count")?;
+    let mut open = Vec::new();
+    let (mut failed, mut first_error) = (0usize, String::new());
+    for _ in 0..count {
+        match TcpStream::connect_timeout(&target, Duration::from_secs(5)) {
+            Ok(s) => open.push(s),
+            Err(e) => {
+                failed += 1;
+                if first_error.is_empty() {
+                    first_error = e.to_string();
+                }
+            }
+        }
+    }
+    println!(
+        "ok={} failed={failed} first_error={first_error:?}",
+        open.len()
+    );
+    drop(open);
     Ok(())
 }
