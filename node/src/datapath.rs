@@ -56,22 +56,22 @@ pub struct MapSizes {
 }
 
 impl MapSizes {
-    /// Sizes for `pods` meshed pods: two IPs and up to four containers each (sidecar, app,
-    /// a restart or init container in flight), and room for their rules.
+    /// Sizes for `pods` meshed pods: two IPs each, room for a pod cgroup each (twice:
+    /// a pod going and its successor), and for their rules and connections.
     pub fn for_pods(pods: u32) -> Self {
         let pods = pods.clamp(1, 65536);
         Self {
-            cgroups: pods * 4,
+            cgroups: pods * 2,
             pod_ips: pods * 2,
             rules: 65536,
-            connections: 65536,
+            connections: 16384,
         }
     }
 }
 
 impl Default for MapSizes {
     fn default() -> Self {
-        Self::for_pods(1024)
+        Self::for_pods(128)
     }
 }
 

@@ -11,6 +11,7 @@ pub mod cleanup;
 pub mod datapath;
 mod files;
 pub mod kubelet;
+mod memory;
 pub mod mesh;
 pub mod metrics;
 pub mod pod_netns;

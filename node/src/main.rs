@@ -147,15 +147,16 @@ struct RunArgs {
     /// at once (experimental: restarts under sk_msg streams then cut some streams)
     #[argh(switch)]
     pin_inbound_listeners: bool,
-    /// size of the per-connection maps (default 65536)
-    #[argh(option, default = "65536")]
+    /// size of the per-connection maps: meshed connections open at once (default 16384;
+    /// each costs about 400 bytes of kernel memory)
+    #[argh(option, default = "16384")]
     max_connections: u32,
     /// entries of each rule map (port rules, address rules), shared by all pods; one pod
     /// may take a 16th (default 65536)
     #[argh(option, default = "65536")]
     max_rules: u32,
-    /// meshed pods the maps hold (default 1024; a kubelet runs at most 110 by default)
-    #[argh(option, default = "1024")]
+    /// meshed pods the maps hold (default 128; a kubelet runs at most 110 by default)
+    #[argh(option, default = "128")]
     max_pods: u32,
     /// address for /metrics, /healthz and /readyz, or "off" (default 127.0.0.1:15890);
     /// /healthz answers 503 when the main loop has completed no pass for max(3 x

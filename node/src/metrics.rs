@@ -107,6 +107,15 @@ pub struct Snapshot {
     /// Sidecar inbound listeners registered.
     #[serde(default)]
     pub inbound_listeners: u64,
+    /// Kernel memory of the agent's maps (sum of their `memlock`), bytes.
+    #[serde(default)]
+    pub map_kernel_bytes: u64,
+    /// The agent's resident memory now, bytes.
+    #[serde(default)]
+    pub resident_bytes: u64,
+    /// The agent's peak resident memory so far, bytes.
+    #[serde(default)]
+    pub peak_resident_bytes: u64,
 }
 
 impl Snapshot {
@@ -330,6 +339,26 @@ pub fn render(s: &Snapshot) -> String {
         "merbridge_edge_promised_tuple_entries {}",
         s.promised_tuple_entries
     );
+    for (name, help, value) in [
+        (
+            "merbridge_edge_map_kernel_memory_bytes",
+            "Kernel memory of the agent's eBPF maps (the kernel's memlock figure of each, summed); on 5.11+ charged to the agent's cgroup.",
+            s.map_kernel_bytes,
+        ),
+        (
+            "merbridge_edge_resident_memory_bytes",
+            "The agent process's resident memory.",
+            s.resident_bytes,
+        ),
+        (
+            "merbridge_edge_peak_resident_memory_bytes",
+            "The agent process's peak resident memory (VmHWM).",
+            s.peak_resident_bytes,
+        ),
+    ] {
+        family(&mut o, name, "gauge", help);
+        let _ = writeln!(o, "{name} {value}");
+    }
     family(
         &mut o,
         "merbridge_edge_netns_attached",

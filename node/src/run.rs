@@ -397,8 +397,13 @@ pub fn run(opts: RunOptions) -> Result<()> {
             let promised = dp.promised_tuple_entries().ok();
             let counters = dp.counters().ok();
             log_counters_if_changed(counters.as_ref(), &mut last_counters);
+            let map_kernel_bytes = crate::memory::map_kernel_bytes();
+            let (resident, peak) = crate::memory::resident_bytes();
             metrics.update(|m| {
                 m.maps = occupancy;
+                m.map_kernel_bytes = map_kernel_bytes;
+                m.resident_bytes = resident;
+                m.peak_resident_bytes = peak;
                 m.earlier_agent_sockets = earlier_agent_sockets;
                 m.netns_attached = netns_attached;
                 m.inbound_listeners = inbound_listeners;

@@ -62,6 +62,15 @@ pub fn render(s: &Snapshot) -> String {
         "inbound: {}; {} network namespaces attached, {} sidecar listeners registered",
         s.inbound_capture, s.netns_attached, s.inbound_listeners
     );
+    let mib = |b: u64| b as f64 / (1024.0 * 1024.0);
+    let _ = writeln!(
+        o,
+        "memory: {:.1} MiB resident (peak {:.1}), {:.1} MiB in kernel maps, {:.1} MiB in all",
+        mib(s.resident_bytes),
+        mib(s.peak_resident_bytes),
+        mib(s.map_kernel_bytes),
+        mib(s.resident_bytes + s.map_kernel_bytes)
+    );
     let _ = writeln!(
         o,
         "\n{:<44} {:<8} {:<34} {:>10} {:>8}  {}",
