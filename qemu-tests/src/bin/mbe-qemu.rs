@@ -52,8 +52,8 @@ struct Args {
     /// VMs booted at once (default 2)
     #[argh(option, default = "2")]
     jobs: usize,
-    /// memory of each VM in MiB (default 256)
-    #[argh(option, default = "256")]
+    /// memory of each VM in MiB (default 512, a small edge node)
+    #[argh(option, default = "512")]
     memory: u32,
 }
 
