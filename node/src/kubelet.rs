@@ -19,7 +19,7 @@ use rustls::{
 };
 use ureq::tls::{Certificate, ClientCert, PemItem, PrivateKey, RootCerts, TlsConfig};
 
-use crate::source::{ErrorKind, MAX_PODLIST_BYTES, ParsedPods, PodListItems, PollError};
+use crate::podlist::{ErrorKind, MAX_PODLIST_BYTES, ParsedPods, PodListItems, PollError};
 
 /// The service-account token mounted into every pod.
 pub const SERVICE_ACCOUNT_TOKEN: &str = "/var/run/secrets/kubernetes.io/serviceaccount/token";

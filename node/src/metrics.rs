@@ -17,7 +17,7 @@ use std::{
 
 use serde::{Deserialize, Serialize};
 
-use crate::source::ErrorKind;
+use crate::podlist::ErrorKind;
 
 /// Entries and capacity of one kernel map.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]

@@ -22,9 +22,10 @@ use crate::{
     kubelet::{KubeletClient, KubeletConfig},
     mesh::MESHES,
     metrics::{self, Metrics, PodStatus},
+    podlist::PollError,
     policy::{Desired, MeshSelection, PodPolicy, desired_state},
     sockhash_pin::{UNPINNED_LISTENERS_COST, UNPINNED_SOCKHASH_COST},
-    source::{PodsFile, PollError, Source},
+    source::{PodsFile, Source},
     sync::Programmer,
 };
 

@@ -17,8 +17,8 @@ use std::{
 use anyhow::{Context, Result};
 use merbridge_edge::{
     datapath::{cidr_rule_key, kernel_addr, port_rule_key},
+    podlist::parse_pod_list,
     policy::{Desired, MeshSelection, desired_state},
-    source::parse_pod_list,
     sync::{PodCgroups, PodEntries},
 };
 use merbridge_edge_probes_common::{LocalPod, map_names};

@@ -14,8 +14,8 @@ use libfuzzer_sys::fuzz_target;
 use merbridge_edge::{
     datapath::{cidr_rule_key, port_rule_key},
     mesh::MESHES,
+    podlist::parse_pod_list,
     policy::{MeshSelection, desired_state},
-    source::parse_pod_list,
     sync::{PodEntries, ProxyCgroup},
 };
 
