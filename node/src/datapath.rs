@@ -28,9 +28,21 @@ pub const LISTENERS_PIN: &str = "inbound-listeners-v1";
 /// The cgroup sock programs (post_bind), attached the same way.
 const SOCK_PROGRAMS: [&str; 2] = [progs::POST_BIND4, progs::POST_BIND6];
 
-/// The compiled probe object, embedded at build time.
+/// The compiled probe object, embedded at build time (empty when built with
+/// MERBRIDGE_EDGE_SKIP_PROBES set: use [`probes`]).
 static PROBES: &[u8] =
     aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/merbridge-edge-probes.o"));
+
+/// What an agent built without its probes says when asked to load them.
+const PROBES_SKIPPED: &str = "this agent was built with MERBRIDGE_EDGE_SKIP_PROBES set and holds no eBPF probes; build it again without that variable";
+
+/// The embedded probe object, or an error naming the variable that left it out.
+fn probes() -> Result<&'static [u8]> {
+    if PROBES.is_empty() {
+        return Err(anyhow!(PROBES_SKIPPED));
+    }
+    Ok(PROBES)
+}
 
 /// The cgroup sock_addr programs, attached the same way.
 const SOCK_ADDR_PROGRAMS: [&str; 6] = [
@@ -149,6 +161,7 @@ fn take<T: TryFrom<aya::maps::Map, Error = aya::maps::MapError>>(
 impl Datapath {
     /// Loads the probes, sizes their maps and attaches them under `cgroup_root`.
     pub fn load(opts: &DatapathOptions) -> Result<Self> {
+        let probes = probes()?;
         let s = opts.sizes;
         // Without a sockops socket's network namespace, a pod with NET_ADMIN could
         // take over another pod's accelerated connection: no acceleration then.
@@ -185,7 +198,7 @@ impl Datapath {
                 // stay known across a restart.
                 loader.map_pin_path(maps::INBOUND_LISTENERS, pin);
             }
-            loader.load(PROBES).context(
+            loader.load(probes).context(
                 "loading the eBPF probes (is this kernel 5.7+ with BPF, cgroup-bpf and sockmap?)",
             )
         };
@@ -499,6 +512,9 @@ pub fn sockops_knows_netns() -> bool {
 /// Loads every probe through the verifier without attaching anything (for `check`):
 /// each program's name with what happened. Maps are created small.
 pub fn verify_probes(accelerate: bool) -> Vec<(&'static str, Result<(), String>)> {
+    let Ok(probes) = probes() else {
+        return vec![("maps", Err(PROBES_SKIPPED.to_string()))];
+    };
     let accelerate: u32 = accelerate.into();
     let mut loader = EbpfLoader::new();
     loader
@@ -519,7 +535,7 @@ pub fn verify_probes(accelerate: bool) -> Vec<(&'static str, Result<(), String>)
     ] {
         loader.map_max_entries(name, 16);
     }
-    let mut ebpf = match loader.load(PROBES) {
+    let mut ebpf = match loader.load(probes) {
         Ok(e) => e,
         Err(e) => return vec![("maps", Err(format!("creating the maps: {e:#}")))],
     };
