@@ -9,12 +9,10 @@ use merbridge_edge_probes_common::{Counter, ORIGINAL_DNS, OriginalDst, as_v4, v4
 
 use crate::{
     addr::{LOCALHOST4, LOCALHOST6, read_words, write_words},
-    connect::{Action, decide, set_destination, user_port},
-    pods::current_pod,
     maps::{DNS_ORIGINAL_BY_COOKIE, count, remember_dns},
+    pods::current_pod,
+    redirect::{Action, IPPROTO_UDP, decide, set_destination, user_port},
 };
-
-const IPPROTO_UDP: u32 = 17;
 
 #[inline(always)]
 fn on_sendmsg(ctx: &SockAddrContext, v4_ctx: bool) {

@@ -1,4 +1,5 @@
-//! Merbridge Edge eBPF programs: one module per hook, maps in `maps`.
+//! Merbridge Edge eBPF programs: one module per hook, maps in `maps`; what several hooks
+//! share in its own module (`redirect`, `inbound`, `addr`, `pods`, `rules`, `netns`).
 #![no_std]
 #![no_main]
 // Atomic add on map values (the BPF target has no core::sync::atomic RMW).
@@ -15,6 +16,7 @@ mod maps;
 mod netns;
 mod release;
 mod pods;
+mod redirect;
 mod rules;
 mod sk_lookup;
 mod sk_msg;
