@@ -7,7 +7,7 @@ pub mod churn;
 pub mod dist;
 pub mod fixture;
 pub mod iptables;
-pub mod kubelet;
+pub mod kubelet_standin;
 pub mod manifest;
 pub mod maps;
 pub mod node;

@@ -27,7 +27,7 @@ use merbridge_edge_testbed::{
     agent::Agent,
     churn::{Churn, NODE_NAME},
     fixture::kernel_test,
-    kubelet::{FakeKubelet, Pki, Reply},
+    kubelet_standin::{KubeletStandIn, Pki, Reply},
     maps::{Entry, dump_id, map_id},
 };
 
@@ -204,7 +204,7 @@ fn inotify_watches(pid: u32) -> usize {
 /// Serves `body` and waits until the agent has polled it and synced: two requests after
 /// the change (the first got the new body; the second starts only when the agent's
 /// loop has applied it).
-fn serve_and_wait(server: &FakeKubelet, agent: &mut Agent, body: Vec<u8>) -> Result<()> {
+fn serve_and_wait(server: &KubeletStandIn, agent: &mut Agent, body: Vec<u8>) -> Result<()> {
     server.set_reply(Reply::Body(body));
     let since = server.requests();
     server
@@ -243,7 +243,7 @@ fn churn_soak_keeps_the_maps_equal_to_the_desired_state_and_the_agent_flat() {
     let mut churn = Churn::new(seed, POPULATION);
     churn.step(&mut node, POPULATION).unwrap();
     let body = serde_json::to_vec(&churn.pod_list()).unwrap();
-    let server = FakeKubelet::start(&pki, None, TOKEN, Reply::Body(body.clone())).unwrap();
+    let server = KubeletStandIn::start(&pki, None, TOKEN, Reply::Body(body.clone())).unwrap();
     let root = node.cgroup_root.to_str().unwrap().to_string();
     let log = node.scratch().join("agent.log");
     let bpffs = node.bpffs.to_str().unwrap().to_string();

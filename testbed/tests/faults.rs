@@ -393,7 +393,7 @@ fn connection_maps_past_capacity_fail_open_and_count_it() {
 #[test]
 fn a_flapping_kubelet_under_load_changes_no_redirect_and_the_agent_stays_up() {
     use merbridge_edge_testbed::{
-        kubelet::{FakeKubelet, Pki, Reply},
+        kubelet_standin::{KubeletStandIn, Pki, Reply},
         maps::{pod_cgroups, pod_ips},
     };
     let Some(_serial) = kernel_test("kubelet_flapping") else {
@@ -406,7 +406,7 @@ fn a_flapping_kubelet_under_load_changes_no_redirect_and_the_agent_stays_up() {
     let token = dir.join("token");
     std::fs::write(&token, TOKEN).unwrap();
     let list = serde_json::to_vec(&f.pod_list()).unwrap();
-    let server = FakeKubelet::start(&pki, None, TOKEN, Reply::Body(list.clone())).unwrap();
+    let server = KubeletStandIn::start(&pki, None, TOKEN, Reply::Body(list.clone())).unwrap();
     let addr = server.addr;
     let mut source = server.agent_flags(&token, &pki.ca_file);
     source.extend(["--kubelet-timeout".into(), "1s".into()]);
@@ -426,7 +426,7 @@ fn a_flapping_kubelet_under_load_changes_no_redirect_and_the_agent_stays_up() {
             (pod_ips().unwrap(), pod_cgroups().unwrap()),
             (ips.clone(), cgroups.clone())
         );
-        let server = FakeKubelet::start(
+        let server = KubeletStandIn::start(
             &pki,
             Some(addr),
             TOKEN,

@@ -13,7 +13,7 @@ use merbridge_edge_testbed::{
     Node,
     agent::Agent,
     fixture::{Fixture, assert_outbound_ipv4_through_both_sidecars, istio_abc, kernel_test},
-    kubelet::{FakeKubelet, Pki, Reply},
+    kubelet_standin::{KubeletStandIn, Pki, Reply},
     maps::{pod_cgroups, pod_ips},
     podlist::{KUBELET_FIXTURE, istio_pods, with_items},
 };
@@ -29,14 +29,14 @@ const TOKEN_2: &str = "mbe-sa-token-Zk4mW8r3nTb6";
 struct Kubelet {
     dir: PathBuf,
     pki: Pki,
-    server: Option<FakeKubelet>,
+    server: Option<KubeletStandIn>,
     token_file: PathBuf,
 }
 
 impl Kubelet {
     fn start(dir: PathBuf, body: Vec<u8>) -> Self {
         let pki = Pki::new(&dir, "mbe-test-ca").unwrap();
-        let server = FakeKubelet::start(&pki, None, TOKEN_1, Reply::Body(body)).unwrap();
+        let server = KubeletStandIn::start(&pki, None, TOKEN_1, Reply::Body(body)).unwrap();
         let token_file = dir.join("token");
         fs::write(&token_file, TOKEN_1).unwrap();
         Self {
@@ -47,7 +47,7 @@ impl Kubelet {
         }
     }
 
-    fn server(&self) -> &FakeKubelet {
+    fn server(&self) -> &KubeletStandIn {
         self.server.as_ref().expect("stand-in running")
     }
 
@@ -357,7 +357,7 @@ fn kubelet_faults_keep_the_last_good_state_and_recover() {
         );
     }
     let stranger = Pki::new(&kubelet.dir.join("stranger"), "stranger-ca").unwrap();
-    let wrong = FakeKubelet::start(
+    let wrong = KubeletStandIn::start(
         &stranger,
         Some(addr),
         TOKEN_2,
@@ -389,7 +389,7 @@ fn kubelet_faults_keep_the_last_good_state_and_recover() {
     drop(wrong);
     let recovered = agent.log().matches("answers again").count();
     kubelet.server = Some(
-        FakeKubelet::start(
+        KubeletStandIn::start(
             &kubelet.pki,
             Some(addr),
             TOKEN_2,

@@ -2,7 +2,7 @@
 //! its own kind and a message that names what to fix. No root needed.
 use std::{path::PathBuf, time::Duration};
 
-use merbridge_edge_testbed::kubelet::{FakeKubelet, Pki, Reply};
+use merbridge_edge_testbed::kubelet_standin::{KubeletStandIn, Pki, Reply};
 
 use super::*;
 
@@ -11,7 +11,7 @@ use merbridge_edge_testbed::podlist::KUBELET_FIXTURE as FIXTURE;
 struct Setup {
     dir: PathBuf,
     pki: Pki,
-    kubelet: FakeKubelet,
+    kubelet: KubeletStandIn,
     token_file: PathBuf,
 }
 
@@ -25,7 +25,8 @@ fn setup(name: &str) -> Setup {
     let dir = std::env::temp_dir().join(format!("mbe-kubelet-{name}-{}", std::process::id()));
     let _ = fs::remove_dir_all(&dir);
     let pki = Pki::new(&dir, "mbe-test-ca").unwrap();
-    let kubelet = FakeKubelet::start(&pki, None, "token-1", Reply::Body(FIXTURE.into())).unwrap();
+    let kubelet =
+        KubeletStandIn::start(&pki, None, "token-1", Reply::Body(FIXTURE.into())).unwrap();
     let token_file = dir.join("token");
     fs::write(&token_file, "token-1\n").unwrap();
     Setup {

@@ -14,7 +14,7 @@ use anyhow::{Context, Result, bail};
 use merbridge_edge_testbed::{
     Node,
     agent::{Agent, agent_binary},
-    kubelet::{FakeKubelet, Pki, Reply},
+    kubelet_standin::{KubeletStandIn, Pki, Reply},
     podlist::{istio_pods, kubelet_fixture, with_items},
 };
 use serde_json::Value;
@@ -156,7 +156,7 @@ fn percentile(sorted: &[i64], p: f64) -> i64 {
 /// its map writes), then lists `full` again and waits for the removal.
 fn list_and_time(
     agent: &mut Agent,
-    kubelet: &FakeKubelet,
+    kubelet: &KubeletStandIn,
     full: &Value,
     pod: &Value,
 ) -> Result<i64> {
@@ -198,7 +198,7 @@ fn main() -> Result<()> {
     let mut made = MadeDirs(vec![]);
     let pki = Pki::new(&node.scratch().join("pki"), "mbe-bench-ca")?;
     let base = kubelet_fixture();
-    let kubelet = FakeKubelet::start(
+    let kubelet = KubeletStandIn::start(
         &pki,
         None,
         "bench-token",

@@ -19,7 +19,7 @@ use merbridge_edge_testbed::{
     agent::Agent,
     fixture::{start_sidecar, start_stand_ins},
     iptables::install_istio_iptables,
-    kubelet::{FakeKubelet, Pki, Reply},
+    kubelet_standin::{KubeletStandIn, Pki, Reply},
     node::missing_prerequisite,
     podlist::pod_list,
 };
@@ -224,7 +224,7 @@ fn demo(keep: bool) -> Result<()> {
         "an HTTPS kubelet stand-in lists them (test CA, bearer token)",
     );
     let pki = Pki::new(&node.scratch().join("pki"), "merbridge-edge-demo-ca")?;
-    let kubelet = FakeKubelet::start(
+    let kubelet = KubeletStandIn::start(
         &pki,
         None,
         "demo-token",

@@ -127,14 +127,14 @@ struct Shared {
 }
 
 /// The running stand-in; stops when dropped.
-pub struct FakeKubelet {
+pub struct KubeletStandIn {
     /// Where it listens.
     pub addr: SocketAddr,
     shared: Arc<Shared>,
     accept: Option<std::thread::JoinHandle<()>>,
 }
 
-impl FakeKubelet {
+impl KubeletStandIn {
     /// Serves on `127.0.0.1:0` (or `addr`), requiring `Bearer <token>` unless a valid
     /// client certificate is shown; answers `reply`.
     pub fn start(pki: &Pki, addr: Option<SocketAddr>, token: &str, reply: Reply) -> Result<Self> {
@@ -230,7 +230,7 @@ impl FakeKubelet {
     }
 }
 
-impl Drop for FakeKubelet {
+impl Drop for KubeletStandIn {
     fn drop(&mut self) {
         self.shared.stop.store(true, Ordering::SeqCst);
         // Wake the accept loop so it sees the flag and closes the listener.
