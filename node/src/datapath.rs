@@ -571,7 +571,7 @@ fn short(e: aya::programs::ProgramError) -> String {
     let text = format!("{e:#}");
     let mut lines = text.lines().filter(|l| !l.trim().is_empty());
     let first = lines.next().unwrap_or("").to_string();
-    match lines.last() {
+    match lines.next_back() {
         Some(last) => format!("{first} … {last}"),
         None => first,
     }

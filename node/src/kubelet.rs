@@ -109,10 +109,10 @@ impl KubeletClient {
     /// The HTTP agent, rebuilt when a CA or client certificate file changed.
     fn agent(&mut self) -> Result<ureq::Agent, PollError> {
         let now = stamp(&self.credential_files());
-        if let Some((old, agent)) = &self.agent {
-            if *old == now {
-                return Ok(agent.clone());
-            }
+        if let Some((old, agent)) = &self.agent
+            && *old == now
+        {
+            return Ok(agent.clone());
         }
         let agent = build_agent(&self.config)?;
         self.agent = Some((now, agent.clone()));

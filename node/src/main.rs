@@ -27,6 +27,10 @@ struct Cli {
 
 #[derive(FromArgs)]
 #[argh(subcommand)]
+#[expect(
+    clippy::large_enum_variant,
+    reason = "parsed once at start; argh subcommands cannot be boxed"
+)]
 enum Command {
     Run(RunArgs),
     Check(CheckArgs),

@@ -146,10 +146,10 @@ pub fn desired_state(pods: &[Pod], node_name: Option<&str>, meshes: MeshSelectio
     let mut policies = Vec::new();
     for pod in pods {
         let spec = pod.spec.as_ref();
-        if let (Some(want), Some(node)) = (node_name, spec.and_then(|s| s.node_name.as_deref())) {
-            if want != node {
-                continue;
-            }
+        if let (Some(want), Some(node)) = (node_name, spec.and_then(|s| s.node_name.as_deref()))
+            && want != node
+        {
+            continue;
         }
         out.pods_seen += 1;
         policies.extend(pod_policy(pod, meshes, &mut out.warnings));
@@ -210,10 +210,10 @@ fn detect_mesh(pod: &Pod, meshes: MeshSelection) -> Option<&'static MeshSpec> {
             })
     };
     MESHES.iter().find(|m| {
-        if let MeshSelection::Only(only) = meshes {
-            if only != m.mesh {
-                return false;
-            }
+        if let MeshSelection::Only(only) = meshes
+            && only != m.mesh
+        {
+            return false;
         }
         let (present, sidecar) = match m.marker {
             Marker::Container(c) => (has_container(c), c),
@@ -237,10 +237,10 @@ fn detect_mesh(pod: &Pod, meshes: MeshSelection) -> Option<&'static MeshSpec> {
                 return false;
             }
         }
-        if let Some(key) = m.required_annotation {
-            if !annotations.is_some_and(|a| a.contains_key(key)) {
-                return false;
-            }
+        if let Some(key) = m.required_annotation
+            && !annotations.is_some_and(|a| a.contains_key(key))
+        {
+            return false;
         }
         true
     })
@@ -395,10 +395,10 @@ fn pod_policy(pod: &Pod, meshes: MeshSelection, warnings: &mut Vec<Warning>) -> 
         ));
     }
     p.proxy_uid = proxy_uid(pod, spec, mesh, sidecar, init.as_ref(), &name, warnings);
-    if let Some(port) = mesh.dns_port {
-        if dns_capture(mesh, &annotations, sidecar, init.as_ref(), &name, warnings) {
-            p.dns_port = Some(port);
-        }
+    if let Some(port) = mesh.dns_port
+        && dns_capture(mesh, &annotations, sidecar, init.as_ref(), &name, warnings)
+    {
+        p.dns_port = Some(port);
     }
     let statuses = status
         .container_statuses
@@ -469,9 +469,8 @@ fn apply_rule(
     name: &str,
     warnings: &mut Vec<Warning>,
 ) {
-    match apply_annotation(p, role, value) {
-        Err(e) => warnings.push(Warning(format!("pod {name}: {what}: {e}; {outcome}"))),
-        Ok(()) => {}
+    if let Err(e) = apply_annotation(p, role, value) {
+        warnings.push(Warning(format!("pod {name}: {what}: {e}; {outcome}")))
     }
 }
 
@@ -519,10 +518,10 @@ fn proxy_uid(
     if let Some(g) = init.and_then(|i| i.get(InitSetting::ProxyUid)) {
         candidates.push((g.value.clone(), g.origin.clone()));
     }
-    if let Some(key) = mesh.proxy_uid_annotation {
-        if let Some(v) = pod.metadata.annotations.as_ref().and_then(|a| a.get(key)) {
-            candidates.push((v.clone(), format!("annotation {key}")));
-        }
+    if let Some(key) = mesh.proxy_uid_annotation
+        && let Some(v) = pod.metadata.annotations.as_ref().and_then(|a| a.get(key))
+    {
+        candidates.push((v.clone(), format!("annotation {key}")));
     }
     for (value, origin) in candidates {
         match value.trim().parse::<u32>() {

@@ -251,7 +251,7 @@ pub fn run(opts: RunOptions) -> Result<()> {
     let mut burst_until: Option<Instant> = None;
     let mut programmer = Programmer::new(cgroup_root).with_rule_share(rule_share(opts.sizes.rules));
     let mut source = match &opts.source {
-        SourceConfig::Kubelet(k) => Source::Kubelet(KubeletClient::new(k.clone())),
+        SourceConfig::Kubelet(k) => Source::Kubelet(Box::new(KubeletClient::new(k.clone()))),
         SourceConfig::File(f) => Source::File(PodsFile::new(f)),
     };
     let origin = source.describe();
@@ -609,6 +609,13 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
     Ok(Duration::from_secs_f64(secs))
 }
 
+/// One pod's share of each rule map of `capacity` entries: a 16th, so a pod cannot
+/// take the room of the others (a kubelet runs at most 110 pods; typical pods need a
+/// handful of entries).
+pub fn rule_share(capacity: u32) -> usize {
+    (capacity as usize / 16).max(1)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -643,11 +650,4 @@ mod tests {
         // An interval longer than the cap is never shortened.
         assert_eq!(backoff(Duration::from_secs(60), 3), Duration::from_secs(60));
     }
-}
-
-/// One pod's share of each rule map of `capacity` entries: a 16th, so a pod cannot
-/// take the room of the others (a kubelet runs at most 110 pods; typical pods need a
-/// handful of entries).
-pub fn rule_share(capacity: u32) -> usize {
-    (capacity as usize / 16).max(1)
 }

@@ -56,8 +56,9 @@ impl PodsFile {
 
 /// Where the agent gets its pods from.
 pub enum Source {
-    /// The kubelet's `/pods`, polled every interval.
-    Kubelet(crate::kubelet::KubeletClient),
+    /// The kubelet's `/pods`, polled every interval (boxed: the client is several times
+    /// the size of a pods file).
+    Kubelet(Box<crate::kubelet::KubeletClient>),
     /// A PodList file, checked for changes every tick.
     File(PodsFile),
 }

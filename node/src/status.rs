@@ -73,8 +73,8 @@ pub fn render(s: &Snapshot) -> String {
     );
     let _ = writeln!(
         o,
-        "\n{:<44} {:<8} {:<34} {:>10} {:>8}  {}",
-        "POD", "MESH", "IPS", "CONTAINERS", "BYPASSED", "SIDECAR / RULES"
+        "\n{:<44} {:<8} {:<34} {:>10} {:>8}  SIDECAR / RULES",
+        "POD", "MESH", "IPS", "CONTAINERS", "BYPASSED"
     );
     for p in &s.pods {
         let containers = if p.programmed {

@@ -429,7 +429,7 @@ pub fn assert_outbound_ipv4_through_both_sidecars(f: &Fixture) {
 
     let out = f.client("a", &format!("{}:8080", b.ip4), &[]);
     assert_eq!(who(&out), "b-app", "{out}");
-    let la = wait_sidecar_lines(&f, "a", 0, 1);
+    let la = wait_sidecar_lines(f, "a", 0, 1);
     assert_eq!(la.len(), 1, "sidecar a saw one connection: {la:?}");
     assert!(la[0].contains("listener=outbound"), "{la:?}");
     assert!(
@@ -442,7 +442,7 @@ pub fn assert_outbound_ipv4_through_both_sidecars(f: &Fixture) {
             || la[0].contains(&format!("peer=[::ffff:{}]:", a.ip4)),
         "{la:?}"
     );
-    let lb = wait_sidecar_lines(&f, "b", 0, 1);
+    let lb = wait_sidecar_lines(f, "b", 0, 1);
     assert_eq!(lb.len(), 1, "sidecar b saw one connection: {lb:?}");
     assert!(lb[0].contains("listener=inbound"), "{lb:?}");
     assert!(lb[0].contains(&format!("orig={}:8080", b.ip4)), "{lb:?}");
@@ -450,7 +450,7 @@ pub fn assert_outbound_ipv4_through_both_sidecars(f: &Fixture) {
     // A plain pod as the destination: outbound through sidecar a, no inbound sidecar.
     let out = f.client("a", &format!("{}:8080", c.ip4), &[]);
     assert_eq!(who(&out), "c-app");
-    let la = wait_sidecar_lines(&f, "a", 1, 1);
+    let la = wait_sidecar_lines(f, "a", 1, 1);
     assert!(
         la.len() == 1 && la[0].contains(&format!("orig={}:8080", c.ip4)),
         "{la:?}"

@@ -204,12 +204,11 @@ pub struct Node {
 pub fn cgroup2_mount() -> Result<PathBuf> {
     let text = fs::read_to_string("/proc/self/mountinfo")?;
     for line in text.lines() {
-        if let Some((left, right)) = line.split_once(" - ") {
-            if right.split_whitespace().next() == Some("cgroup2") {
-                if let Some(mp) = left.split_whitespace().nth(4) {
-                    return Ok(PathBuf::from(mp));
-                }
-            }
+        if let Some((left, right)) = line.split_once(" - ")
+            && right.split_whitespace().next() == Some("cgroup2")
+            && let Some(mp) = left.split_whitespace().nth(4)
+        {
+            return Ok(PathBuf::from(mp));
         }
     }
     bail!("no cgroup2 mount")

@@ -46,18 +46,17 @@ pub fn place(cmd: &mut Command, place: &Placement) -> Result<()> {
                 let mut f: &File = f;
                 f.write_all(b"0")?;
             }
-            if let Some(ns) = &netns {
-                if libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) != 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
+            if let Some(ns) = &netns
+                && libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) != 0
+            {
+                return Err(std::io::Error::last_os_error());
             }
-            if let Some(uid) = uid {
-                if libc::setgroups(0, std::ptr::null()) != 0
+            if let Some(uid) = uid
+                && (libc::setgroups(0, std::ptr::null()) != 0
                     || libc::setgid(uid) != 0
-                    || libc::setuid(uid) != 0
-                {
-                    return Err(std::io::Error::last_os_error());
-                }
+                    || libc::setuid(uid) != 0)
+            {
+                return Err(std::io::Error::last_os_error());
             }
             Ok(())
         });

@@ -307,7 +307,7 @@ fn churn_soak_keeps_the_maps_equal_to_the_desired_state_and_the_agent_flat() {
         if polls == 200 {
             early = Some(footprint(pid));
         }
-        if polls % 200 == 0 {
+        if polls.is_multiple_of(200) {
             let (rss, fds) = footprint(pid);
             eprintln!(
                 "  poll {polls}: {} cycles, {} pods, RSS {rss} kB, {fds} fds (start {} kB, {} fds), {} inotify watches, {} log lines, {:.0?}",

@@ -624,7 +624,7 @@ fn pods_come_go_restart_and_change_mesh() {
             .map(|(id, _)| id)
             .collect()
     };
-    let (a, b) = (f.pod("a").clone(), f.pod("b").clone());
+    let b = f.pod("b").clone();
     assert_eq!(in_maps(), &cgroups_of(&f, "a") | &cgroups_of(&f, "b"));
 
     // b goes away, then comes back.

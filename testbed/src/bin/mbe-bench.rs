@@ -526,7 +526,7 @@ fn main() -> Result<()> {
         let _ = writeln!(table, "\n{what}");
         let _ = writeln!(
             table,
-            "  {:<15} {:>10} {:>10} {:>10} {:>12} {:>10} {:>10} {:>9} {:>9}  {}",
+            "  {:<15} {:>10} {:>10} {:>10} {:>12} {:>10} {:>10} {:>9} {:>9}  spread",
             "variant",
             "p50 µs",
             "p99 µs",
@@ -535,8 +535,7 @@ fn main() -> Result<()> {
             "MB/s",
             "conntrack",
             "vs ipt",
-            "vs expl",
-            "spread"
+            "vs expl"
         );
         let headline = |v: usize| {
             let f = &medians[&(v, c)].0;

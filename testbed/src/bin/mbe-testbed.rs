@@ -73,6 +73,9 @@ fn forward(listen_addr: &str, target: &str) -> Result<(), String> {
     Ok(())
 }
 
+/// What one load connection measured: latency samples (µs), bytes echoed, errors.
+type ConnectionFigures = (Vec<u32>, u64, u64);
+
 /// Bounded load against an echo app, `conc` connections for `ms` milliseconds:
 /// `rr` (persistent connections, `size`-byte request/response), `conns` (a connection
 /// per 64-byte request) or `stream` (64 KiB writes, echo read back). Every reply is
@@ -106,10 +109,10 @@ fn load(kind: &str, addr: &str, size: &str, conc: &str, ms: &str) -> Result<(), 
             }
             Ok::<(), String>(())
         };
-    let results: Vec<Result<(Vec<u32>, u64, u64), String>> = std::thread::scope(|sc| {
+    let results: Vec<Result<ConnectionFigures, String>> = std::thread::scope(|sc| {
         let handles: Vec<_> = (0..conc)
             .map(|c| {
-                sc.spawn(move || -> Result<(Vec<u32>, u64, u64), String> {
+                sc.spawn(move || -> Result<ConnectionFigures, String> {
                     let data = pattern(c, size.max(1));
                     let mut back = vec![0u8; data.len()];
                     let mut samples = Vec::new();
@@ -174,10 +177,10 @@ fn load(kind: &str, addr: &str, size: &str, conc: &str, ms: &str) -> Result<(), 
                                     let h = writer.take().expect("present");
                                     done = Some(h.join().map_err(|_| "writer panicked")?);
                                 }
-                                if let Some((_, sent)) = &done {
-                                    if bytes >= *sent {
-                                        break;
-                                    }
+                                if let Some((_, sent)) = &done
+                                    && bytes >= *sent
+                                {
+                                    break;
                                 }
                                 if std::time::Instant::now() > give_up {
                                     return Err(format!("stream: {bytes} bytes echoed, stalled"));
