@@ -27,7 +27,7 @@ use merbridge_edge::{
     annotations::{Listed, parse_cidrs, parse_ports, port_prefixes},
     mesh::{MESHES, Marker, MeshSpec},
     policy::{MeshSelection, desired_state},
-    sync::{PodEntries, ProxyCgroup},
+    sync::{PodCgroups, PodEntries},
 };
 
 /// Every annotation key the agent reads, with its mesh.
@@ -194,7 +194,15 @@ fn check_on_pod(mesh: &MeshSpec, key: &str, value: &str) {
             for (_, r) in &p.port_rules {
                 assert!(1 <= r.first && r.first <= r.last, "port range {r:?}");
             }
-            let _ = PodEntries::build(p, 1, &[1], Some(ProxyCgroup { id: 1, armed: true }));
+            let _ = PodEntries::build(
+                p,
+                1,
+                Some(PodCgroups {
+                    pod: 1,
+                    proxy: 1,
+                    armed: true,
+                }),
+            );
         }
     }
 }

@@ -16,7 +16,7 @@ use merbridge_edge::{
     mesh::MESHES,
     podlist::parse_pod_list,
     policy::{MeshSelection, desired_state},
-    sync::{PodEntries, ProxyCgroup},
+    sync::{PodCgroups, PodEntries},
 };
 
 fuzz_target!(|body: &[u8]| {
@@ -63,7 +63,15 @@ fuzz_target!(|body: &[u8]| {
                     assert!(1 <= r.first && r.first <= r.last, "port range {r:?}");
                 }
                 let pod_id = i as u32 + 1;
-                let entries = PodEntries::build(p, pod_id, &[1, 2], Some(ProxyCgroup { id: 2, armed: false }));
+                let entries = PodEntries::build(
+                    p,
+                    pod_id,
+                    Some(PodCgroups {
+                        pod: 1,
+                        proxy: 2,
+                        armed: false,
+                    }),
+                );
                 for &(kind, port, len) in &entries.ports {
                     assert!(len <= 16, "port prefix length {len}");
                     let _ = port_rule_key(pod_id, kind, port, len);
