@@ -90,8 +90,11 @@ impl fmt::Display for PollError {
 
 impl std::error::Error for PollError {}
 
-/// Largest PodList accepted (bytes). A node's 110 pods fit in well under 4 MiB.
-pub const MAX_PODLIST_BYTES: u64 = 32 << 20;
+/// Largest PodList accepted (bytes). A node's 110 pods as injected by a mesh take about
+/// 0.6 MiB (5.6 KiB each); 8 MiB leaves room for heavily annotated pods while the body
+/// and its parse stay inside the manifest's 64 MiB limit (at 32 MiB the agent was
+/// OOM-killed there: `scripts/measure-memory`).
+pub const MAX_PODLIST_BYTES: u64 = 8 << 20;
 
 /// A parsed PodList: the pods that parsed, and a note for each item that did not.
 #[derive(Debug, Default)]
