@@ -15,6 +15,18 @@ const HELPER: &str = env!("CARGO_BIN_EXE_mbe-testbed");
 /// What a user namespace (`hostUsers: false`) could map the proxy's uid 1337 to.
 const MAPPED_PROXY_UID: u32 = 1_001_337;
 
+/// Exactly `n` sidecar lines, each an outbound connection with `target` as its original
+/// destination.
+fn assert_outbound(lines: &[String], n: usize, target: &str, what: &str) {
+    assert!(
+        lines.len() == n
+            && lines
+                .iter()
+                .all(|l| l.contains("listener=outbound") && l.contains(&format!("orig={target}"))),
+        "{what}: {lines:?}"
+    );
+}
+
 #[test]
 fn containers_restarted_under_a_stale_status_stay_meshed() {
     let Some(_serial) = kernel_test("stale_status") else {
@@ -35,12 +47,11 @@ fn containers_restarted_under_a_stale_status_stay_meshed() {
         "{out}"
     );
     let la = wait_sidecar_lines(&f, "a", before.0, 3);
-    assert!(
-        la.len() == 3
-            && la
-                .iter()
-                .all(|l| l.contains("listener=outbound") && l.contains(&format!("orig={target}"))),
-        "the restarted app's connections go through its sidecar: {la:?}"
+    assert_outbound(
+        &la,
+        3,
+        &target,
+        "the restarted app's connections go through its sidecar",
     );
     let lb = wait_sidecar_lines(&f, "b", before.1, 3);
     assert!(
@@ -73,12 +84,11 @@ fn containers_restarted_under_a_stale_status_stay_meshed() {
         "{out}"
     );
     let la = wait_sidecar_lines(&f, "a", before.0, 5);
-    assert!(
-        la.len() == 5
-            && la
-                .iter()
-                .all(|l| l.contains("listener=outbound") && l.contains(&format!("orig={target}"))),
-        "a's restarted sidecar, once per connection (no loop): {la:?}"
+    assert_outbound(
+        &la,
+        5,
+        &target,
+        "a's restarted sidecar, once per connection (no loop)",
     );
     assert_eq!(
         wait_sidecar_lines(&f, "b", before.1, 5).len(),
