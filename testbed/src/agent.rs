@@ -10,9 +10,16 @@ use std::{
 
 use anyhow::{Context, Result, bail};
 
-use crate::{manifest::Manifest, proc::Guarded};
+use crate::{
+    agent_container::{self, Plan},
+    containerd::Containerd,
+    manifest::Manifest,
+    proc::Guarded,
+};
 
 /// The agent binary: `$MERBRIDGE_EDGE_BIN`, else target/release/merbridge-edge of this workspace.
+/// Under `MERBRIDGE_EDGE_RUNTIME=containerd`, `run` comes from the image archive instead
+/// and this binary serves the other commands.
 pub fn agent_binary() -> PathBuf {
     if let Ok(p) = std::env::var("MERBRIDGE_EDGE_BIN") {
         return PathBuf::from(p);
@@ -23,10 +30,21 @@ pub fn agent_binary() -> PathBuf {
 
 /// A running agent whose log goes to a file.
 pub struct Agent {
-    /// The process.
+    /// The process (under containerd: its `ctr run`, signals going to the task).
     pub proc: Guarded,
     /// Its log file.
     pub log_path: PathBuf,
+    /// The container it runs in, under containerd (`MERBRIDGE_EDGE_RUNTIME=containerd`).
+    /// Dropped after `proc`: the private containerd is torn down once the task is gone.
+    pub container: Option<InContainer>,
+}
+
+/// An agent's container: what it was given and the private containerd running it.
+pub struct InContainer {
+    /// The container's grants, mounts and arguments.
+    pub plan: Plan,
+    /// The containerd it runs in, torn down (and checked empty) on drop.
+    pub containerd: Containerd,
 }
 
 impl Drop for Agent {
@@ -43,7 +61,12 @@ impl Drop for Agent {
 impl Agent {
     /// Starts `merbridge-edge` with `args`, logging to `log_path`; `run` gets only the
     /// capabilities of the k3s manifest.
+    /// Under `MERBRIDGE_EDGE_RUNTIME=containerd`, `run` runs from the shipped image
+    /// instead (see [`Agent::start_in_containerd`]).
     pub fn start(args: &[&str], log_path: &Path) -> Result<Self> {
+        if args.first() == Some(&"run") && agent_container::under_containerd() {
+            return Self::start_in_containerd(args, log_path);
+        }
         let bin = agent_binary();
         if !bin.exists() {
             bail!(
@@ -78,18 +101,84 @@ impl Agent {
             .spawn()
             .with_context(|| format!("starting {}", bin.display()))?;
         Ok(Self {
-            proc: Guarded {
-                child,
-                what: "agent".into(),
-            },
+            proc: Guarded::new(child, "agent"),
             log_path: log_path.to_path_buf(),
+            container: None,
         })
+    }
+
+    /// Starts `merbridge-edge run` with `args` from the image archive
+    /// `scripts/build-image` wrote, in a private containerd that imports it as k3s
+    /// does, with what the k3s manifest grants (see [`Plan::new`]); its output goes to
+    /// `log_path` through `ctr run`, which passes signals on to the task (SIGKILL goes
+    /// to the task directly).
+    pub fn start_in_containerd(args: &[&str], log_path: &Path) -> Result<Self> {
+        let archive = agent_container::image_archive();
+        if !archive.exists() {
+            bail!(
+                "image archive {} not found: run scripts/build-image",
+                archive.display()
+            );
+        }
+        let mut args: Vec<&str> = args.to_vec();
+        if !args.contains(&"--metrics-addr") {
+            args.extend(["--metrics-addr", "127.0.0.1:0"]);
+        }
+        let plan = Plan::new(&Manifest::load(), &args);
+        let containerd = Containerd::start()?;
+        let image = containerd.import(&archive)?;
+        let id = format!("mbe-agent-{}", containerd.tag);
+        let pid_file = containerd.dir.join("agent.pid");
+        let log = fs::File::create(log_path)?;
+        let pid_arg = pid_file.display().to_string();
+        let child = plan
+            .ctr_run(&containerd, &image, &id, &["--pid-file", &pid_arg])
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()
+            .context("starting ctr run")?;
+        let mut proc = Guarded::new(child, "agent (containerd)");
+        let end = Instant::now() + Duration::from_secs(10);
+        let pid = loop {
+            if let Some(pid) = fs::read_to_string(&pid_file)
+                .ok()
+                .and_then(|p| p.trim().parse::<u32>().ok())
+            {
+                break pid;
+            }
+            if let Ok(Some(status)) = proc.child.try_wait() {
+                bail!(
+                    "ctr run exited ({status}) before the task started:\n{}\ncontainerd:\n{}",
+                    fs::read_to_string(log_path).unwrap_or_default(),
+                    containerd.log()
+                );
+            }
+            if Instant::now() > end {
+                bail!("the agent's task did not start within 10 s");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        proc.target = Some(pid);
+        Ok(Self {
+            proc,
+            log_path: log_path.to_path_buf(),
+            container: Some(InContainer { plan, containerd }),
+        })
+    }
+
+    /// Where the agent sees the host path `host`: itself, or its path in the container.
+    pub fn path_seen(&self, host: &Path) -> PathBuf {
+        match &self.container {
+            Some(c) => c.plan.path_in_container(host),
+            None => host.to_path_buf(),
+        }
     }
 
     /// The process's effective capability set (CapEff of /proc/PID/status).
     pub fn effective_capabilities(&self) -> u64 {
-        let status = fs::read_to_string(format!("/proc/{}/status", self.proc.child.id()))
-            .unwrap_or_default();
+        let status =
+            fs::read_to_string(format!("/proc/{}/status", self.proc.pid())).unwrap_or_default();
         status
             .lines()
             .find_map(|l| l.strip_prefix("CapEff:"))

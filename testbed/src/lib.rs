@@ -3,7 +3,9 @@
 //! layout, and processes are started inside both. Everything made is removed on drop,
 //! also when a test fails.
 pub mod agent;
+pub mod agent_container;
 pub mod churn;
+pub mod containerd;
 pub mod dist;
 pub mod fixture;
 pub mod iptables;

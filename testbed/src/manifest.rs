@@ -2,7 +2,10 @@
 //! check it and run the agent with exactly what it grants.
 use std::path::PathBuf;
 
-use k8s_openapi::api::{apps::v1::DaemonSet, core::v1::Container};
+use k8s_openapi::api::{
+    apps::v1::DaemonSet,
+    core::v1::{Container, PodSpec},
+};
 use serde::Deserialize;
 use serde_json::Value;
 
@@ -94,4 +97,69 @@ impl Manifest {
         }
         s
     }
+
+    /// The DaemonSet's pod spec.
+    pub fn pod_spec(&self) -> PodSpec {
+        self.daemonset().spec.template.spec.expect("a pod spec")
+    }
+
+    /// The host paths the agent's container mounts, each joined with its volume.
+    pub fn host_mounts(&self) -> Vec<HostMount> {
+        let volumes = self.pod_spec().volumes.unwrap_or_default();
+        self.agent_container()
+            .volume_mounts
+            .unwrap_or_default()
+            .into_iter()
+            .map(|m| {
+                let volume = volumes
+                    .iter()
+                    .find(|v| v.name == m.name)
+                    .unwrap_or_else(|| panic!("volume {} is not declared", m.name));
+                let host = volume
+                    .host_path
+                    .as_ref()
+                    .unwrap_or_else(|| panic!("volume {} is not a hostPath", m.name));
+                HostMount {
+                    name: m.name.clone(),
+                    host_path: PathBuf::from(&host.path),
+                    mount_path: PathBuf::from(&m.mount_path),
+                    read_only: m.read_only.unwrap_or(false),
+                    host_to_container: matches!(
+                        m.mount_propagation.as_deref(),
+                        Some("HostToContainer" | "Bidirectional")
+                    ),
+                }
+            })
+            .collect()
+    }
+
+    /// The agent container's memory limit in bytes (`resources.limits.memory`).
+    pub fn memory_limit_bytes(&self) -> Option<u64> {
+        let limits = self.agent_container().resources?.limits?;
+        let q = &limits.get("memory")?.0;
+        let (digits, unit) = q.split_at(q.find(|c: char| !c.is_ascii_digit()).unwrap_or(q.len()));
+        let scale: u64 = match unit {
+            "" => 1,
+            "Ki" => 1 << 10,
+            "Mi" => 1 << 20,
+            "Gi" => 1 << 30,
+            other => panic!("memory unit {other:?} is not read here"),
+        };
+        Some(digits.parse::<u64>().expect("a memory quantity") * scale)
+    }
+}
+
+/// One host path mounted into the agent's container, as the manifest declares it.
+#[derive(Clone, Debug, PartialEq)]
+pub struct HostMount {
+    /// The volume's name.
+    pub name: String,
+    /// The host path (`hostPath.path`).
+    pub host_path: PathBuf,
+    /// Where the container sees it (`mountPath`).
+    pub mount_path: PathBuf,
+    /// Mounted read-only.
+    pub read_only: bool,
+    /// Mounts made on the host later appear in the container (HostToContainer).
+    pub host_to_container: bool,
 }

@@ -520,10 +520,7 @@ impl Node {
             .spawn()
             .with_context(|| format!("starting helper {args:?}"))?;
         let mut procs = self.procs.lock().unwrap_or_else(|e| e.into_inner());
-        procs.push(Guarded {
-            child,
-            what: format!("{args:?}"),
-        });
+        procs.push(Guarded::new(child, format!("{args:?}")));
         Ok(procs.len() - 1)
     }
 

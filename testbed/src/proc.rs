@@ -70,13 +70,31 @@ pub struct Guarded {
     pub child: Child,
     /// What it is, for messages.
     pub what: String,
+    /// The process that signals go to when it is not the child: a container's task,
+    /// whose `ctr run` passes on every signal but SIGKILL (it cannot catch that one).
+    pub target: Option<u32>,
 }
 
 impl Guarded {
+    /// A child that is its own signal target.
+    pub fn new(child: Child, what: impl Into<String>) -> Self {
+        Self {
+            child,
+            what: what.into(),
+            target: None,
+        }
+    }
+
+    /// The process id that signals go to and whose /proc describes the guarded
+    /// program (the container's task for an agent under containerd).
+    pub fn pid(&self) -> u32 {
+        self.target.unwrap_or_else(|| self.child.id())
+    }
+
     /// Sends a signal.
     pub fn signal(&self, sig: i32) {
-        // SAFETY: kill on our own child's pid.
-        unsafe { libc::kill(self.child.id() as i32, sig) };
+        // SAFETY: kill on our own child's pid, or on the task of the container it runs.
+        unsafe { libc::kill(self.pid() as i32, sig) };
     }
 
     /// Waits up to `limit` for the child to exit; returns its status if it did.
@@ -97,6 +115,11 @@ impl Guarded {
 impl Drop for Guarded {
     fn drop(&mut self) {
         if let Ok(None) = self.child.try_wait() {
+            if self.target.is_some() {
+                // The task first, so that its `ctr run` removes the container and exits.
+                self.signal(libc::SIGKILL);
+                self.wait_for(Duration::from_secs(5));
+            }
             let _ = self.child.kill();
         }
         let _ = self.child.wait();

@@ -464,9 +464,12 @@ fn agent_finds_the_cgroup2_mount_by_itself() {
         &node.scratch().join("agent.log"),
     )
     .unwrap();
+    // Under containerd the agent finds the host's cgroup2 mount at the manifest's
+    // mount of /sys/fs/cgroup.
+    let seen = agent.path_seen(&mount);
     agent
         .wait_log(
-            &format!("probes attached to {} ", mount.display()),
+            &format!("probes attached to {} ", seen.display()),
             Duration::from_secs(10),
         )
         .unwrap();
