@@ -15,5 +15,6 @@ pub mod maps;
 pub mod node;
 pub mod podlist;
 pub mod proc;
+pub mod runtime_pods;
 
 pub use node::{Node, Pod, PodSpec};

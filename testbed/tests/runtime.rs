@@ -206,6 +206,32 @@ fn the_agent_under_containerd_holds_only_the_manifests_grants_and_dies_with_sigk
         .unwrap_or_default()
         .to_string();
     assert!(root_opts.split(',').any(|o| o == "ro"), "{root_opts}");
+    // The manifest's read-only cgroup mount: read-only at its top; the hierarchies
+    // mounted below it on a hybrid host stay writable (runc binds them read-only
+    // non-recursively), which the README notes.
+    let below: Vec<(String, String)> = mounts
+        .lines()
+        .filter_map(|l| {
+            let mut f = l.split_whitespace();
+            let point = f.nth(4)?;
+            let opts = f.next()?;
+            point
+                .starts_with("/host/sys/fs/cgroup")
+                .then(|| (point.to_string(), opts.to_string()))
+        })
+        .collect();
+    assert!(
+        below
+            .iter()
+            .any(|(p, o)| p == "/host/sys/fs/cgroup" && o.split(',').any(|o| o == "ro")),
+        "{below:?}"
+    );
+    let writable: Vec<&String> = below
+        .iter()
+        .filter(|(_, o)| o.split(',').any(|o| o == "rw"))
+        .map(|(p, _)| p)
+        .collect();
+    eprintln!("writable below the read-only cgroup mount: {writable:?}");
     // Its cgroup: below the private containerd's parent, in the cgroup2 hierarchy too.
     let containerd = &agent.container.as_ref().unwrap().containerd;
     let parent = containerd.cgroup_parent.clone();
