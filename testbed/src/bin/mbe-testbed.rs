@@ -44,10 +44,11 @@ fn main() {
         ["sockopts"] => sockopts(),
         ["forge", victim, listen_port, ms, ports @ ..] => forge(victim, listen_port, ms, ports),
         ["connect-many", target, count] => connect_many(target, count),
+        ["flood", addr, max_bytes] => flood(addr, max_bytes),
         ["udp-echo", name, addr] => udp_echo(name, addr),
         ["udp-query", addr, rest @ ..] => udp_query(addr, rest.contains(&"--connected")),
         _ => Err(format!(
-            "usage: mbe-testbed echo|sidecar|client|sockopts|forge|connect-many|udp-echo|udp-query …; got {a:?}"
+            "usage: mbe-testbed echo|sidecar|client|sockopts|forge|connect-many|flood|udp-echo|udp-query …; got {a:?}"
         )),
     };
     if let Err(e) = result {
@@ -669,6 +670,41 @@ fn forge(victim: &str, listen_port: &str, ms: &str, ports: &[&str]) -> Result<()
 /// Opens `count` connections to `target` one after another, holding them open (the
 /// kernel picks each source port; with a narrow port range the later ones fail), then
 /// closes them all. Prints `ok=<connected> failed=<failed> first_error=<…>`.
+/// Writes up to `max_bytes` to an echo app at `addr` and never reads the echo: how much
+/// the path takes before the writer is held back. A write that makes no progress for
+/// 2 s ends it. Prints `written=<bytes> held_back=<true|false>`.
+fn flood(addr: &str, max_bytes: &str) -> Result<(), String> {
+    let addr: SocketAddr = addr.parse().map_err(|_| format!("bad address {addr}"))?;
+    let max: usize = max_bytes.parse().map_err(|_| "bad byte count")?;
+    let s = TcpStream::connect_timeout(&addr, Duration::from_secs(5))
+        .map_err(|e| format!("connect {addr}: {e}"))?;
+    s.set_read_timeout(Some(Duration::from_secs(5))).ok();
+    let mut hello = String::new();
+    BufReader::new(s.try_clone().map_err(|e| e.to_string())?)
+        .read_line(&mut hello)
+        .map_err(|e| format!("reading hello: {e}"))?;
+    s.set_write_timeout(Some(Duration::from_secs(2))).ok();
+    let chunk = pattern(0, 64 << 10);
+    let (mut w, mut written, mut held_back) = (&s, 0usize, false);
+    while written < max {
+        match w.write(&chunk[..chunk.len().min(max - written)]) {
+            Ok(n) => written += n,
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) =>
+            {
+                held_back = true;
+                break;
+            }
+            Err(e) => return Err(format!("writing after {written} bytes: {e}")),
+        }
+    }
+    println!("written={written} held_back={held_back}");
+    Ok(())
+}
+
 fn connect_many(target: &str, count: &str) -> Result<(), String> {
     let target: SocketAddr = target
         .parse()
