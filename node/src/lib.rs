@@ -22,3 +22,4 @@ pub mod sockhash_pin;
 pub mod source;
 pub mod status;
 pub mod sync;
+pub mod tcp_memory;

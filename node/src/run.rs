@@ -209,6 +209,13 @@ pub fn run(opts: RunOptions) -> Result<()> {
         }
     }
     warn_what_unpinned_restarts_cost(&report, accelerate, opts.pin_listeners);
+    if accelerate
+        && let Some(w) = crate::tcp_memory::acceleration_warning(std::path::Path::new(
+            crate::tcp_memory::TCP_MEM,
+        ))
+    {
+        warn!("{w}");
+    }
     let mut inbound_ports: Vec<u16> = MESHES.iter().map(|m| m.inbound_port).collect();
     inbound_ports.sort_unstable();
     inbound_ports.dedup();
