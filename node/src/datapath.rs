@@ -175,11 +175,10 @@ impl Datapath {
         let accelerate: u32 = (opts.accelerate && knows_netns).into();
         let tuple_capacity = u64::from(s.connections);
         let load = |listeners_pin: Option<&std::path::Path>| {
-            let mut loader = EbpfLoader::new();
             // The probes read only context fields and their own maps: no CO-RE
-            // relocations, so the kernel's BTF (megabytes to parse) is not needed.
+            // relocations, so the kernel's BTF (megabytes to parse) is not even read.
+            let mut loader = EbpfLoader::without_btf();
             loader
-                .btf(None)
                 .map_max_entries(maps::POD_BY_CGROUP, s.cgroups)
                 .map_max_entries(maps::POD_BY_IP, s.pod_ips)
                 .map_max_entries(maps::PORT_RULES, s.rules)
@@ -516,9 +515,8 @@ pub fn verify_probes(accelerate: bool) -> Vec<(&'static str, Result<(), String>)
         return vec![("maps", Err(PROBES_SKIPPED.to_string()))];
     };
     let accelerate: u32 = accelerate.into();
-    let mut loader = EbpfLoader::new();
+    let mut loader = EbpfLoader::without_btf();
     loader
-        .btf(None)
         .override_global(global_names::ACCELERATE, &accelerate, true);
     for name in [
         maps::POD_BY_CGROUP,
