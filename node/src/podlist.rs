@@ -1,6 +1,6 @@
 //! The kubelet's PodList: how a body is parsed (item by item, a bad item skipped and
 //! named), how large it may be, and how a failed poll is described.
-use std::{fmt, hash::Hasher};
+use std::hash::Hasher;
 
 use anyhow::{Result, bail};
 use k8s_openapi::api::core::v1::Pod;
@@ -64,7 +64,8 @@ impl ErrorKind {
 }
 
 /// A failed poll: its kind and a message that says what to do about it.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("{message}")]
 pub struct PollError {
     /// What went wrong.
     pub kind: ErrorKind,
@@ -81,14 +82,6 @@ impl PollError {
         }
     }
 }
-
-impl fmt::Display for PollError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.message)
-    }
-}
-
-impl std::error::Error for PollError {}
 
 /// Largest PodList accepted (bytes). A node's 110 pods as injected by a mesh take about
 /// 0.6 MiB (5.6 KiB each); 8 MiB leaves room for heavily annotated pods while the body

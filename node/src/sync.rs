@@ -533,17 +533,12 @@ fn is_mesh_inbound_port(port: u16) -> bool {
 }
 
 /// A failed map write, naming the map and the entry.
-#[derive(Debug)]
+#[derive(Debug, thiserror::Error)]
+#[error("{text}")]
 pub struct WriteError {
     text: String,
     /// The map, when the write failed because it is full.
     full_map: Option<&'static str>,
-}
-
-impl std::fmt::Display for WriteError {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(&self.text)
-    }
 }
 
 fn is_map_full(e: &MapError) -> bool {
