@@ -7,26 +7,17 @@ use std::{
 
 use anyhow::{Context, Result, bail};
 
+use crate::mountinfo;
+
 /// Finds where cgroup2 is mounted by reading `/proc/self/mountinfo`. On hybrid systems
 /// that is `/sys/fs/cgroup/unified`; on unified ones `/sys/fs/cgroup`.
 pub fn detect_cgroup2_mount() -> Result<PathBuf> {
-    let text =
-        fs::read_to_string("/proc/self/mountinfo").context("reading /proc/self/mountinfo")?;
-    cgroup2_mount_in(&text).context(
+    let mounts = mountinfo::read_mount_points("cgroup2")
+        .with_context(|| format!("reading {}", mountinfo::MOUNTINFO_PATH))?;
+    mounts.into_iter().next().context(
         "no cgroup2 filesystem is mounted (see /proc/self/mountinfo); \
          mount one or pass --cgroup-root",
     )
-}
-
-/// The first cgroup2 mount point listed in a mountinfo text.
-pub fn cgroup2_mount_in(mountinfo: &str) -> Option<PathBuf> {
-    mountinfo.lines().find_map(|line| {
-        // "<id> <parent> <maj:min> <root> <mount point> <opts> [optional...] - <fstype> <source> <super opts>"
-        let (left, right) = line.split_once(" - ")?;
-        let fstype = right.split_whitespace().next()?;
-        let mount_point = left.split_whitespace().nth(4)?;
-        (fstype == "cgroup2").then(|| PathBuf::from(mount_point.replace("\\040", " ")))
-    })
 }
 
 /// The cgroup2 directory the programs attach to: `given` (from `--cgroup-root`) when it
@@ -179,19 +170,6 @@ pub fn container_cgroups(pod_dir: &Path, container_ids: &[&str]) -> Vec<(String,
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn finds_cgroup2_in_hybrid_mountinfo() {
-        let text = "\
-25 30 0:22 / /sys/fs/cgroup ro,nosuid - tmpfs tmpfs ro,mode=755
-26 25 0:23 / /sys/fs/cgroup/unified rw,nosuid,nodev - cgroup2 cgroup2 rw,nsdelegate
-27 25 0:24 / /sys/fs/cgroup/systemd rw - cgroup cgroup rw,name=systemd";
-        assert_eq!(
-            cgroup2_mount_in(text),
-            Some(PathBuf::from("/sys/fs/cgroup/unified"))
-        );
-        assert_eq!(cgroup2_mount_in("1 0 0:1 / / rw - ext4 /dev/sda rw"), None);
-    }
 
     #[test]
     fn cgroup_root_takes_the_mount_or_a_hybrid_parent_and_names_a_wrong_one() {

@@ -13,24 +13,17 @@ use std::{
 
 use anyhow::{Result, bail};
 
+use crate::mountinfo;
+
 /// The directory under every bpffs mount that belongs to the agent.
 pub const PIN_DIR: &str = "merbridge-edge";
 
 /// Our programs' names start with this.
 const PROGRAM_PREFIX: &str = "mb_";
 
-/// Every bpffs mount point, from /proc/self/mountinfo.
+/// Every bpffs mount point, from /proc/self/mountinfo (none when it cannot be read).
 pub(crate) fn bpffs_mounts() -> Vec<PathBuf> {
-    let text = fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
-    text.lines()
-        .filter_map(|line| {
-            let (left, right) = line.split_once(" - ")?;
-            if right.split_whitespace().next()? != "bpf" {
-                return None;
-            }
-            left.split_whitespace().nth(4).map(PathBuf::from)
-        })
-        .collect()
+    mountinfo::read_mount_points("bpf").unwrap_or_default()
 }
 
 /// Other running agents (`merbridge-edge run`), by pid.

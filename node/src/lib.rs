@@ -14,6 +14,7 @@ pub mod kubelet;
 mod memory;
 pub mod mesh;
 pub mod metrics;
+mod mountinfo;
 pub mod pod_netns;
 pub mod podlist;
 pub mod policy;
