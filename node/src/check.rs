@@ -1,7 +1,7 @@
 //! `merbridge-edge check`: can this kernel and this process run the agent? Every answer
 //! comes from trying: loading tiny programs, creating tiny maps, loading the real
 //! probes through the verifier. Version numbers are only quoted as advice.
-use std::{fmt::Write as _, fs};
+use std::{fmt::Write as _, fs, path::Path};
 
 use aya::{
     maps::MapType,
@@ -144,6 +144,36 @@ const CAP_SYS_ADMIN: u32 = 21;
 const CAP_PERFMON: u32 = 38;
 const CAP_BPF: u32 = 39;
 
+/// A capability the agent needs; CAP_SYS_ADMIN stands in for each of them.
+struct Capability {
+    name: &'static str,
+    bit: u32,
+    needed_by: &'static str,
+    advice: &'static str,
+}
+
+/// Every capability the agent needs, in the order the report lists them.
+const CAPABILITIES: [Capability; 3] = [
+    Capability {
+        name: "CAP_BPF",
+        bit: CAP_BPF,
+        needed_by: "loading programs and creating maps",
+        advice: "grant CAP_BPF (kernels before 5.8: CAP_SYS_ADMIN)",
+    },
+    Capability {
+        name: "CAP_NET_ADMIN",
+        bit: CAP_NET_ADMIN,
+        needed_by: "attaching to cgroups, sockops and sk_msg",
+        advice: "grant CAP_NET_ADMIN",
+    },
+    Capability {
+        name: "CAP_PERFMON",
+        bit: CAP_PERFMON,
+        needed_by: "the getsockopt probe (the verifier wants it for reading the option buffer)",
+        advice: "grant CAP_PERFMON (kernels before 5.8: CAP_SYS_ADMIN)",
+    },
+];
+
 /// An error with its causes, on one line.
 fn chain(e: &dyn std::error::Error) -> String {
     let mut text = e.to_string();
@@ -163,70 +193,129 @@ fn answer(r: Result<bool, impl std::error::Error>, yes: &str, no: &str) -> (bool
     }
 }
 
+/// What the checks look at: this kernel and this process.
+struct Host<'a> {
+    release: String,
+    machine: String,
+    version: Option<(u32, u32)>,
+    /// Effective capabilities, one bit each.
+    capabilities: u64,
+    netns_dir: &'a Path,
+    bpffs: Option<&'a Path>,
+}
+
+impl Host<'_> {
+    /// Whether the kernel is known to be older than `min`.
+    fn older_than(&self, min: (u32, u32)) -> bool {
+        self.version.is_some_and(|v| v < min)
+    }
+
+    fn holds(&self, capability: u32) -> bool {
+        self.capabilities & (1 << capability) != 0
+    }
+
+    /// Whether the process may load programs and create maps.
+    fn may_bpf(&self) -> bool {
+        self.holds(CAP_BPF) || self.holds(CAP_SYS_ADMIN)
+    }
+}
+
+/// One check: looks at the host and appends its lines to the report's items (earlier
+/// items are there to read).
+type Check = fn(&Host, &mut Vec<Item>);
+
+/// The checks that load nothing into the kernel, in report order. Privileges come
+/// first: without them every load after fails for the same reason.
+const HOST_CHECKS: [Check; 6] = [
+    check_kernel,
+    check_capabilities,
+    check_cgroup2,
+    check_btf,
+    check_memlock,
+    check_bpffs_pinning,
+];
+
+/// The checks that load tiny programs or create tiny maps, in report order; they run
+/// only when the process may (see [`Host::may_bpf`]).
+const BPF_CHECKS: [Check; 5] = [
+    check_program_types,
+    check_map_types,
+    check_helpers,
+    check_probes_pass_the_verifier,
+    check_netns_files,
+];
+
 /// Runs every check; `netns_dir` is where the pod network namespace files are, `bpffs`
 /// the mount to pin in (found as `run` finds it when None).
-pub fn run_checks(netns_dir: &std::path::Path, bpffs: Option<&std::path::Path>) -> Report {
+pub fn run_checks(netns_dir: &Path, bpffs: Option<&Path>) -> Report {
     let (release, machine) = uname();
-    let version = kernel_version(&release);
+    let host = Host {
+        version: kernel_version(&release),
+        release,
+        machine,
+        capabilities: effective_capabilities(),
+        netns_dir,
+        bpffs,
+    };
     let mut items = Vec::new();
-    let old_kernel = |min: (u32, u32)| version.is_some_and(|v| v < min);
+    for check in HOST_CHECKS {
+        check(&host, &mut items);
+    }
+    if host.may_bpf() {
+        for check in BPF_CHECKS {
+            check(&host, &mut items);
+        }
+    } else {
+        // Every load would fail for want of the capability, not of the kernel.
+        items.push(item(
+            "kernel BPF features",
+            true,
+            "not checked: loading test programs needs CAP_BPF or CAP_SYS_ADMIN".into(),
+            "",
+            Impact::None,
+            "",
+        ));
+    }
+    Report {
+        kernel: format!("{} {}", host.release, host.machine),
+        verdict: verdict_of(&items),
+        items,
+    }
+}
 
+fn check_kernel(host: &Host, items: &mut Vec<Item>) {
     items.push(item(
         "kernel",
-        !old_kernel((5, 7)),
-        format!("{release} {machine}"),
+        !host.older_than((5, 7)),
+        format!("{} {}", host.release, host.machine),
         "bpf_link attachments, cgroup/getsockopt, sockhash",
         Impact::Fatal,
         "use kernel 5.7 or newer",
     ));
+}
 
-    // Privileges first: without them every load below fails for the same reason.
-    let caps = effective_capabilities();
-    let has = |c: u32| caps & (1 << c) != 0;
-    let may_bpf = has(CAP_BPF) || has(CAP_SYS_ADMIN);
-    items.push(item(
-        "capability CAP_BPF",
-        may_bpf,
-        if has(CAP_BPF) {
-            "held".into()
-        } else if has(CAP_SYS_ADMIN) {
-            "not held; CAP_SYS_ADMIN stands in for it".into()
-        } else {
-            "not held (nor CAP_SYS_ADMIN)".into()
-        },
-        "loading programs and creating maps",
-        Impact::Fatal,
-        "grant CAP_BPF (kernels before 5.8: CAP_SYS_ADMIN)",
-    ));
-    items.push(item(
-        "capability CAP_NET_ADMIN",
-        has(CAP_NET_ADMIN) || has(CAP_SYS_ADMIN),
-        if has(CAP_NET_ADMIN) {
-            "held".into()
-        } else if has(CAP_SYS_ADMIN) {
-            "not held; CAP_SYS_ADMIN stands in for it".into()
-        } else {
-            "not held (nor CAP_SYS_ADMIN)".into()
-        },
-        "attaching to cgroups, sockops and sk_msg",
-        Impact::Fatal,
-        "grant CAP_NET_ADMIN",
-    ));
-    items.push(item(
-        "capability CAP_PERFMON",
-        has(CAP_PERFMON) || has(CAP_SYS_ADMIN),
-        if has(CAP_PERFMON) {
-            "held".into()
-        } else if has(CAP_SYS_ADMIN) {
-            "not held; CAP_SYS_ADMIN stands in for it".into()
-        } else {
-            "not held (nor CAP_SYS_ADMIN)".into()
-        },
-        "the getsockopt probe (the verifier wants it for reading the option buffer)",
-        Impact::Fatal,
-        "grant CAP_PERFMON (kernels before 5.8: CAP_SYS_ADMIN)",
-    ));
+fn check_capabilities(host: &Host, items: &mut Vec<Item>) {
+    for c in &CAPABILITIES {
+        let held = host.holds(c.bit);
+        let stand_in = host.holds(CAP_SYS_ADMIN);
+        items.push(item(
+            &format!("capability {}", c.name),
+            held || stand_in,
+            if held {
+                "held".into()
+            } else if stand_in {
+                "not held; CAP_SYS_ADMIN stands in for it".into()
+            } else {
+                "not held (nor CAP_SYS_ADMIN)".into()
+            },
+            c.needed_by,
+            Impact::Fatal,
+            c.advice,
+        ));
+    }
+}
 
+fn check_cgroup2(_: &Host, items: &mut Vec<Item>) {
     let cg = cgroups::detect_cgroup2_mount();
     items.push(item(
         "cgroup v2",
@@ -239,7 +328,10 @@ pub fn run_checks(netns_dir: &std::path::Path, bpffs: Option<&std::path::Path>) 
         Impact::Fatal,
         "mount cgroup2 (systemd.unified_cgroup_hierarchy=1, or mount -t cgroup2 none /sys/fs/cgroup/unified)",
     ));
-    let btf = std::path::Path::new("/sys/kernel/btf/vmlinux").exists();
+}
+
+fn check_btf(_: &Host, items: &mut Vec<Item>) {
+    let btf = Path::new("/sys/kernel/btf/vmlinux").exists();
     items.push(item(
         "kernel BTF",
         true,
@@ -252,35 +344,41 @@ pub fn run_checks(netns_dir: &std::path::Path, bpffs: Option<&std::path::Path>) 
         Impact::None,
         "",
     ));
-    if old_kernel((5, 11)) {
-        // Kernels before 5.11 charge BPF maps to RLIMIT_MEMLOCK: lift it while we can
-        // (raising the hard limit needs CAP_SYS_RESOURCE; without it this is a no-op).
-        let unlimited = libc::rlimit {
-            rlim_cur: libc::RLIM_INFINITY,
-            rlim_max: libc::RLIM_INFINITY,
-        };
-        // SAFETY: setrlimit reads the struct.
-        unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &unlimited) };
-        let mut lim = libc::rlimit {
-            rlim_cur: 0,
-            rlim_max: 0,
-        };
-        // SAFETY: getrlimit fills the struct.
-        unsafe { libc::getrlimit(libc::RLIMIT_MEMLOCK, &mut lim) };
-        let enough = lim.rlim_cur == libc::RLIM_INFINITY || lim.rlim_cur >= 64 << 20;
-        items.push(item(
-            "memlock limit (kernel before 5.11 charges maps to it)",
-            enough,
-            format!("{} bytes", lim.rlim_cur),
-            "map creation",
-            Impact::Fatal,
-            "grant CAP_SYS_RESOURCE (the agent lifts the limit itself) or raise RLIMIT_MEMLOCK \
-             (ulimit -l unlimited, or LimitMEMLOCK=infinity)",
-        ));
-    }
+}
 
-    // After the memlock limit is lifted: the test pin is a (tiny) map.
-    let pinning = sockhash_pin::try_pin(bpffs);
+fn check_memlock(host: &Host, items: &mut Vec<Item>) {
+    if !host.older_than((5, 11)) {
+        return;
+    }
+    // Kernels before 5.11 charge BPF maps to RLIMIT_MEMLOCK: lift it while we can
+    // (raising the hard limit needs CAP_SYS_RESOURCE; without it this is a no-op).
+    let unlimited = libc::rlimit {
+        rlim_cur: libc::RLIM_INFINITY,
+        rlim_max: libc::RLIM_INFINITY,
+    };
+    // SAFETY: setrlimit reads the struct.
+    unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &unlimited) };
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit fills the struct.
+    unsafe { libc::getrlimit(libc::RLIMIT_MEMLOCK, &mut lim) };
+    let enough = lim.rlim_cur == libc::RLIM_INFINITY || lim.rlim_cur >= 64 << 20;
+    items.push(item(
+        "memlock limit (kernel before 5.11 charges maps to it)",
+        enough,
+        format!("{} bytes", lim.rlim_cur),
+        "map creation",
+        Impact::Fatal,
+        "grant CAP_SYS_RESOURCE (the agent lifts the limit itself) or raise RLIMIT_MEMLOCK \
+         (ulimit -l unlimited, or LimitMEMLOCK=infinity)",
+    ));
+}
+
+/// After the memlock limit is lifted: the test pin is a (tiny) map.
+fn check_bpffs_pinning(host: &Host, items: &mut Vec<Item>) {
+    let pinning = sockhash_pin::try_pin(host.bpffs);
     items.push(item(
         "bpffs pinning",
         pinning.is_ok(),
@@ -295,61 +393,50 @@ pub fn run_checks(netns_dir: &std::path::Path, bpffs: Option<&std::path::Path>) 
          (containerd's default profile denies writes to /sys/fs/[^c]*/**): mount the host's \
          /sys/fs/bpf elsewhere, like /host/sys/fs/bpf as the k3s manifest does, and pass --bpffs",
     ));
+}
 
-    if !may_bpf {
-        // Every load below would fail for want of the capability, not of the kernel.
-        items.push(item(
-            "kernel BPF features",
-            true,
-            "not checked: loading test programs needs CAP_BPF or CAP_SYS_ADMIN".into(),
-            "",
-            Impact::None,
-            "",
-        ));
-        return Report {
-            kernel: format!("{release} {machine}"),
-            verdict: verdict_of(&items),
-            items,
-        };
-    }
-    for (what, ty, needed_by, impact) in [
-        (
-            "program type cgroup sock_addr",
-            ProgramType::CgroupSockAddr,
-            "connect4/6, sendmsg/recvmsg4/6 (4.17+; UDP hooks 4.18+)",
-            Impact::Fatal,
-        ),
-        (
-            "program type cgroup sockopt",
-            ProgramType::CgroupSockopt,
-            "getsockopt: SO_ORIGINAL_DST (5.3+)",
-            Impact::Fatal,
-        ),
-        (
-            "program type sock_ops",
-            ProgramType::SockOps,
-            "sockops: pairing local sockets (4.13+)",
-            Impact::Fatal,
-        ),
-        (
-            "program type sk_msg",
-            ProgramType::SkMsg,
-            "sk_msg acceleration (4.17+)",
-            Impact::Acceleration,
-        ),
-        (
-            "program type sk_lookup",
-            ProgramType::SkLookup,
-            "inbound capture at the receiving pod (5.9+)",
-            Impact::InboundCapture,
-        ),
-        (
-            "program type cgroup sock",
-            ProgramType::CgroupSock,
-            "post_bind4/6: finding the sidecars' inbound listeners (4.17+)",
-            Impact::InboundCapture,
-        ),
-    ] {
+/// Program types: what, the type, which part needs it (since which kernel), the cost.
+const PROGRAM_TYPES: [(&str, ProgramType, &str, Impact); 6] = [
+    (
+        "program type cgroup sock_addr",
+        ProgramType::CgroupSockAddr,
+        "connect4/6, sendmsg/recvmsg4/6 (4.17+; UDP hooks 4.18+)",
+        Impact::Fatal,
+    ),
+    (
+        "program type cgroup sockopt",
+        ProgramType::CgroupSockopt,
+        "getsockopt: SO_ORIGINAL_DST (5.3+)",
+        Impact::Fatal,
+    ),
+    (
+        "program type sock_ops",
+        ProgramType::SockOps,
+        "sockops: pairing local sockets (4.13+)",
+        Impact::Fatal,
+    ),
+    (
+        "program type sk_msg",
+        ProgramType::SkMsg,
+        "sk_msg acceleration (4.17+)",
+        Impact::Acceleration,
+    ),
+    (
+        "program type sk_lookup",
+        ProgramType::SkLookup,
+        "inbound capture at the receiving pod (5.9+)",
+        Impact::InboundCapture,
+    ),
+    (
+        "program type cgroup sock",
+        ProgramType::CgroupSock,
+        "post_bind4/6: finding the sidecars' inbound listeners (4.17+)",
+        Impact::InboundCapture,
+    ),
+];
+
+fn check_program_types(_: &Host, items: &mut Vec<Item>) {
+    for (what, ty, needed_by, impact) in PROGRAM_TYPES {
         let (ok, detail) = answer(
             is_program_supported(ty),
             "loads",
@@ -357,38 +444,44 @@ pub fn run_checks(netns_dir: &std::path::Path, bpffs: Option<&std::path::Path>) 
         );
         items.push(item(what, ok, detail, needed_by, impact, "use a kernel built with CONFIG_BPF_SYSCALL, CONFIG_CGROUP_BPF and CONFIG_BPF_STREAM_PARSER"));
     }
-    for (what, ty, needed_by, impact) in [
-        (
-            "map type hash",
-            MapType::Hash,
-            "pods by cgroup and by IP",
-            Impact::Fatal,
-        ),
-        (
-            "map type LRU hash",
-            MapType::LruHash,
-            "original destinations (4.10+)",
-            Impact::Fatal,
-        ),
-        (
-            "map type LPM trie",
-            MapType::LpmTrie,
-            "port and address exclusions (4.11+)",
-            Impact::Fatal,
-        ),
-        (
-            "map type per-CPU array",
-            MapType::PerCpuArray,
-            "counters",
-            Impact::Fatal,
-        ),
-        (
-            "map type sockhash",
-            MapType::SockHash,
-            "sk_msg acceleration (4.18+)",
-            Impact::Acceleration,
-        ),
-    ] {
+}
+
+/// Map types: what, the type, which part needs it (since which kernel), the cost.
+const MAP_TYPES: [(&str, MapType, &str, Impact); 5] = [
+    (
+        "map type hash",
+        MapType::Hash,
+        "pods by cgroup and by IP",
+        Impact::Fatal,
+    ),
+    (
+        "map type LRU hash",
+        MapType::LruHash,
+        "original destinations (4.10+)",
+        Impact::Fatal,
+    ),
+    (
+        "map type LPM trie",
+        MapType::LpmTrie,
+        "port and address exclusions (4.11+)",
+        Impact::Fatal,
+    ),
+    (
+        "map type per-CPU array",
+        MapType::PerCpuArray,
+        "counters",
+        Impact::Fatal,
+    ),
+    (
+        "map type sockhash",
+        MapType::SockHash,
+        "sk_msg acceleration (4.18+)",
+        Impact::Acceleration,
+    ),
+];
+
+fn check_map_types(_: &Host, items: &mut Vec<Item>) {
+    for (what, ty, needed_by, impact) in MAP_TYPES {
         let (ok, detail) = answer(
             is_map_supported(ty),
             "created",
@@ -403,93 +496,101 @@ pub fn run_checks(netns_dir: &std::path::Path, bpffs: Option<&std::path::Path>) 
             "use a kernel with this map type (see the version beside it)",
         ));
     }
-    type H = BpfHelper;
-    for (helper, name, ty, needed_by, impact) in [
-        (
-            H::BPF_FUNC_get_current_cgroup_id,
-            "bpf_get_current_cgroup_id",
-            ProgramType::CgroupSockAddr,
-            "connect: which pod is connecting (5.7+ in sock_addr)",
-            Impact::Fatal,
-        ),
-        (
-            H::BPF_FUNC_get_current_uid_gid,
-            "bpf_get_current_uid_gid",
-            ProgramType::CgroupSockAddr,
-            "connect: is it the sidecar (uid)",
-            Impact::Fatal,
-        ),
-        (
-            H::BPF_FUNC_get_socket_cookie,
-            "bpf_get_socket_cookie",
-            ProgramType::CgroupSockAddr,
-            "connect: remembering the original destination (4.12+)",
-            Impact::Fatal,
-        ),
-        (
-            H::BPF_FUNC_bind,
-            "bpf_bind",
-            ProgramType::CgroupSockAddr,
-            "connect: Linkerd's loopback source (4.17+)",
-            Impact::Fatal,
-        ),
-        (
-            H::BPF_FUNC_get_socket_cookie,
-            "bpf_get_socket_cookie",
-            ProgramType::SockOps,
-            "sockops: pairing a socket with its destination",
-            Impact::Fatal,
-        ),
-        (
-            H::BPF_FUNC_get_netns_cookie,
-            "bpf_get_netns_cookie",
-            ProgramType::CgroupSockAddr,
-            "connect: learning each pod's network namespace (5.7+)",
-            Impact::Fatal,
-        ),
-        (
-            H::BPF_FUNC_get_netns_cookie,
-            "bpf_get_netns_cookie",
-            ProgramType::SockOps,
-            "sockops: a socket's network namespace, so no pod takes over another's accelerated connection (5.15+)",
-            Impact::Acceleration,
-        ),
-        (
-            H::BPF_FUNC_sock_hash_update,
-            "bpf_sock_hash_update",
-            ProgramType::SockOps,
-            "sockops: recording local sockets (4.18+)",
-            Impact::Acceleration,
-        ),
-        (
-            H::BPF_FUNC_msg_redirect_hash,
-            "bpf_msg_redirect_hash",
-            ProgramType::SkMsg,
-            "sk_msg: moving data to the peer socket (4.18+)",
-            Impact::Acceleration,
-        ),
-        (
-            H::BPF_FUNC_sk_assign,
-            "bpf_sk_assign",
-            ProgramType::SkLookup,
-            "sk_lookup: handing a connection to the sidecar (5.9+)",
-            Impact::InboundCapture,
-        ),
-        (
-            H::BPF_FUNC_get_current_cgroup_id,
-            "bpf_get_current_cgroup_id",
-            ProgramType::CgroupSock,
-            "post_bind: which container binds a sidecar port",
-            Impact::InboundCapture,
-        ),
-        (
-            H::BPF_FUNC_get_socket_cookie,
-            "bpf_get_socket_cookie",
-            ProgramType::CgroupSock,
-            "post_bind: remembering a sidecar's listener until it listens",
-            Impact::InboundCapture,
-        ),
-    ] {
+}
+
+type H = BpfHelper;
+
+/// Helpers the probes call: the helper, its name, the program type that calls it,
+/// which part needs it (since which kernel), the cost.
+const HELPERS: [(BpfHelper, &str, ProgramType, &str, Impact); 12] = [
+    (
+        H::BPF_FUNC_get_current_cgroup_id,
+        "bpf_get_current_cgroup_id",
+        ProgramType::CgroupSockAddr,
+        "connect: which pod is connecting (5.7+ in sock_addr)",
+        Impact::Fatal,
+    ),
+    (
+        H::BPF_FUNC_get_current_uid_gid,
+        "bpf_get_current_uid_gid",
+        ProgramType::CgroupSockAddr,
+        "connect: is it the sidecar (uid)",
+        Impact::Fatal,
+    ),
+    (
+        H::BPF_FUNC_get_socket_cookie,
+        "bpf_get_socket_cookie",
+        ProgramType::CgroupSockAddr,
+        "connect: remembering the original destination (4.12+)",
+        Impact::Fatal,
+    ),
+    (
+        H::BPF_FUNC_bind,
+        "bpf_bind",
+        ProgramType::CgroupSockAddr,
+        "connect: Linkerd's loopback source (4.17+)",
+        Impact::Fatal,
+    ),
+    (
+        H::BPF_FUNC_get_socket_cookie,
+        "bpf_get_socket_cookie",
+        ProgramType::SockOps,
+        "sockops: pairing a socket with its destination",
+        Impact::Fatal,
+    ),
+    (
+        H::BPF_FUNC_get_netns_cookie,
+        "bpf_get_netns_cookie",
+        ProgramType::CgroupSockAddr,
+        "connect: learning each pod's network namespace (5.7+)",
+        Impact::Fatal,
+    ),
+    (
+        H::BPF_FUNC_get_netns_cookie,
+        "bpf_get_netns_cookie",
+        ProgramType::SockOps,
+        "sockops: a socket's network namespace, so no pod takes over another's accelerated connection (5.15+)",
+        Impact::Acceleration,
+    ),
+    (
+        H::BPF_FUNC_sock_hash_update,
+        "bpf_sock_hash_update",
+        ProgramType::SockOps,
+        "sockops: recording local sockets (4.18+)",
+        Impact::Acceleration,
+    ),
+    (
+        H::BPF_FUNC_msg_redirect_hash,
+        "bpf_msg_redirect_hash",
+        ProgramType::SkMsg,
+        "sk_msg: moving data to the peer socket (4.18+)",
+        Impact::Acceleration,
+    ),
+    (
+        H::BPF_FUNC_sk_assign,
+        "bpf_sk_assign",
+        ProgramType::SkLookup,
+        "sk_lookup: handing a connection to the sidecar (5.9+)",
+        Impact::InboundCapture,
+    ),
+    (
+        H::BPF_FUNC_get_current_cgroup_id,
+        "bpf_get_current_cgroup_id",
+        ProgramType::CgroupSock,
+        "post_bind: which container binds a sidecar port",
+        Impact::InboundCapture,
+    ),
+    (
+        H::BPF_FUNC_get_socket_cookie,
+        "bpf_get_socket_cookie",
+        ProgramType::CgroupSock,
+        "post_bind: remembering a sidecar's listener until it listens",
+        Impact::InboundCapture,
+    ),
+];
+
+fn check_helpers(_: &Host, items: &mut Vec<Item>) {
+    for (helper, name, ty, needed_by, impact) in HELPERS {
         let (ok, detail) = answer(
             is_helper_supported(ty, helper),
             "available",
@@ -504,7 +605,10 @@ pub fn run_checks(netns_dir: &std::path::Path, bpffs: Option<&std::path::Path>) 
             "use a newer kernel (see the version beside it)",
         ));
     }
-    // The real thing: every probe through the verifier (loaded, not attached).
+}
+
+/// The real thing: every probe through the verifier (loaded, not attached).
+fn check_probes_pass_the_verifier(_: &Host, items: &mut Vec<Item>) {
     let accelerate_possible = items
         .iter()
         .all(|i| i.ok || i.impact != Impact::Acceleration);
@@ -530,10 +634,12 @@ pub fn run_checks(netns_dir: &std::path::Path, bpffs: Option<&std::path::Path>) 
             "run with --log-level debug and report the verifier message",
         ));
     }
-    let netns = netns_dir;
-    let (ok, detail) = match std::fs::read_dir(netns) {
+}
+
+fn check_netns_files(host: &Host, items: &mut Vec<Item>) {
+    let (ok, detail) = match fs::read_dir(host.netns_dir) {
         Ok(entries) => (true, format!("readable, {} namespaces", entries.count())),
-        Err(e) => (false, format!("{}: {e}", netns.display())),
+        Err(e) => (false, format!("{}: {e}", host.netns_dir.display())),
     };
     items.push(item(
         "pod network namespace files",
@@ -543,11 +649,6 @@ pub fn run_checks(netns_dir: &std::path::Path, bpffs: Option<&std::path::Path>) 
         Impact::InboundCapture,
         "mount the host's /var/run/netns (read-only, HostToContainer propagation), or pass --netns-dir",
     ));
-    Report {
-        kernel: format!("{release} {machine}"),
-        verdict: verdict_of(&items),
-        items,
-    }
 }
 
 impl Report {
