@@ -324,13 +324,8 @@ impl Datapath {
             }
         };
         info!(
-            "probes attached to {} (connect4/6, sendmsg/recvmsg4/6, post_bind4/6, getsockopt, sockops{}){}",
-            opts.cgroup_root.display(),
-            if opts.accelerate {
-                ", sk_msg"
-            } else {
-                "; sk_msg acceleration off"
-            },
+            "probes attached to {}{}",
+            describe_attachments(&opts.cgroup_root, opts.accelerate),
             match &opts.netns_dir {
                 Some(d) => format!(
                     "; sk_lookup in each network namespace under {}",
@@ -506,6 +501,20 @@ pub fn sockops_knows_netns() -> bool {
         aya::sys::BpfHelper::BPF_FUNC_get_netns_cookie,
     )
     .unwrap_or(false)
+}
+
+/// Where the cgroup programs are attached and which they are, as the log and `status`
+/// say it.
+pub fn describe_attachments(cgroup_root: &std::path::Path, accelerate: bool) -> String {
+    format!(
+        "{} (connect4/6, sendmsg/recvmsg4/6, post_bind4/6, getsockopt, sockops{})",
+        cgroup_root.display(),
+        if accelerate {
+            ", sk_msg"
+        } else {
+            "; sk_msg acceleration off"
+        }
+    )
 }
 
 /// Loads every probe through the verifier without attaching anything (for `check`):

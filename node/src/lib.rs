@@ -24,3 +24,4 @@ pub mod source;
 pub mod status;
 pub mod sync;
 pub mod tcp_memory;
+pub mod warnings;

@@ -18,15 +18,16 @@ use crate::{
     cgroup_watch::CgroupWatch,
     cgroups,
     check::{self, Verdict},
-    datapath::{Datapath, DatapathOptions, MapSizes, kernel_addr},
+    datapath::{Datapath, DatapathOptions, MapSizes, describe_attachments, kernel_addr},
     kubelet::{KubeletClient, KubeletConfig},
     mesh::MESHES,
-    metrics::{self, Metrics, PodStatus},
-    podlist::PollError,
+    metrics::{self, MapUsage, Metrics, PodStatus},
+    podlist::{ErrorKind, PollError},
     policy::{Desired, MeshSelection, PodPolicy, desired_state},
     sockhash_pin::{UNPINNED_LISTENERS_COST, UNPINNED_SOCKHASH_COST},
     source::{PodsFile, Source},
     sync::Programmer,
+    warnings::WarnOnce,
 };
 
 /// Set by SIGTERM/SIGINT.
@@ -171,9 +172,70 @@ pub fn run(opts: RunOptions) -> Result<()> {
             .unwrap_or(std::path::Path::new(crate::pod_netns::DEFAULT_NETNS_DIR)),
         opts.bpffs.as_deref(),
     );
-    let mut accelerate = opts.accelerate;
-    let mut netns_dir = opts.netns_dir.clone();
-    if netns_dir.is_some() && !report.inbound_capture_possible() {
+    let features = features_possible(&report, opts.accelerate, opts.netns_dir.clone())?;
+    warn_what_unpinned_restarts_cost(&report, features.accelerate, opts.pin_listeners);
+    if features.accelerate
+        && let Some(w) = crate::tcp_memory::acceleration_warning(std::path::Path::new(
+            crate::tcp_memory::TCP_MEM,
+        ))
+    {
+        warn!("{w}");
+    }
+    let mut inbound_ports: Vec<u16> = MESHES.iter().map(|m| m.inbound_port).collect();
+    inbound_ports.sort_unstable();
+    inbound_ports.dedup();
+    let dp = Datapath::load(&DatapathOptions {
+        cgroup_root: cgroup_root.clone(),
+        bpffs: opts.bpffs.clone(),
+        accelerate: features.accelerate,
+        sizes: opts.sizes,
+        netns_dir: features.netns_dir.clone(),
+        inbound_ports,
+        pin_listeners: opts.pin_listeners,
+    })?;
+    let inbound_capture = match (&features.netns_dir, dp.listeners_pin()) {
+        (None, _) => "off (--no-inbound-capture): inbound reaches apps directly unless the mesh's iptables capture it".to_string(),
+        (Some(d), Some(pin)) => format!("sk_lookup in each network namespace under {}; listeners pinned at {}", d.display(), pin.display()),
+        (Some(d), None) => format!("sk_lookup in each network namespace under {}; listeners not pinned", d.display()),
+    };
+    metrics.update(|s| {
+        s.attached = true;
+        s.inbound_capture = inbound_capture;
+        s.attached_to = describe_attachments(&cgroup_root, features.accelerate);
+    });
+
+    release_free_memory();
+    let mut agent = AgentLoop::new(&opts, cgroup_root, dp, metrics);
+    // Started: the heartbeat's bound counts from the first pass on.
+    agent.metrics.beat();
+    while !STOP.load(Ordering::SeqCst) {
+        agent.pass();
+    }
+    info!("stopping: detaching probes");
+    drop(agent);
+    Ok(())
+}
+
+/// What the agent runs with, after the checks had their say.
+struct Features {
+    /// sk_msg acceleration.
+    accelerate: bool,
+    /// Where the pod network namespaces are, with inbound capture on.
+    netns_dir: Option<PathBuf>,
+}
+
+/// Turns off what the check `report` says this kernel or process cannot do (saying
+/// why), or refuses when the agent cannot run at all.
+fn features_possible(
+    report: &check::Report,
+    accelerate: bool,
+    netns_dir: Option<PathBuf>,
+) -> Result<Features> {
+    let mut features = Features {
+        accelerate,
+        netns_dir,
+    };
+    if features.netns_dir.is_some() && !report.inbound_capture_possible() {
         for i in report
             .items
             .iter()
@@ -184,16 +246,16 @@ pub fn run(opts: RunOptions) -> Result<()> {
         warn!(
             "inbound capture is not possible here: running without it (inbound reaches apps directly unless the mesh's iptables capture it)"
         );
-        netns_dir = None;
+        features.netns_dir = None;
     }
     match report.verdict {
         Verdict::Full | Verdict::WithoutInboundCapture => {}
-        Verdict::WithoutAcceleration if accelerate => {
+        Verdict::WithoutAcceleration if features.accelerate => {
             for i in report.items.iter().filter(|i| !i.ok) {
                 warn!("{}: {} (needed by {})", i.what, i.detail, i.needed_by);
             }
             warn!("sk_msg acceleration is not possible on this kernel: running without it");
-            accelerate = false;
+            features.accelerate = false;
         }
         Verdict::WithoutAcceleration => {}
         Verdict::Cannot => {
@@ -208,263 +270,333 @@ pub fn run(opts: RunOptions) -> Result<()> {
             );
         }
     }
-    warn_what_unpinned_restarts_cost(&report, accelerate, opts.pin_listeners);
-    if accelerate
-        && let Some(w) = crate::tcp_memory::acceleration_warning(std::path::Path::new(
-            crate::tcp_memory::TCP_MEM,
-        ))
-    {
-        warn!("{w}");
-    }
-    let mut inbound_ports: Vec<u16> = MESHES.iter().map(|m| m.inbound_port).collect();
-    inbound_ports.sort_unstable();
-    inbound_ports.dedup();
-    let mut dp = Datapath::load(&DatapathOptions {
-        cgroup_root: cgroup_root.clone(),
-        bpffs: opts.bpffs.clone(),
-        accelerate,
-        sizes: opts.sizes,
-        netns_dir: netns_dir.clone(),
-        inbound_ports,
-        pin_listeners: opts.pin_listeners,
-    })?;
-    let inbound_capture = match (&netns_dir, dp.listeners_pin()) {
-        (None, _) => "off (--no-inbound-capture): inbound reaches apps directly unless the mesh's iptables capture it".to_string(),
-        (Some(d), Some(pin)) => format!("sk_lookup in each network namespace under {}; listeners pinned at {}", d.display(), pin.display()),
-        (Some(d), None) => format!("sk_lookup in each network namespace under {}; listeners not pinned", d.display()),
-    };
-    metrics.update(|s| {
-        s.attached = true;
-        s.inbound_capture = inbound_capture;
-        s.attached_to = format!(
-            "{} (connect4/6, sendmsg/recvmsg4/6, post_bind4/6, getsockopt, sockops{})",
-            cgroup_root.display(),
-            if accelerate {
-                ", sk_msg"
-            } else {
-                "; sk_msg acceleration off"
-            }
-        );
-    });
+    Ok(features)
+}
 
-    release_free_memory();
-    let mut watch = match CgroupWatch::new(&cgroup_root) {
-        Ok(w) => Some(w),
-        Err(e) => {
-            warn!("{e:#}: new pods are found at the next interval, not at once");
-            None
+/// When each step of the main loop is due next.
+struct Timers {
+    /// The next read of the source.
+    poll: Instant,
+    /// The next sync of the maps with the desired state.
+    sync: Instant,
+    /// The next publication of map occupancy, counters and memory.
+    publish: Instant,
+    /// The next count of the per-connection maps (a long walk: rarer).
+    connection_count: Instant,
+    /// Polls stay at [`BURST_EVERY`] until then (a pod cgroup appeared).
+    burst_until: Option<Instant>,
+}
+
+impl Timers {
+    /// Everything due now.
+    fn all_due(now: Instant) -> Self {
+        Self {
+            poll: now,
+            sync: now,
+            publish: now,
+            connection_count: now,
+            burst_until: None,
         }
-    };
-    let mut burst_until: Option<Instant> = None;
-    let mut programmer = Programmer::new(cgroup_root).with_rule_share(rule_share(opts.sizes.rules));
-    let mut source = match &opts.source {
-        SourceConfig::Kubelet(k) => Source::Kubelet(Box::new(KubeletClient::new(k.clone()))),
-        SourceConfig::File(f) => Source::File(PodsFile::new(f)),
-    };
-    let origin = source.describe();
-    metrics.update(|s| s.source = origin.clone());
-    info!(
-        "reading pods from {origin} every {:.1}s",
-        opts.interval.as_secs_f64()
-    );
-    let mut desired: Option<Desired> = None;
-    // A new PodList was parsed and not yet synced.
-    let mut fresh_list = false;
-    let mut failures = FailureLog::default();
-    let tick = Duration::from_millis(100);
-    let mut next_poll = Instant::now();
-    let mut next_sync = Instant::now();
-    let mut next_stats = Instant::now();
-    let mut last_counters = None;
-    let mut connection_maps = Vec::new();
-    let mut next_connection_count = Instant::now();
-    // Started: the heartbeat's bound counts from the first pass on.
-    metrics.beat();
-    while !STOP.load(Ordering::SeqCst) {
+    }
+
+    /// When the loop has something to do next.
+    fn next_wake(&self) -> Instant {
+        self.poll.min(self.sync).min(self.publish)
+    }
+}
+
+/// The main loop: one pass polls the source, syncs the maps and publishes what the
+/// kernel holds, each step when its timer is due.
+struct AgentLoop {
+    metrics: Arc<Metrics>,
+    dp: Datapath,
+    programmer: Programmer,
+    warnings: WarnOnce,
+    source: Source,
+    /// The source, described for logs and `status`.
+    origin: String,
+    watch: Option<CgroupWatch>,
+    interval: Duration,
+    node_name: Option<String>,
+    meshes: MeshSelection,
+    /// The desired state from the last PodList parsed.
+    desired: Option<Desired>,
+    /// A new PodList was parsed and not yet synced.
+    fresh_list: bool,
+    failures: FailureLog,
+    timers: Timers,
+    /// The kernel counters as last logged.
+    last_counters: Option<Vec<u64>>,
+    /// The per-connection maps as last counted.
+    connection_maps: Vec<MapUsage>,
+}
+
+/// The time between passes when nothing is due sooner.
+const TICK: Duration = Duration::from_millis(100);
+
+impl AgentLoop {
+    fn new(opts: &RunOptions, cgroup_root: PathBuf, dp: Datapath, metrics: Arc<Metrics>) -> Self {
+        let watch = match CgroupWatch::new(&cgroup_root) {
+            Ok(w) => Some(w),
+            Err(e) => {
+                warn!("{e:#}: new pods are found at the next interval, not at once");
+                None
+            }
+        };
+        let programmer =
+            Programmer::new(cgroup_root).with_rule_share(rule_share(opts.sizes.rules));
+        let source = match &opts.source {
+            SourceConfig::Kubelet(k) => Source::Kubelet(Box::new(KubeletClient::new(k.clone()))),
+            SourceConfig::File(f) => Source::File(PodsFile::new(f)),
+        };
+        let origin = source.describe();
+        metrics.update(|s| s.source = origin.clone());
+        info!(
+            "reading pods from {origin} every {:.1}s",
+            opts.interval.as_secs_f64()
+        );
+        Self {
+            metrics,
+            dp,
+            programmer,
+            warnings: WarnOnce::default(),
+            source,
+            origin,
+            watch,
+            interval: opts.interval,
+            node_name: opts.node_name.clone(),
+            meshes: opts.meshes,
+            desired: None,
+            fresh_list: false,
+            failures: FailureLog::default(),
+            timers: Timers::all_due(Instant::now()),
+            last_counters: None,
+            connection_maps: Vec::new(),
+        }
+    }
+
+    /// One pass: each step that is due, then a nap until the next is (at most a tick).
+    fn pass(&mut self) {
         let started = Instant::now();
-        let mut polled = None;
-        if watch.as_mut().is_some_and(CgroupWatch::changed) {
+        if self.watch.as_mut().is_some_and(CgroupWatch::changed) {
             // A container cgroup appeared: program it now. The kubelet lists the
             // container a little later (after its next status update), so keep polling
             // at the tick for a short while.
             log::debug!("pod cgroup directory created: polling now");
-            next_sync = started;
-            next_poll = next_poll.min(started);
-            burst_until = Some(started + BURST);
+            self.timers.sync = started;
+            self.timers.poll = self.timers.poll.min(started);
+            self.timers.burst_until = Some(started + BURST);
         }
-        if started >= next_poll {
-            let fetch_started = Instant::now();
-            let result = source.poll();
-            // The body (up to megabytes) and the parse are gone now.
-            release_free_memory();
-            log::trace!("fetch took {:?}", fetch_started.elapsed());
-            match result {
-                Ok(Some(parsed)) => {
-                    failures.succeeded(&origin);
-                    for s in &parsed.skipped {
-                        programmer.warn_once(s);
-                    }
-                    let skipped = parsed.skipped.len() as u64;
-                    metrics.update(|m| m.pods_skipped = skipped);
-                    let d = desired_state(&parsed.pods, opts.node_name.as_deref(), opts.meshes);
-                    for w in &d.warnings {
-                        programmer.warn_once(&w.0);
-                    }
-                    desired = Some(d);
-                    fresh_list = true;
-                    polled = Some(Ok(()));
-                    next_sync = started;
-                    next_poll = started + poll_delay(&source, opts.interval, burst_until, started);
-                }
-                Ok(None) => {
-                    // Unchanged: a good poll for the kubelet; for a file, just a stat.
-                    failures.succeeded(&origin);
-                    if matches!(source, Source::Kubelet(_)) {
-                        polled = Some(Ok(()));
-                    }
-                    next_poll = started + poll_delay(&source, opts.interval, burst_until, started)
-                }
-                Err(e) => {
-                    let delay = backoff(opts.interval, failures.in_a_row + 1);
-                    polled = Some(Err(e.kind));
-                    failures.failed(e, delay);
-                    next_poll = started + delay;
-                }
-            }
+        let polled = (started >= self.timers.poll).then(|| self.poll(started));
+        if started >= self.timers.sync || started >= self.timers.publish {
+            self.refresh_netns();
         }
-        if started >= next_sync || started >= next_stats {
-            // New pod network namespaces get the inbound-capture program before (or as)
-            // their pods are programmed.
-            if let Some(r) = dp.refresh_netns() {
-                for f in &r.failed {
-                    programmer.warn_once(f);
-                }
-                if r.attached + r.released > 0 {
-                    log::debug!(
-                        "network namespaces: {} attached, {} released",
-                        r.attached,
-                        r.released
-                    );
-                }
-            }
+        if started >= self.timers.sync {
+            self.sync(started);
         }
-        if started >= next_sync {
-            if let Some(desired) = &desired {
-                let sync_started = Instant::now();
-                let report = programmer.sync(&mut dp, &desired.pods);
-                if std::mem::take(&mut fresh_list) {
-                    programmer.end_warning_generation();
-                }
-                log::trace!("sync took {:?}", sync_started.elapsed());
-                log::debug!("sync: {report:?}");
-                let pods = desired
-                    .pods
-                    .iter()
-                    .map(|p| pod_status(p, programmer.programmed_cgroups(&p.uid)))
-                    .collect();
-                metrics.update(|m| {
-                    m.pods = pods;
-                    m.pods_seen = desired.pods_seen as u64;
-                    m.pods_meshed = desired.pods.len() as u64;
-                    m.pods_programmed = report.programmed as u64;
-                    m.pods_waiting_for_cgroups = report.waiting_for_cgroups as u64;
-                    m.pods_map_full = report.map_full as u64;
-                    m.map_write_errors += report.write_errors as u64;
-                });
-            }
-            if let Some(w) = watch.as_mut() {
-                w.refresh();
-            }
-            // New pods and changed pods come with a new PodList, new containers with an
-            // inotify event: both sync at once. The periodic pass is a safety net, kept
-            // at the interval only when inotify is unavailable.
-            next_sync = Instant::now()
-                + if watch.is_some() {
-                    opts.interval * SAFETY_SYNC_INTERVALS
-                } else {
-                    opts.interval
-                };
-            next_stats = started;
+        if started >= self.timers.publish {
+            self.publish(started);
         }
-        if started >= next_stats {
-            if started >= next_connection_count {
-                connection_maps = dp.connection_map_usage();
-                next_connection_count = started + CONNECTION_COUNT_EVERY;
-            }
-            let mut occupancy = dp.pod_map_usage(programmer.entry_counts());
-            occupancy.extend(connection_maps.iter().cloned());
-            let earlier_agent_sockets = dp.sweep_pins() as u64;
-            let bypass: BTreeMap<[u32; 4], u64> = dp.bypass_by_pod().into_iter().collect();
-            let netns_attached = dp.netns_attached().map_or(0, |(n, _)| n as u64);
-            let listening = dp.listener_cgroups();
-            let inbound_listeners = listening.len() as u64;
-            if programmer.saw_listening(listening) {
-                // A sidecar was seen listening: arm its pod (a sync writes only that).
-                next_sync = started;
-            }
-            let promised = dp.promised_tuple_entries().ok();
-            let counters = dp.counters().ok();
-            log_counters_if_changed(counters.as_ref(), &mut last_counters);
-            let map_kernel_bytes = crate::memory::map_kernel_bytes();
-            let (resident, peak) = crate::memory::resident_bytes();
-            metrics.update(|m| {
-                m.maps = occupancy;
-                m.map_kernel_bytes = map_kernel_bytes;
-                m.resident_bytes = resident;
-                m.peak_resident_bytes = peak;
-                m.earlier_agent_sockets = earlier_agent_sockets;
-                m.netns_attached = netns_attached;
-                m.inbound_listeners = inbound_listeners;
-                for p in &mut m.pods {
-                    p.bypassed = p
-                        .ips
-                        .iter()
-                        .filter_map(|ip| ip.parse().ok())
-                        .map(|ip| bypass.get(&kernel_addr(ip)).copied().unwrap_or(0))
-                        .sum();
-                }
-                if let Some(p) = promised {
-                    m.promised_tuple_entries = p;
-                }
-                if let Some(c) = counters {
-                    m.counters = Counter::ALL
-                        .iter()
-                        .map(|k| k.name().to_string())
-                        .zip(c)
-                        .collect();
-                }
-            });
-            next_stats = started + opts.interval;
-        }
-        if let Some(outcome) = polled {
-            let took = started.elapsed().as_secs_f64();
-            metrics.update(|m| {
-                m.last_poll_seconds = took;
-                m.poll_seconds_sum += took;
-                match outcome {
-                    Ok(()) => {
-                        m.polls_ok += 1;
-                        m.last_success_unix = SystemTime::now()
-                            .duration_since(UNIX_EPOCH)
-                            .ok()
-                            .map(|d| d.as_secs_f64());
-                    }
-                    Err(kind) => *m.poll_errors.entry(kind).or_default() += 1,
-                }
-            });
+        if let Some(Some(outcome)) = polled {
+            self.record_poll(started, outcome);
         }
         // A pass completed: /healthz stays healthy while these keep coming.
-        metrics.beat();
-        let wake = next_poll.min(next_sync).min(next_stats);
-        let nap = wake.saturating_duration_since(Instant::now()).min(tick);
-        match &watch {
+        self.metrics.beat();
+        let nap = self
+            .timers
+            .next_wake()
+            .saturating_duration_since(Instant::now())
+            .min(TICK);
+        match &self.watch {
             Some(w) => w.wait(nap),
             None => std::thread::sleep(nap),
         }
     }
-    info!("stopping: detaching probes");
-    drop(dp);
-    Ok(())
+
+    /// Reads the source; a new PodList becomes the desired state. The outcome, when the
+    /// read counts as a poll (a file found unchanged does not).
+    fn poll(&mut self, started: Instant) -> Option<Result<(), ErrorKind>> {
+        let fetch_started = Instant::now();
+        let result = self.source.poll();
+        // The body (up to megabytes) and the parse are gone now.
+        release_free_memory();
+        log::trace!("fetch took {:?}", fetch_started.elapsed());
+        match result {
+            Ok(Some(parsed)) => {
+                self.failures.succeeded(&self.origin);
+                for s in &parsed.skipped {
+                    self.warnings.warn(s);
+                }
+                let skipped = parsed.skipped.len() as u64;
+                self.metrics.update(|m| m.pods_skipped = skipped);
+                let d = desired_state(&parsed.pods, self.node_name.as_deref(), self.meshes);
+                for w in &d.warnings {
+                    self.warnings.warn(&w.0);
+                }
+                self.desired = Some(d);
+                self.fresh_list = true;
+                self.timers.sync = started;
+                self.timers.poll = started + self.poll_delay(started);
+                Some(Ok(()))
+            }
+            Ok(None) => {
+                // Unchanged: a good poll for the kubelet; for a file, just a stat.
+                self.failures.succeeded(&self.origin);
+                self.timers.poll = started + self.poll_delay(started);
+                matches!(self.source, Source::Kubelet(_)).then_some(Ok(()))
+            }
+            Err(e) => {
+                let delay = backoff(self.interval, self.failures.in_a_row + 1);
+                let kind = e.kind;
+                self.failures.failed(e, delay);
+                self.timers.poll = started + delay;
+                Some(Err(kind))
+            }
+        }
+    }
+
+    /// Time to the next poll: the source's own pace, at most [`BURST_EVERY`] during a
+    /// burst.
+    fn poll_delay(&self, now: Instant) -> Duration {
+        let normal = self.source.next_poll_after(self.interval);
+        match self.timers.burst_until {
+            Some(until) if now < until => normal.min(BURST_EVERY),
+            _ => normal,
+        }
+    }
+
+    /// New pod network namespaces get the inbound-capture program before (or as) their
+    /// pods are programmed.
+    fn refresh_netns(&mut self) {
+        let Some(r) = self.dp.refresh_netns() else {
+            return;
+        };
+        for f in &r.failed {
+            self.warnings.warn(f);
+        }
+        if r.attached + r.released > 0 {
+            log::debug!(
+                "network namespaces: {} attached, {} released",
+                r.attached,
+                r.released
+            );
+        }
+    }
+
+    /// Writes the differences between the desired state and the maps; publishes the pods.
+    fn sync(&mut self, started: Instant) {
+        if let Some(desired) = &self.desired {
+            let sync_started = Instant::now();
+            let report = self
+                .programmer
+                .sync(&mut self.dp, &desired.pods, &mut self.warnings);
+            if std::mem::take(&mut self.fresh_list) {
+                self.warnings.end_generation();
+            }
+            log::trace!("sync took {:?}", sync_started.elapsed());
+            log::debug!("sync: {report:?}");
+            let pods = desired
+                .pods
+                .iter()
+                .map(|p| pod_status(p, self.programmer.programmed_cgroups(&p.uid)))
+                .collect();
+            self.metrics.update(|m| {
+                m.pods = pods;
+                m.pods_seen = desired.pods_seen as u64;
+                m.pods_meshed = desired.pods.len() as u64;
+                m.pods_programmed = report.programmed as u64;
+                m.pods_waiting_for_cgroups = report.waiting_for_cgroups as u64;
+                m.pods_map_full = report.map_full as u64;
+                m.map_write_errors += report.write_errors as u64;
+            });
+        }
+        if let Some(w) = self.watch.as_mut() {
+            w.refresh();
+        }
+        // New pods and changed pods come with a new PodList, new containers with an
+        // inotify event: both sync at once. The periodic pass is a safety net, kept
+        // at the interval only when inotify is unavailable.
+        self.timers.sync = Instant::now()
+            + if self.watch.is_some() {
+                self.interval * SAFETY_SYNC_INTERVALS
+            } else {
+                self.interval
+            };
+        self.timers.publish = started;
+    }
+
+    /// Publishes what the kernel holds: map occupancy, pins of earlier agents, the
+    /// bypass ledger, inbound listeners, counters and memory.
+    fn publish(&mut self, started: Instant) {
+        let dp = &self.dp;
+        if started >= self.timers.connection_count {
+            self.connection_maps = dp.connection_map_usage();
+            self.timers.connection_count = started + CONNECTION_COUNT_EVERY;
+        }
+        let mut occupancy = dp.pod_map_usage(self.programmer.entry_counts());
+        occupancy.extend(self.connection_maps.iter().cloned());
+        let earlier_agent_sockets = dp.sweep_pins() as u64;
+        let bypass: BTreeMap<[u32; 4], u64> = dp.bypass_by_pod().into_iter().collect();
+        let netns_attached = dp.netns_attached().map_or(0, |(n, _)| n as u64);
+        let listening = dp.listener_cgroups();
+        let inbound_listeners = listening.len() as u64;
+        if self.programmer.saw_listening(listening) {
+            // A sidecar was seen listening: arm its pod (a sync writes only that).
+            self.timers.sync = started;
+        }
+        let promised = dp.promised_tuple_entries().ok();
+        let counters = dp.counters().ok();
+        log_counters_if_changed(counters.as_ref(), &mut self.last_counters);
+        let map_kernel_bytes = crate::memory::map_kernel_bytes();
+        let (resident, peak) = crate::memory::resident_bytes();
+        self.metrics.update(|m| {
+            m.maps = occupancy;
+            m.map_kernel_bytes = map_kernel_bytes;
+            m.resident_bytes = resident;
+            m.peak_resident_bytes = peak;
+            m.earlier_agent_sockets = earlier_agent_sockets;
+            m.netns_attached = netns_attached;
+            m.inbound_listeners = inbound_listeners;
+            for p in &mut m.pods {
+                p.bypassed = p
+                    .ips
+                    .iter()
+                    .filter_map(|ip| ip.parse().ok())
+                    .map(|ip| bypass.get(&kernel_addr(ip)).copied().unwrap_or(0))
+                    .sum();
+            }
+            if let Some(p) = promised {
+                m.promised_tuple_entries = p;
+            }
+            if let Some(c) = counters {
+                m.counters = Counter::ALL
+                    .iter()
+                    .map(|k| k.name().to_string())
+                    .zip(c)
+                    .collect();
+            }
+        });
+        self.timers.publish = started + self.interval;
+    }
+
+    /// Counts a poll's outcome and how long the pass took so far.
+    fn record_poll(&self, started: Instant, outcome: Result<(), ErrorKind>) {
+        let took = started.elapsed().as_secs_f64();
+        self.metrics.update(|m| {
+            m.last_poll_seconds = took;
+            m.poll_seconds_sum += took;
+            match outcome {
+                Ok(()) => {
+                    m.polls_ok += 1;
+                    m.last_success_unix = SystemTime::now()
+                        .duration_since(UNIX_EPOCH)
+                        .ok()
+                        .map(|d| d.as_secs_f64());
+                }
+                Err(kind) => *m.poll_errors.entry(kind).or_default() += 1,
+            }
+        });
+    }
 }
 
 /// Says at start, when the check's test pin failed, what an agent restart will cost
@@ -562,19 +694,6 @@ const CONNECTION_COUNT_EVERY: Duration = Duration::from_secs(30);
 const BURST: Duration = Duration::from_secs(2);
 /// Poll period during a burst.
 const BURST_EVERY: Duration = Duration::from_millis(50);
-
-fn poll_delay(
-    source: &Source,
-    interval: Duration,
-    burst_until: Option<Instant>,
-    now: Instant,
-) -> Duration {
-    let normal = source.next_poll_after(interval);
-    match burst_until {
-        Some(until) if now < until => normal.min(BURST_EVERY),
-        _ => normal,
-    }
-}
 
 /// Logs the kernel counters (debug level) when they moved since the last call.
 fn log_counters_if_changed(

@@ -3,7 +3,7 @@
 //! differences. New entries go in rules-first and cgroups-last, removals the other way
 //! round, so a half-applied pod is never redirected without its exclusions.
 use std::{
-    collections::{BTreeMap, BTreeSet, HashMap, HashSet},
+    collections::{BTreeMap, BTreeSet, HashSet},
     net::IpAddr,
     path::PathBuf,
 };
@@ -20,6 +20,7 @@ use crate::{
     cgroups,
     datapath::{Datapath, cidr_rule_key, kernel_addr, port_rule_key},
     policy::{CidrRuleKind, PodPolicy, PortRuleKind},
+    warnings::WarnOnce,
 };
 
 /// A port-rule entry: kind, port prefix value, prefix length.
@@ -215,9 +216,6 @@ pub struct Programmer {
     /// cgroups of the pods synced.
     listening: BTreeSet<u64>,
     pods: BTreeMap<String, Programmed>,
-    /// Warnings logged, with the generation that last raised them.
-    warned: HashMap<String, u64>,
-    generation: u64,
     full_maps: BTreeSet<&'static str>,
     /// Inbound ports some pod's sidecar uses beyond the meshes' own, written to
     /// INBOUND_PORTS (the meshes' own are written at load).
@@ -236,8 +234,6 @@ impl Programmer {
             listening: BTreeSet::new(),
             cgroup_root,
             pods: BTreeMap::new(),
-            warned: HashMap::new(),
-            generation: 0,
             full_maps: BTreeSet::new(),
             extra_inbound_ports: BTreeSet::new(),
             rule_share: usize::MAX,
@@ -266,33 +262,6 @@ impl Programmer {
         !self.preexisting.contains(&id) || self.listening.contains(&id)
     }
 
-    /// Logs a warning the first time it is raised; raised again while it lasts (see
-    /// [`Programmer::end_warning_generation`]) it stays quiet.
-    pub fn warn_once(&mut self, msg: &str) {
-        match self.warned.get_mut(msg) {
-            Some(g) => *g = self.generation,
-            None => {
-                warn!("{msg}");
-                self.warned.insert(msg.to_string(), self.generation);
-            }
-        }
-    }
-
-    /// Ends a PodList's round of warnings (call after the sync of a new PodList):
-    /// warnings it did not raise again are forgotten, so a pod that is gone takes its
-    /// warnings with it (memory stays bounded under churn) and a problem that comes back
-    /// later is logged again.
-    pub fn end_warning_generation(&mut self) {
-        let current = self.generation;
-        self.warned.retain(|_, g| *g == current);
-        self.generation += 1;
-    }
-
-    /// Warnings remembered now.
-    pub fn warnings_remembered(&self) -> usize {
-        self.warned.len()
-    }
-
     /// The number of cgroups (0 or 1: the pod's) programmed for the pod `uid`, if it is
     /// programmed.
     pub fn programmed_cgroups(&self, uid: &str) -> Option<usize> {
@@ -319,8 +288,14 @@ impl Programmer {
             .expect("fewer than 2^32 pods")
     }
 
-    /// Brings the maps in step with `desired`.
-    pub fn sync(&mut self, dp: &mut Datapath, desired: &[PodPolicy]) -> SyncReport {
+    /// Brings the maps in step with `desired`; what goes wrong is said once through
+    /// `warnings`.
+    pub fn sync(
+        &mut self,
+        dp: &mut Datapath,
+        desired: &[PodPolicy],
+        warnings: &mut WarnOnce,
+    ) -> SyncReport {
         let mut report = SyncReport::default();
         let wanted: BTreeSet<&str> = desired.iter().map(|p| p.uid.as_str()).collect();
         let gone: Vec<String> = self
@@ -336,7 +311,7 @@ impl Programmer {
                 info!("pod {} removed: entries deleted", old.name);
             } else {
                 for e in &errors {
-                    self.warn_once(&format!("pod {}: removing: {e}", old.name));
+                    warnings.warn(&format!("pod {}: removing: {e}", old.name));
                 }
                 report.write_errors += errors.len();
             }
@@ -348,7 +323,7 @@ impl Programmer {
                 Some(p) => p.pod_id,
                 None => self.allocate_pod_id(),
             };
-            let cgroups = self.pod_cgroups(policy);
+            let cgroups = self.pod_cgroups(policy, warnings);
             let had_cgroups = self.pods.get(&policy.uid).is_some_and(|p| p.had_cgroups);
             if cgroups.is_none() && had_cgroups {
                 // The pod is being deleted and the kubelet has not listed that yet: its
@@ -360,7 +335,7 @@ impl Programmer {
                 );
             } else if cgroups.is_none() {
                 report.waiting_for_cgroups += 1;
-                self.warn_once(&format!(
+                warnings.warn(&format!(
                     "pod {}: no cgroup found yet for the pod (uid {}) under {}; it is not redirected until one appears",
                     policy.name,
                     policy.uid,
@@ -371,7 +346,7 @@ impl Programmer {
             let needs = new.ports.len().max(new.cidrs.len());
             if needs > self.rule_share {
                 report.over_share += 1;
-                self.warn_once(&format!(
+                warnings.warn(&format!(
                     "pod {}: its rules need {} port-rule and {} address-rule entries, over one \
                      pod's share of {} (a 16th of --max-rules); the pod is not redirected",
                     policy.name,
@@ -426,7 +401,7 @@ impl Programmer {
                     match e.full_map {
                         // Said once per map below, not once per pod.
                         Some(_) => log::debug!("pod {}: {e}", policy.name),
-                        None => self.warn_once(&format!(
+                        None => warnings.warn(&format!(
                             "pod {}: {e}; the pod is left unredirected and retried next poll",
                             policy.name
                         )),
@@ -456,7 +431,7 @@ impl Programmer {
             self.full_maps.remove(map);
             info!("map {map} has room again: every meshed pod is programmed");
         }
-        self.sync_inbound_ports(dp, desired);
+        self.sync_inbound_ports(dp, desired, warnings);
         // Only the cgroups of pods still here need to be remembered as listening.
         let keys: BTreeSet<u64> = self
             .pods
@@ -471,7 +446,12 @@ impl Programmer {
     /// Writes the inbound ports of pods whose sidecar listens on one the meshes do not
     /// use by default (istio-init `-z`, linkerd-init `--incoming-proxy-port`) to
     /// INBOUND_PORTS, and takes out those no pod uses any more.
-    fn sync_inbound_ports(&mut self, dp: &mut Datapath, desired: &[PodPolicy]) {
+    fn sync_inbound_ports(
+        &mut self,
+        dp: &mut Datapath,
+        desired: &[PodPolicy],
+        warnings: &mut WarnOnce,
+    ) {
         let wanted: BTreeSet<u16> = desired
             .iter()
             .map(|p| p.inbound_port)
@@ -489,7 +469,7 @@ impl Programmer {
                 Ok(()) => {
                     self.extra_inbound_ports.insert(port);
                 }
-                Err(e) => self.warn_once(&format!(
+                Err(e) => warnings.warn(&format!(
                     "map {} full or refused ({e}): sidecars listening on inbound port {port} \
                      are not registered; their pods' inbound connections reach the app",
                     maps::INBOUND_PORTS
@@ -499,13 +479,13 @@ impl Programmer {
     }
 
     /// The pod's cgroup and its sidecar container's, if the pod's cgroup exists.
-    fn pod_cgroups(&mut self, policy: &PodPolicy) -> Option<PodCgroups> {
+    fn pod_cgroups(&self, policy: &PodPolicy, warnings: &mut WarnOnce) -> Option<PodCgroups> {
         let dir = cgroups::pod_cgroup(&self.cgroup_root, &policy.uid, &policy.qos_class)?;
         let pod = match cgroups::cgroup_id(&dir) {
             Ok(id) => id,
             Err(e) => {
                 // Removed between the lookup and the stat: next poll.
-                self.warn_once(&format!("pod {}: {e:#}", policy.name));
+                warnings.warn(&format!("pod {}: {e:#}", policy.name));
                 return None;
             }
         };
@@ -625,29 +605,4 @@ fn apply(dp: &mut Datapath, old: &PodEntries, new: &PodEntries, pod_id: u32) -> 
         );
     }
     errors
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn warnings_last_while_raised_and_are_forgotten_with_their_cause() {
-        let mut p = Programmer::new(PathBuf::from("/nonexistent"));
-        p.warn_once("pod a/x: bad annotation");
-        p.warn_once("pod a/y: no cgroup found yet");
-        p.warn_once("pod a/x: bad annotation");
-        assert_eq!(p.warnings_remembered(), 2);
-        p.end_warning_generation();
-        // The next PodList still has x's problem; y is gone.
-        p.warn_once("pod a/x: bad annotation");
-        p.end_warning_generation();
-        assert_eq!(p.warnings_remembered(), 1);
-        // A long churn of pods, each warned about once, leaves nothing behind.
-        for i in 0..10_000 {
-            p.warn_once(&format!("pod a/churn-{i}: no cgroup found yet"));
-            p.end_warning_generation();
-        }
-        assert_eq!(p.warnings_remembered(), 1);
-    }
 }
