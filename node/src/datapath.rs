@@ -597,30 +597,14 @@ where
 
 /// An LPM key for a port rule.
 pub fn port_rule_key(pod_id: u32, kind: u8, port: u16, port_prefix: u8) -> Key<PortRuleKey> {
-    Key::new(
-        merbridge_edge_probes_common::RULE_KEY_HEADER_BITS + u32::from(port_prefix),
-        PortRuleKey {
-            pod_id: pod_id.to_be_bytes(),
-            kind,
-            port: port.to_be_bytes(),
-        },
-    )
+    let (prefix_len, data) = PortRuleKey::lpm(pod_id, kind, port, u32::from(port_prefix));
+    Key::new(prefix_len, data)
 }
 
 /// An LPM key for an address rule; IPv4 ranges become v4-mapped IPv6 ranges.
 pub fn cidr_rule_key(pod_id: u32, kind: u8, cidr: &crate::annotations::Cidr) -> Key<CidrRuleKey> {
-    let (addr, len) = match cidr.addr {
-        std::net::IpAddr::V4(a) => (a.to_ipv6_mapped().octets(), u32::from(cidr.len) + 96),
-        std::net::IpAddr::V6(a) => (a.octets(), u32::from(cidr.len)),
-    };
-    Key::new(
-        merbridge_edge_probes_common::RULE_KEY_HEADER_BITS + len,
-        CidrRuleKey {
-            pod_id: pod_id.to_be_bytes(),
-            kind,
-            addr,
-        },
-    )
+    let (prefix_len, data) = CidrRuleKey::lpm_of_range(pod_id, kind, cidr.addr, cidr.len);
+    Key::new(prefix_len, data)
 }
 
 /// An address as the probes store it: IPv6 words in network order, IPv4 v4-mapped.

@@ -218,6 +218,67 @@ pub struct CidrRuleKey {
     pub addr: [u8; 16],
 }
 
+impl PortRuleKey {
+    /// The LPM key of pod `pod_id`'s rule of `kind` for the first `port_bits` bits of
+    /// `port` (16: the port alone), as (prefix length, data). The agent writes and the
+    /// probes look up keys built here only.
+    #[inline(always)]
+    pub const fn lpm(pod_id: u32, kind: u8, port: u16, port_bits: u32) -> (u32, Self) {
+        (
+            RULE_KEY_HEADER_BITS + port_bits,
+            Self {
+                pod_id: pod_id.to_be_bytes(),
+                kind,
+                port: port.to_be_bytes(),
+            },
+        )
+    }
+}
+
+impl CidrRuleKey {
+    /// The LPM key of pod `pod_id`'s rule of `kind` for the first `addr_bits` bits of
+    /// the IPv6 (or v4-mapped) address `addr`, as (prefix length, data).
+    #[inline(always)]
+    pub const fn lpm(pod_id: u32, kind: u8, addr: [u8; 16], addr_bits: u32) -> (u32, Self) {
+        (
+            RULE_KEY_HEADER_BITS + addr_bits,
+            Self {
+                pod_id: pod_id.to_be_bytes(),
+                kind,
+                addr,
+            },
+        )
+    }
+
+    /// The key of one address as the probes hold it (network-order words, IPv4
+    /// v4-mapped: see [`v4_mapped`]), matched in full.
+    #[inline(always)]
+    pub const fn lpm_of_address(pod_id: u32, kind: u8, addr: &[u32; 4]) -> (u32, Self) {
+        let mut bytes = [0u8; 16];
+        let mut i = 0;
+        while i < 4 {
+            let w = addr[i].to_ne_bytes();
+            bytes[i * 4] = w[0];
+            bytes[i * 4 + 1] = w[1];
+            bytes[i * 4 + 2] = w[2];
+            bytes[i * 4 + 3] = w[3];
+            i += 1;
+        }
+        Self::lpm(pod_id, kind, bytes, 128)
+    }
+
+    /// The key of an address range `addr/len`; an IPv4 range becomes its v4-mapped
+    /// IPv6 range, which is how the probes look IPv4 addresses up.
+    pub const fn lpm_of_range(pod_id: u32, kind: u8, addr: core::net::IpAddr, len: u8) -> (u32, Self) {
+        match addr {
+            core::net::IpAddr::V4(a) => {
+                Self::lpm(pod_id, kind, a.to_ipv6_mapped().octets(), len as u32 + 96)
+            }
+            core::net::IpAddr::V6(a) => Self::lpm(pod_id, kind, a.octets(), len as u32),
+        }
+    }
+}
+
 /// Key of an inbound listener in the listener sockhash: the cgroup of the pod whose
 /// sidecar bound it ([`LocalPod::pod_cgroup`]), or of the container that bound it when
 /// its pod was not programmed yet ([`LocalPod::proxy_cgroup`]), and the listening
@@ -406,4 +467,26 @@ mod user {
     unsafe impl aya::Pod for super::OriginalDst {}
     unsafe impl aya::Pod for super::SocketTuple {}
     unsafe impl aya::Pod for super::ListenerKey {}
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_ipv4_range_key_matches_the_key_the_probes_look_up() {
+        let a = core::net::Ipv4Addr::new(10, 1, 2, 3);
+        let written = CidrRuleKey::lpm_of_range(7, cidr_rule::OUT_EXCLUDE, a.into(), 32);
+        let looked_up = CidrRuleKey::lpm_of_address(
+            7,
+            cidr_rule::OUT_EXCLUDE,
+            &v4_mapped(u32::from_ne_bytes(a.octets())),
+        );
+        assert_eq!(written, looked_up);
+        assert_eq!(written.0, RULE_KEY_HEADER_BITS + 128);
+        let (len, key) = PortRuleKey::lpm(7, port_rule::IN_INCLUDE, 8080, 12);
+        assert_eq!(len, RULE_KEY_HEADER_BITS + 12);
+        assert_eq!(key.pod_id, [0, 0, 0, 7]);
+        assert_eq!(key.port, 8080u16.to_be_bytes());
+    }
 }

@@ -1,46 +1,22 @@
 //! Per-pod include/exclude decisions, looked up in the LPM tries the agent fills.
 use aya_ebpf::maps::lpm_trie::Key;
 use merbridge_edge_probes_common::{
-    CidrRuleKey, LocalPod, POD_IN_ALL_PORTS, POD_OUT_ALL_ADDRS, PodInfo, PortRuleKey,
-    RULE_KEY_HEADER_BITS, cidr_rule, port_rule,
+    CidrRuleKey, LocalPod, POD_IN_ALL_PORTS, POD_OUT_ALL_ADDRS, PodInfo, PortRuleKey, cidr_rule,
+    port_rule,
 };
 
 use crate::maps::{CIDR_RULES, PORT_RULES};
 
 #[inline(always)]
 fn has_port_rule(pod_id: u32, kind: u8, port: u16) -> bool {
-    let key = Key::new(
-        RULE_KEY_HEADER_BITS + 16,
-        PortRuleKey {
-            pod_id: pod_id.to_be_bytes(),
-            kind,
-            port: port.to_be_bytes(),
-        },
-    );
-    PORT_RULES.get(&key).is_some()
+    let (prefix_len, data) = PortRuleKey::lpm(pod_id, kind, port, 16);
+    PORT_RULES.get(&Key::new(prefix_len, data)).is_some()
 }
 
 #[inline(always)]
 fn has_cidr_rule(pod_id: u32, kind: u8, addr: &[u32; 4]) -> bool {
-    let mut bytes = [0u8; 16];
-    let mut i = 0;
-    while i < 4 {
-        let w = addr[i].to_ne_bytes();
-        bytes[i * 4] = w[0];
-        bytes[i * 4 + 1] = w[1];
-        bytes[i * 4 + 2] = w[2];
-        bytes[i * 4 + 3] = w[3];
-        i += 1;
-    }
-    let key = Key::new(
-        RULE_KEY_HEADER_BITS + 128,
-        CidrRuleKey {
-            pod_id: pod_id.to_be_bytes(),
-            kind,
-            addr: bytes,
-        },
-    );
-    CIDR_RULES.get(&key).is_some()
+    let (prefix_len, data) = CidrRuleKey::lpm_of_address(pod_id, kind, addr);
+    CIDR_RULES.get(&Key::new(prefix_len, data)).is_some()
 }
 
 /// Whether an app's connection to `addr:port` goes to its sidecar. Precedence follows
