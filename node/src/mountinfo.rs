@@ -8,7 +8,10 @@ pub const MOUNTINFO_PATH: &str = "/proc/self/mountinfo";
 /// The mount points of every filesystem of type `fstype` in `/proc/self/mountinfo`,
 /// in the order listed.
 pub fn read_mount_points(fstype: &str) -> io::Result<Vec<PathBuf>> {
-    Ok(mount_points_in(&fs::read_to_string(MOUNTINFO_PATH)?, fstype))
+    Ok(mount_points_in(
+        &fs::read_to_string(MOUNTINFO_PATH)?,
+        fstype,
+    ))
 }
 
 /// The mount points of every filesystem of type `fstype` in a mountinfo text, in the
@@ -70,7 +73,10 @@ mod tests {
         );
         assert_eq!(
             mount_points_in(text, "bpf"),
-            vec![PathBuf::from("/sys/fs/bpf"), PathBuf::from("/host/my bpf\\x")]
+            vec![
+                PathBuf::from("/sys/fs/bpf"),
+                PathBuf::from("/host/my bpf\\x")
+            ]
         );
         assert!(mount_points_in(text, "ext4").is_empty());
     }

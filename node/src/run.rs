@@ -343,8 +343,7 @@ impl AgentLoop {
                 None
             }
         };
-        let programmer =
-            Programmer::new(cgroup_root).with_rule_share(rule_share(opts.sizes.rules));
+        let programmer = Programmer::new(cgroup_root).with_rule_share(rule_share(opts.sizes.rules));
         let source = match &opts.source {
             SourceConfig::Kubelet(k) => Source::Kubelet(Box::new(KubeletClient::new(k.clone()))),
             SourceConfig::File(f) => Source::File(PodsFile::new(f)),

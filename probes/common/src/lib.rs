@@ -269,7 +269,12 @@ impl CidrRuleKey {
 
     /// The key of an address range `addr/len`; an IPv4 range becomes its v4-mapped
     /// IPv6 range, which is how the probes look IPv4 addresses up.
-    pub const fn lpm_of_range(pod_id: u32, kind: u8, addr: core::net::IpAddr, len: u8) -> (u32, Self) {
+    pub const fn lpm_of_range(
+        pod_id: u32,
+        kind: u8,
+        addr: core::net::IpAddr,
+        len: u8,
+    ) -> (u32, Self) {
         match addr {
             core::net::IpAddr::V4(a) => {
                 Self::lpm(pod_id, kind, a.to_ipv6_mapped().octets(), len as u32 + 96)
