@@ -7,12 +7,12 @@
 use std::{
     io::{BufRead, BufReader, Read, Write},
     mem::size_of,
-    net::{Shutdown, SocketAddr, TcpListener, TcpStream, UdpSocket},
+    net::{Shutdown, SocketAddr, TcpListener, TcpStream},
     os::fd::AsRawFd,
     time::Duration,
 };
 
-use merbridge_edge_standins::{canonical, echo, listen, pipe, sidecar_on};
+use merbridge_edge_standins::{echo, listen, pipe, sidecar_on, udp_echo, udp_query};
 
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -46,7 +46,10 @@ fn main() {
         ["connect-many", target, count] => connect_many(target, count),
         ["flood", addr, max_bytes] => flood(addr, max_bytes),
         ["udp-echo", name, addr] => udp_echo(name, addr),
-        ["udp-query", addr, rest @ ..] => udp_query(addr, rest.contains(&"--connected")),
+        ["udp-query", addr, rest @ ..] => {
+            udp_query(addr, rest.contains(&"--connected"), Duration::from_secs(3))
+                .map(|reply| println!("{reply}"))
+        }
         _ => Err(format!(
             "usage: mbe-testbed echo|sidecar|client|sockopts|forge|connect-many|flood|udp-echo|udp-query …; got {a:?}"
         )),
@@ -496,45 +499,6 @@ fn sockopts() -> Result<(), String> {
     println!(
         "ok rcvbuf={rcvbuf} tcp_info={} peergroups_bytes={n}",
         info.len()
-    );
-    Ok(())
-}
-
-/// A DNS server stand-in: answers each datagram with `who=NAME`.
-fn udp_echo(name: &str, addr: &str) -> Result<(), String> {
-    let s = UdpSocket::bind(addr).map_err(|e| format!("bind {addr}: {e}"))?;
-    let mut buf = [0u8; 1500];
-    loop {
-        let (_, from) = s.recv_from(&mut buf).map_err(|e| e.to_string())?;
-        let _ = s.send_to(format!("who={name}").as_bytes(), from);
-    }
-}
-
-/// Sends one datagram to ADDR and prints `reply=<text> from=<addr>`.
-fn udp_query(addr: &str, connected: bool) -> Result<(), String> {
-    let target: SocketAddr = addr.parse().map_err(|_| format!("bad address {addr}"))?;
-    let bind = if target.is_ipv4() {
-        "0.0.0.0:0"
-    } else {
-        "[::]:0"
-    };
-    let s = UdpSocket::bind(bind).map_err(|e| e.to_string())?;
-    s.set_read_timeout(Some(Duration::from_secs(3))).ok();
-    if connected {
-        s.connect(target)
-            .map_err(|e| format!("connect {target}: {e}"))?;
-        s.send(b"q").map_err(|e| e.to_string())?;
-    } else {
-        s.send_to(b"q", target).map_err(|e| e.to_string())?;
-    }
-    let mut buf = [0u8; 1500];
-    let (n, from) = s
-        .recv_from(&mut buf)
-        .map_err(|e| format!("no reply from {target}: {e}"))?;
-    println!(
-        "reply={} from={}",
-        String::from_utf8_lossy(&buf[..n]),
-        canonical(from)
     );
     Ok(())
 }

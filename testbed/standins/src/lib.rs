@@ -1,12 +1,12 @@
 //! Stand-ins for what runs in a meshed pod, shared by the host tests (`mbe-testbed`)
 //! and the in-VM driver of the kernel matrix (`mbe-vm-test`): an echo app, and a
 //! sidecar that asks SO_ORIGINAL_DST the way Envoy does and forwards with plain
-//! read/write.
+//! read/write, and a DNS server and client over UDP.
 use std::{
     fs::File,
     io::{Read, Write},
     mem::{size_of, zeroed},
-    net::{IpAddr, Ipv4Addr, Ipv6Addr, Shutdown, SocketAddr, TcpListener, TcpStream},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, Shutdown, SocketAddr, TcpListener, TcpStream, UdpSocket},
     os::fd::{AsRawFd, FromRawFd},
     sync::{Arc, Mutex},
     time::Duration,
@@ -254,6 +254,45 @@ pub fn copy_then_shutdown(mut from: TcpStream, mut to: TcpStream) {
         }
     }
     let _ = to.shutdown(Shutdown::Write);
+}
+
+/// A DNS server stand-in: answers each datagram on `addr` with `who=<name>`.
+pub fn udp_echo(name: &str, addr: &str) -> Result<(), String> {
+    let s = UdpSocket::bind(addr).map_err(|e| format!("bind {addr}: {e}"))?;
+    let mut buf = [0u8; 1500];
+    loop {
+        let (_, from) = s.recv_from(&mut buf).map_err(|e| e.to_string())?;
+        let _ = s.send_to(format!("who={name}").as_bytes(), from);
+    }
+}
+
+/// Sends one datagram to `addr` (after connect(2) when `connected`), waits up to
+/// `reply_timeout` for the answer and says it as `reply=<text> from=<addr>`.
+pub fn udp_query(addr: &str, connected: bool, reply_timeout: Duration) -> Result<String, String> {
+    let target: SocketAddr = addr.parse().map_err(|_| format!("bad address {addr}"))?;
+    let bind = if target.is_ipv4() {
+        "0.0.0.0:0"
+    } else {
+        "[::]:0"
+    };
+    let s = UdpSocket::bind(bind).map_err(|e| e.to_string())?;
+    s.set_read_timeout(Some(reply_timeout)).ok();
+    if connected {
+        s.connect(target)
+            .map_err(|e| format!("connect {target}: {e}"))?;
+        s.send(b"q").map_err(|e| e.to_string())?;
+    } else {
+        s.send_to(b"q", target).map_err(|e| e.to_string())?;
+    }
+    let mut buf = [0u8; 1500];
+    let (n, from) = s
+        .recv_from(&mut buf)
+        .map_err(|e| format!("no reply from {target}: {e}"))?;
+    Ok(format!(
+        "reply={} from={}",
+        String::from_utf8_lossy(&buf[..n]),
+        canonical(from)
+    ))
 }
 
 #[cfg(test)]

@@ -8,12 +8,12 @@
 //! datagram, connected or not, and prints the reply and whom it came from).
 use std::{
     io::{BufRead, BufReader, Read, Write},
-    net::{Shutdown, SocketAddr, TcpStream, UdpSocket},
+    net::{Shutdown, SocketAddr, TcpStream},
     sync::{Arc, Barrier},
     time::Duration,
 };
 
-use merbridge_edge_standins::{canonical, echo, sidecar_on};
+use merbridge_edge_standins::{echo, sidecar_on, udp_echo, udp_query};
 
 /// Runs role `role` with `args`.
 pub fn run(role: &str, args: &[String]) -> Result<(), String> {
@@ -33,10 +33,16 @@ pub fn run(role: &str, args: &[String]) -> Result<(), String> {
             Duration::from_millis(count(pause_ms)? as u64),
         ),
         ("udp-echo", [name, addr]) => udp_echo(name, addr),
-        ("udp-query", [addr]) => udp_query(addr, false),
-        ("udp-query", [addr, "connected"]) => udp_query(addr, true),
+        ("udp-query", [addr]) => query(addr, false),
+        ("udp-query", [addr, "connected"]) => query(addr, true),
         _ => Err(format!("unknown stand-in {role} {a:?}")),
     }
+}
+
+/// `udp-query`: one datagram, the reply printed.
+fn query(addr: &str, connected: bool) -> Result<(), String> {
+    println!("{}", udp_query(addr, connected, Duration::from_secs(5))?);
+    Ok(())
 }
 
 fn count(s: &str) -> Result<usize, String> {
@@ -175,45 +181,5 @@ fn compare(got: &[u8], data: &[u8]) -> Result<(), String> {
             "echo differs from what was sent, first at byte {first}"
         ));
     }
-    Ok(())
-}
-
-/// A DNS server stand-in: answers each datagram with `who=<name>`.
-fn udp_echo(name: &str, addr: &str) -> Result<(), String> {
-    let s = UdpSocket::bind(addr).map_err(|e| format!("bind {addr}: {e}"))?;
-    let mut buf = [0u8; 1500];
-    loop {
-        let (_, from) = s.recv_from(&mut buf).map_err(|e| e.to_string())?;
-        let _ = s.send_to(format!("who={name}").as_bytes(), from);
-    }
-}
-
-/// Sends one datagram to `addr` (after connect(2) when `connected`) and prints
-/// `reply=<text> from=<addr>`.
-fn udp_query(addr: &str, connected: bool) -> Result<(), String> {
-    let target: SocketAddr = addr.parse().map_err(|_| format!("bad address {addr}"))?;
-    let bind = if target.is_ipv4() {
-        "0.0.0.0:0"
-    } else {
-        "[::]:0"
-    };
-    let s = UdpSocket::bind(bind).map_err(|e| e.to_string())?;
-    s.set_read_timeout(Some(Duration::from_secs(5))).ok();
-    if connected {
-        s.connect(target)
-            .map_err(|e| format!("connect {target}: {e}"))?;
-        s.send(b"q").map_err(|e| e.to_string())?;
-    } else {
-        s.send_to(b"q", target).map_err(|e| e.to_string())?;
-    }
-    let mut buf = [0u8; 1500];
-    let (n, from) = s
-        .recv_from(&mut buf)
-        .map_err(|e| format!("no reply from {target}: {e}"))?;
-    println!(
-        "reply={} from={}",
-        String::from_utf8_lossy(&buf[..n]),
-        canonical(from)
-    );
     Ok(())
 }
