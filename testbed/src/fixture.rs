@@ -12,7 +12,7 @@ use std::{
 use crate::{
     Node, Pod, PodSpec,
     agent::Agent,
-    node::missing_prerequisite,
+    node::{RemoteNode, missing_prerequisite},
     podlist::{pod_list, write_pod_list},
 };
 
@@ -81,6 +81,27 @@ impl Fixture {
             sidecars_started: false.into(),
             sidecars: Default::default(),
         }
+    }
+
+    /// A fixture of `specs` with another node beside it (see [`Node::other_node`]),
+    /// for connections that come from outside this node.
+    pub fn with_other_node(helper: &Path, specs: Vec<PodSpec>) -> (Self, RemoteNode) {
+        let mut f = Self::new(helper, specs);
+        let remote = f.node.other_node().expect("another node");
+        (f, remote)
+    }
+
+    /// Runs the client on the other node `remote` to `target`, with `extra`
+    /// arguments: its output, or why it failed.
+    pub fn client_from(
+        &self,
+        remote: &RemoteNode,
+        target: &str,
+        extra: &[&str],
+    ) -> anyhow::Result<String> {
+        let mut args = vec!["client", target];
+        args.extend(extra);
+        self.node.run_placed(&remote.placement, &args)
     }
 
     /// The pod called `name`.

@@ -86,23 +86,16 @@ fn from_another_node_a_plain_pod_and_a_host_process_inbound_lands_on_the_sidecar
     let Some(_serial) = kernel_test("inbound_sources") else {
         return;
     };
-    let mut f = Fixture::new(HELPER.as_ref(), istio_abc());
-    let remote = f.node.other_node().unwrap();
+    let (f, remote) = Fixture::with_other_node(HELPER.as_ref(), istio_abc());
     let mut agent = f.start_agent(&[]);
     let b = f.pod("b").clone();
     let target4 = format!("{}:8080", b.ip4);
     let target6 = format!("[{}]:8080", b.ip6);
 
-    let out = f
-        .node
-        .run_placed(&remote.placement, &["client", &target4])
-        .unwrap();
+    let out = f.client_from(&remote, &target4, &[]).unwrap();
     assert_eq!(who(&out), "b-app", "{out}");
     assert_inbound(&f, "b", 0, &[format!("[::ffff:{}]", remote.ip4)], &target4);
-    let out = f
-        .node
-        .run_placed(&remote.placement, &["client", &target6])
-        .unwrap();
+    let out = f.client_from(&remote, &target6, &[]).unwrap();
     assert_eq!(who(&out), "b-app", "{out}");
     assert_inbound(&f, "b", 1, &[format!("[{}]", remote.ip6)], &target6);
     // The app sees the sidecar's passthrough, never the remote client.
@@ -128,8 +121,7 @@ fn from_another_node_a_plain_pod_and_a_host_process_inbound_lands_on_the_sidecar
 
     // Many at once, every one through the sidecar.
     let out = f
-        .node
-        .run_placed(&remote.placement, &["client", &target4, "--conns", "50"])
+        .client_from(&remote, &target4, &["--conns", "50"])
         .unwrap();
     assert!(out.contains("ok conns=50"), "{out}");
     assert_eq!(wait_sidecar_lines(&f, "b", 4, 50).len(), 50);
@@ -158,13 +150,11 @@ fn excluded_inbound_ports_go_straight_to_the_app_and_are_no_bypass() {
     };
     let mut specs = istio_abc();
     specs[1] = PodSpec::istio("b").annotate("traffic.sidecar.istio.io/excludeInboundPorts", "8081");
-    let mut f = Fixture::new(HELPER.as_ref(), specs);
-    let remote = f.node.other_node().unwrap();
+    let (f, remote) = Fixture::with_other_node(HELPER.as_ref(), specs);
     let mut agent = f.start_agent(&[]);
     let b = f.pod("b").clone();
     let out = f
-        .node
-        .run_placed(&remote.placement, &["client", &format!("{}:8081", b.ip4)])
+        .client_from(&remote, &format!("{}:8081", b.ip4), &[])
         .unwrap();
     assert_eq!(who(&out), "b-app");
     let out = f.client("c", &format!("{}:8081", b.ip4), &[]);
@@ -191,8 +181,7 @@ fn a_network_policy_allowing_only_the_app_port_still_passes() {
     let Some(_serial) = kernel_test("inbound_policy") else {
         return;
     };
-    let mut f = Fixture::new(HELPER.as_ref(), istio_abc());
-    let remote = f.node.other_node().unwrap();
+    let (f, remote) = Fixture::with_other_node(HELPER.as_ref(), istio_abc());
     let b = f.pod("b").clone();
     let ns = f.node.host_netns().to_string();
     // As k3s's kube-router enforces policies: the host's FORWARD chain, bridged pod
@@ -220,10 +209,7 @@ fn a_network_policy_allowing_only_the_app_port_still_passes() {
     ]);
     let mut agent = f.start_agent(&[]);
     let target = format!("{}:8080", b.ip4);
-    let out = f
-        .node
-        .run_placed(&remote.placement, &["client", &target])
-        .unwrap();
+    let out = f.client_from(&remote, &target, &[]).unwrap();
     assert_eq!(who(&out), "b-app", "{out}");
     let out = f.client("a", &target, &[]);
     assert_eq!(who(&out), "b-app", "{out}");
@@ -241,9 +227,7 @@ fn a_network_policy_allowing_only_the_app_port_still_passes() {
         &target,
     );
     // The rule is live: another port of b is dropped on the way.
-    let blocked = f
-        .node
-        .run_placed(&remote.placement, &["client", &format!("{}:9002", b.ip4)]);
+    let blocked = f.client_from(&remote, &format!("{}:9002", b.ip4), &[]);
     assert!(blocked.is_err(), "port 9002 should be dropped: {blocked:?}");
     settle();
     assert_eq!(bypassed(&mut agent, "b"), 0.0, "the bypass ledger");
@@ -254,8 +238,7 @@ fn a_sidecar_that_is_not_listening_means_refused_never_the_app() {
     let Some(_serial) = kernel_test("inbound_not_listening") else {
         return;
     };
-    let mut f = Fixture::new(HELPER.as_ref(), istio_abc());
-    let remote = f.node.other_node().unwrap();
+    let (f, remote) = Fixture::with_other_node(HELPER.as_ref(), istio_abc());
     let mut agent = f.start_agent(&[]);
     let b = f.pod("b").clone();
     let target = format!("{}:8080", b.ip4);
@@ -285,10 +268,7 @@ fn a_sidecar_that_is_not_listening_means_refused_never_the_app() {
     // The sidecar comes back (a container restart in place): captured again.
     let before = f.sidecar_log("b").len();
     start_sidecar(&f.node, &b, None).unwrap();
-    let out = f
-        .node
-        .run_placed(&remote.placement, &["client", &target])
-        .unwrap();
+    let out = f.client_from(&remote, &target, &[]).unwrap();
     assert_eq!(who(&out), "b-app", "{out}");
     assert_inbound(
         &f,
@@ -389,8 +369,7 @@ fn next_to_istio_iptables_agent_start_stop_and_restart_fail_no_connection() {
     let Some(_serial) = kernel_test("inbound_coexistence") else {
         return;
     };
-    let mut f = Fixture::new(HELPER.as_ref(), istio_abc());
-    let remote = f.node.other_node().unwrap();
+    let (f, remote) = Fixture::with_other_node(HELPER.as_ref(), istio_abc());
     // Pods as Istio injects them by default: istio-init's rules in a and b.
     for p in ["a", "b"] {
         install_istio_iptables(&f.pod(p).netns).unwrap();
@@ -413,10 +392,7 @@ fn next_to_istio_iptables_agent_start_stop_and_restart_fail_no_connection() {
         la.iter().any(|l| l.contains(&format!("orig={target}"))),
         "{la:?}"
     );
-    let out = f
-        .node
-        .run_placed(&remote.placement, &["client", &target])
-        .unwrap();
+    let out = f.client_from(&remote, &target, &[]).unwrap();
     assert_eq!(who(&out), "b-app", "{out}");
     let lb = wait_sidecar_lines(&f, "b", before_b, 2);
     assert_eq!(lb.len(), 2, "{lb:?}");
@@ -472,8 +448,7 @@ fn conntrack_entries_per_meshed_connection_in_each_mode() {
         return;
     };
     const N: u64 = 20;
-    let mut f = Fixture::new(HELPER.as_ref(), istio_abc());
-    let remote = f.node.other_node().unwrap();
+    let (f, remote) = Fixture::with_other_node(HELPER.as_ref(), istio_abc());
     let target = format!("{}:8080", f.pod("b").ip4);
     // 20 connections a → b and 20 from another node → b; the entries they add.
     let count = |f: &Fixture| {

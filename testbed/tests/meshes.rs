@@ -208,7 +208,7 @@ fn a_custom_inbound_port_and_skipped_source_subnets_are_honoured() {
     let Some(_serial) = kernel_test("init_settings") else {
         return;
     };
-    let mut f = Fixture::new(
+    let (f, remote) = Fixture::with_other_node(
         HELPER.as_ref(),
         vec![
             PodSpec::istio("a")
@@ -240,7 +240,6 @@ fn a_custom_inbound_port_and_skipped_source_subnets_are_honoured() {
             PodSpec::plain("c"),
         ],
     );
-    let remote = f.node.other_node().unwrap();
     let mut agent = f.start_agent(&[]);
     let (a, b, c) = (f.pod("a").clone(), f.pod("b").clone(), f.pod("c").clone());
 
@@ -260,10 +259,7 @@ fn a_custom_inbound_port_and_skipped_source_subnets_are_honoured() {
     // From another node, b's app directly; from a plain pod here, b's proxy.
     let target_b = format!("{}:8080", b.ip4);
     let before = f.sidecar_log("b").len();
-    let out = f
-        .node
-        .run_placed(&remote.placement, &["client", &target_b])
-        .unwrap();
+    let out = f.client_from(&remote, &target_b, &[]).unwrap();
     assert_eq!(who(&out), "b-app", "{out}");
     assert_eq!(who(&f.client("c", &target_b, &[])), "b-app");
     let lb = wait_sidecar_lines(&f, "b", before, 1);
