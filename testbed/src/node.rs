@@ -32,53 +32,41 @@ pub struct PodSpec {
 }
 
 impl PodSpec {
-    /// An Istio-injected pod: `app` plus `istio-proxy`.
-    pub fn istio(name: &str) -> Self {
+    /// A pod of `app` and the mesh's `sidecar` container.
+    fn injected(name: &str, sidecar: &str) -> Self {
         Self {
             name: name.into(),
-            containers: vec!["app".into(), "istio-proxy".into()],
-            annotations: vec![(
-                "sidecar.istio.io/status".into(),
-                "{\"containers\":[\"istio-proxy\"]}".into(),
-            )],
-            labels: vec![],
+            containers: vec!["app".into(), sidecar.into()],
             ..Default::default()
         }
+    }
+
+    /// An Istio-injected pod: `app` plus `istio-proxy`.
+    pub fn istio(name: &str) -> Self {
+        Self::injected(name, "istio-proxy").annotate(
+            "sidecar.istio.io/status",
+            "{\"containers\":[\"istio-proxy\"]}",
+        )
     }
 
     /// A Linkerd-injected pod: `app` plus `linkerd-proxy`.
     pub fn linkerd(name: &str) -> Self {
-        Self {
-            name: name.into(),
-            containers: vec!["app".into(), "linkerd-proxy".into()],
-            annotations: vec![],
-            labels: vec![],
-            ..Default::default()
-        }
+        Self::injected(name, "linkerd-proxy")
     }
 
     /// A Kuma-injected pod: `app` plus `kuma-sidecar`.
     pub fn kuma(name: &str) -> Self {
-        Self {
-            name: name.into(),
-            containers: vec!["app".into(), "kuma-sidecar".into()],
-            annotations: vec![],
-            labels: vec![],
-            ..Default::default()
-        }
+        Self::injected(name, "kuma-sidecar")
     }
 
     /// An OSM-injected pod: `app` plus `envoy`, labelled with its proxy's uuid.
     pub fn osm(name: &str) -> Self {
         Self {
-            name: name.into(),
-            containers: vec!["app".into(), "envoy".into()],
-            annotations: vec![],
             labels: vec![(
                 "osm-proxy-uuid".into(),
                 "8fd6b6c9-5a80-4d5b-8a3c-1e0f3c7a9b21".into(),
             )],
-            ..Default::default()
+            ..Self::injected(name, "envoy")
         }
     }
 
@@ -97,8 +85,6 @@ impl PodSpec {
         Self {
             name: name.into(),
             containers: vec!["app".into()],
-            annotations: vec![],
-            labels: vec![],
             ..Default::default()
         }
     }
