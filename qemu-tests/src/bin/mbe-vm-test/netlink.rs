@@ -197,36 +197,15 @@ impl Netlink {
         gateway: Option<Ipv4Addr>,
         name: &str,
     ) -> Result<()> {
-        let index = index_of(name)? as u32;
-        let scope = if gateway.is_some() {
-            RT_SCOPE_UNIVERSE
-        } else {
-            RT_SCOPE_LINK
-        };
         let flags = if gateway.is_some() { RTNH_F_ONLINK } else { 0 };
-        let mut body = vec![
-            libc::AF_INET as u8,
-            prefix,
-            0,
-            0,
-            RT_TABLE_MAIN,
-            RTPROT_BOOT,
-            scope,
-            RTN_UNICAST,
-        ];
-        body.extend_from_slice(&flags.to_ne_bytes());
-        if prefix > 0 {
-            attr(&mut body, RTA_DST, &dst.octets());
-        }
-        if let Some(gw) = gateway {
-            attr(&mut body, RTA_GATEWAY, &gw.octets());
-        }
-        attr(&mut body, RTA_OIF, &index.to_ne_bytes());
         let via = gateway.map(|g| format!(" via {g}")).unwrap_or_default();
-        self.request(
-            RTM_NEWROUTE,
-            NLM_F_CREATE | NLM_F_EXCL,
-            &body,
+        self.add_route_of(
+            libc::AF_INET as u8,
+            &dst.octets(),
+            prefix,
+            gateway.map(|g| g.octets()).as_ref().map(|g| &g[..]),
+            flags,
+            name,
             &format!("adding route {dst}/{prefix}{via} dev {name}"),
         )
     }
@@ -259,6 +238,31 @@ impl Netlink {
         gateway: Option<Ipv6Addr>,
         name: &str,
     ) -> Result<()> {
+        let via = gateway.map(|g| format!(" via {g}")).unwrap_or_default();
+        self.add_route_of(
+            libc::AF_INET6 as u8,
+            &dst.octets(),
+            prefix,
+            gateway.map(|g| g.octets()).as_ref().map(|g| &g[..]),
+            0,
+            name,
+            &format!("adding route {dst}/{prefix}{via} dev {name}"),
+        )
+    }
+
+    /// A route of address `family` to `dst/prefix` out of `name`, through `gateway`
+    /// when given (addresses as octets), with route `flags`; `what` names it in errors.
+    #[expect(clippy::too_many_arguments, reason = "an rtmsg's fields, each named")]
+    fn add_route_of(
+        &mut self,
+        family: u8,
+        dst: &[u8],
+        prefix: u8,
+        gateway: Option<&[u8]>,
+        flags: u32,
+        name: &str,
+        what: &str,
+    ) -> Result<()> {
         let index = index_of(name)? as u32;
         let scope = if gateway.is_some() {
             RT_SCOPE_UNIVERSE
@@ -266,7 +270,7 @@ impl Netlink {
             RT_SCOPE_LINK
         };
         let mut body = vec![
-            libc::AF_INET6 as u8,
+            family,
             prefix,
             0,
             0,
@@ -275,21 +279,15 @@ impl Netlink {
             scope,
             RTN_UNICAST,
         ];
-        body.extend_from_slice(&0u32.to_ne_bytes());
+        body.extend_from_slice(&flags.to_ne_bytes());
         if prefix > 0 {
-            attr(&mut body, RTA_DST, &dst.octets());
+            attr(&mut body, RTA_DST, dst);
         }
         if let Some(gw) = gateway {
-            attr(&mut body, RTA_GATEWAY, &gw.octets());
+            attr(&mut body, RTA_GATEWAY, gw);
         }
         attr(&mut body, RTA_OIF, &index.to_ne_bytes());
-        let via = gateway.map(|g| format!(" via {g}")).unwrap_or_default();
-        self.request(
-            RTM_NEWROUTE,
-            NLM_F_CREATE | NLM_F_EXCL,
-            &body,
-            &format!("adding route {dst}/{prefix}{via} dev {name}"),
-        )
+        self.request(RTM_NEWROUTE, NLM_F_CREATE | NLM_F_EXCL, &body, what)
     }
 }
 

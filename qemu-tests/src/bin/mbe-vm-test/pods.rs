@@ -319,22 +319,9 @@ impl Node {
         args: &[&str],
         port: u16,
     ) -> Result<Child> {
-        let mut child = self
-            .stand_in(pod, container, uid, role, args)?
-            .stdout(Stdio::null())
-            .spawn()
-            .with_context(|| format!("starting {role} in pod {pod}"))?;
-        let end = Instant::now() + Duration::from_secs(30);
-        while !listening(child.id(), port) {
-            if let Ok(Some(s)) = child.try_wait() {
-                bail!("{role} in pod {pod} exited ({s}) before listening on {port}");
-            }
-            if Instant::now() > end {
-                bail!("{role} in pod {pod} does not listen on {port}");
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        Ok(child)
+        let child = self.spawn(pod, container, uid, role, args)?;
+        let who = format!("{role} in pod {pod}");
+        wait_for_socket(child, &who, port, &["tcp", "tcp6"], "0A", "listening")
     }
 
     /// Starts a long-running UDP stand-in and waits until it is bound to `port`.
@@ -347,22 +334,24 @@ impl Node {
         args: &[&str],
         port: u16,
     ) -> Result<Child> {
-        let mut child = self
-            .stand_in(pod, container, uid, role, args)?
+        let child = self.spawn(pod, container, uid, role, args)?;
+        let who = format!("{role} in pod {pod}");
+        wait_for_socket(child, &who, port, &["udp", "udp6"], "07", "bound")
+    }
+
+    /// Starts stand-in `role` in `pod`'s `container` as `uid`, its output discarded.
+    fn spawn(
+        &self,
+        pod: &str,
+        container: &str,
+        uid: u32,
+        role: &str,
+        args: &[&str],
+    ) -> Result<Child> {
+        self.stand_in(pod, container, uid, role, args)?
             .stdout(Stdio::null())
             .spawn()
-            .with_context(|| format!("starting {role} in pod {pod}"))?;
-        let end = Instant::now() + Duration::from_secs(30);
-        while !bound(child.id(), port, &["udp", "udp6"], "07") {
-            if let Ok(Some(s)) = child.try_wait() {
-                bail!("{role} in pod {pod} exited ({s}) before binding {port}");
-            }
-            if Instant::now() > end {
-                bail!("{role} in pod {pod} is not bound to {port}");
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        Ok(child)
+            .with_context(|| format!("starting {role} in pod {pod}"))
     }
 
     /// Runs stand-in `role` with `args` in `pod`'s `container` as `uid` until it
@@ -557,10 +546,27 @@ fn run_client(mut cmd: Command, from: &str, target: &str) -> Result<String, Stri
     }
 }
 
-/// Whether process `pid` sees a TCP socket listening on `port` (IPv4 or IPv6, its
-/// netns).
-fn listening(pid: u32, port: u16) -> bool {
-    bound(pid, port, &["tcp", "tcp6"], "0A")
+/// Waits (30 s at most) until `child` (`who`, for errors) has a socket on `port` in
+/// `state` in one of `tables` (see [`bound`]); `state_name` says the state in words.
+fn wait_for_socket(
+    mut child: Child,
+    who: &str,
+    port: u16,
+    tables: &[&str],
+    state: &str,
+    state_name: &str,
+) -> Result<Child> {
+    let end = Instant::now() + Duration::from_secs(30);
+    while !bound(child.id(), port, tables, state) {
+        if let Ok(Some(s)) = child.try_wait() {
+            bail!("{who} exited ({s}) before its socket on {port} was {state_name}");
+        }
+        if Instant::now() > end {
+            bail!("{who} has no {state_name} socket on {port} after 30 s");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    Ok(child)
 }
 
 /// Whether process `pid` sees a socket on local `port` in state `state` (hex, as in
