@@ -20,7 +20,7 @@ use merbridge_edge_qemu_tests::protocol;
 use crate::{
     agent::{self, Agent},
     bpf,
-    pods::{self, GATEWAY, NETNS_DIR, Node, REMOTE_IP, Sidecar, simple_template},
+    pods::{self, GATEWAY, NETNS_DIR, Node, REMOTE_IP, Ready, Sidecar, simple_template},
     probe_log, sys,
 };
 
@@ -324,18 +324,25 @@ fn setup() -> anyhow::Result<(Node, Vec<Child>)> {
     let mut apps = vec![];
     // DNS: a server in c (as root: port 53), e's proxy on 15053 (IPv4 and IPv6
     // loopback, as Istio's agent listens).
-    apps.push(node.start_udp("c", "app", 0, "udp-echo", &["c-dns", "[::]:53"], 53)?);
+    apps.push(node.start(
+        "c",
+        "app",
+        0,
+        "udp-echo",
+        &["c-dns", "[::]:53"],
+        Ready::Bound(53),
+    )?);
     for (name, addr) in [
         ("e-dns-proxy", "127.0.0.1:15053"),
         ("e-dns-proxy6", "[::1]:15053"),
     ] {
-        apps.push(node.start_udp(
+        apps.push(node.start(
             "e",
             ISTIO.container,
             ISTIO.uid,
             "udp-echo",
             &[name, addr],
-            15053,
+            Ready::Bound(15053),
         )?);
     }
     let names: Vec<String> = node.pods.iter().map(|p| p.name.clone()).collect();
@@ -344,7 +351,14 @@ fn setup() -> anyhow::Result<(Node, Vec<Child>)> {
         let mut args = vec![name.as_str()];
         args.extend(APP_PORTS);
         let container = app_container(&node, pod);
-        apps.push(node.start(pod, &container, APP_UID, "echo", &args, 8080)?);
+        apps.push(node.start(
+            pod,
+            &container,
+            APP_UID,
+            "echo",
+            &args,
+            Ready::Listening(8080),
+        )?);
         if node.pod(pod).sidecar.is_some() {
             pods::shared_log(&sidecar_log_path(pod))?;
         }
@@ -439,7 +453,7 @@ fn start_sidecar(node: &Node, pod: &str) -> anyhow::Result<Child> {
         s.uid,
         "sidecar",
         &[pod, s.outbound, s.inbound, &log],
-        Sidecar::port(s.inbound),
+        Ready::Listening(Sidecar::port(s.inbound)),
     )
 }
 

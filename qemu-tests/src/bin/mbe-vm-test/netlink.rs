@@ -3,7 +3,7 @@
 //! routes.
 use std::{
     io,
-    net::{Ipv4Addr, Ipv6Addr},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
     os::fd::{AsRawFd, FromRawFd, OwnedFd},
 };
 
@@ -189,27 +189,6 @@ impl Netlink {
         )
     }
 
-    /// `ip route add DST/PREFIX [via GW onlink] dev NAME`.
-    pub fn add_route(
-        &mut self,
-        dst: Ipv4Addr,
-        prefix: u8,
-        gateway: Option<Ipv4Addr>,
-        name: &str,
-    ) -> Result<()> {
-        let flags = if gateway.is_some() { RTNH_F_ONLINK } else { 0 };
-        let via = gateway.map(|g| format!(" via {g}")).unwrap_or_default();
-        self.add_route_of(
-            libc::AF_INET as u8,
-            &dst.octets(),
-            prefix,
-            gateway.map(|g| g.octets()).as_ref().map(|g| &g[..]),
-            flags,
-            name,
-            &format!("adding route {dst}/{prefix}{via} dev {name}"),
-        )
-    }
-
     /// `ip -6 addr add ADDR/PREFIX dev NAME nodad`.
     pub fn add_addr6(&mut self, name: &str, addr: Ipv6Addr, prefix: u8) -> Result<()> {
         let index = index_of(name)? as u32;
@@ -230,39 +209,20 @@ impl Netlink {
         )
     }
 
-    /// `ip -6 route add DST/PREFIX [via GW] dev NAME`.
-    pub fn add_route6(
+    /// `ip route add DST/PREFIX [via GW onlink] dev NAME` for IPv4, `ip -6 route add
+    /// DST/PREFIX [via GW] dev NAME` for IPv6 (`gateway` of the same family as `dst`).
+    pub fn add_route(
         &mut self,
-        dst: Ipv6Addr,
+        dst: IpAddr,
         prefix: u8,
-        gateway: Option<Ipv6Addr>,
+        gateway: Option<IpAddr>,
         name: &str,
     ) -> Result<()> {
-        let via = gateway.map(|g| format!(" via {g}")).unwrap_or_default();
-        self.add_route_of(
-            libc::AF_INET6 as u8,
-            &dst.octets(),
-            prefix,
-            gateway.map(|g| g.octets()).as_ref().map(|g| &g[..]),
-            0,
-            name,
-            &format!("adding route {dst}/{prefix}{via} dev {name}"),
-        )
-    }
-
-    /// A route of address `family` to `dst/prefix` out of `name`, through `gateway`
-    /// when given (addresses as octets), with route `flags`; `what` names it in errors.
-    #[expect(clippy::too_many_arguments, reason = "an rtmsg's fields, each named")]
-    fn add_route_of(
-        &mut self,
-        family: u8,
-        dst: &[u8],
-        prefix: u8,
-        gateway: Option<&[u8]>,
-        flags: u32,
-        name: &str,
-        what: &str,
-    ) -> Result<()> {
+        let (family, flags) = match dst {
+            IpAddr::V4(_) if gateway.is_some() => (libc::AF_INET, RTNH_F_ONLINK),
+            IpAddr::V4(_) => (libc::AF_INET, 0),
+            IpAddr::V6(_) => (libc::AF_INET6, 0),
+        };
         let index = index_of(name)? as u32;
         let scope = if gateway.is_some() {
             RT_SCOPE_UNIVERSE
@@ -270,7 +230,7 @@ impl Netlink {
             RT_SCOPE_LINK
         };
         let mut body = vec![
-            family,
+            family as u8,
             prefix,
             0,
             0,
@@ -281,13 +241,27 @@ impl Netlink {
         ];
         body.extend_from_slice(&flags.to_ne_bytes());
         if prefix > 0 {
-            attr(&mut body, RTA_DST, dst);
+            attr(&mut body, RTA_DST, &octets(dst));
         }
         if let Some(gw) = gateway {
-            attr(&mut body, RTA_GATEWAY, gw);
+            attr(&mut body, RTA_GATEWAY, &octets(gw));
         }
         attr(&mut body, RTA_OIF, &index.to_ne_bytes());
-        self.request(RTM_NEWROUTE, NLM_F_CREATE | NLM_F_EXCL, &body, what)
+        let via = gateway.map(|g| format!(" via {g}")).unwrap_or_default();
+        self.request(
+            RTM_NEWROUTE,
+            NLM_F_CREATE | NLM_F_EXCL,
+            &body,
+            &format!("adding route {dst}/{prefix}{via} dev {name}"),
+        )
+    }
+}
+
+/// An address's octets, in network order.
+fn octets(addr: IpAddr) -> Vec<u8> {
+    match addr {
+        IpAddr::V4(a) => a.octets().to_vec(),
+        IpAddr::V6(a) => a.octets().to_vec(),
     }
 }
 

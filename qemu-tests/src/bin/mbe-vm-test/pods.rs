@@ -243,20 +243,30 @@ impl Node {
         let host_end = format!("veth-{name}");
         self.root_nl.add_veth(&host_end, "eth0", &netns)?;
         self.root_nl.link_up(&host_end)?;
-        self.root_nl.add_route(ip, 32, None, &host_end)?;
+        self.root_nl.add_route(ip.into(), 32, None, &host_end)?;
         if let Some(ip6) = ip6 {
             self.root_nl.add_addr6(&host_end, GATEWAY6, 64)?;
-            self.root_nl.add_route6(ip6, 128, None, &host_end)?;
+            self.root_nl.add_route(ip6.into(), 128, None, &host_end)?;
         }
         sys::in_netns(&netns, || {
             let mut nl = Netlink::open()?;
             nl.link_up("lo")?;
             nl.link_up("eth0")?;
             nl.add_addr("eth0", ip, 32)?;
-            nl.add_route(Ipv4Addr::UNSPECIFIED, 0, Some(GATEWAY), "eth0")?;
+            nl.add_route(
+                Ipv4Addr::UNSPECIFIED.into(),
+                0,
+                Some(GATEWAY.into()),
+                "eth0",
+            )?;
             if let Some(ip6) = ip6 {
                 nl.add_addr6("eth0", ip6, 128)?;
-                nl.add_route6(Ipv6Addr::UNSPECIFIED, 0, Some(GATEWAY6), "eth0")?;
+                nl.add_route(
+                    Ipv6Addr::UNSPECIFIED.into(),
+                    0,
+                    Some(GATEWAY6.into()),
+                    "eth0",
+                )?;
             }
             Ok(())
         })?;
@@ -309,7 +319,7 @@ impl Node {
             .with_context(|| format!("placing {role} in {}/{container}", pod.name))
     }
 
-    /// Starts a long-running stand-in and waits until it listens on `port`.
+    /// Starts a long-running stand-in and waits until its socket is `ready`.
     pub fn start(
         &self,
         pod: &str,
@@ -317,26 +327,10 @@ impl Node {
         uid: u32,
         role: &str,
         args: &[&str],
-        port: u16,
+        ready: Ready,
     ) -> Result<Child> {
         let child = self.spawn(pod, container, uid, role, args)?;
-        let who = format!("{role} in pod {pod}");
-        wait_for_socket(child, &who, port, &["tcp", "tcp6"], "0A", "listening")
-    }
-
-    /// Starts a long-running UDP stand-in and waits until it is bound to `port`.
-    pub fn start_udp(
-        &self,
-        pod: &str,
-        container: &str,
-        uid: u32,
-        role: &str,
-        args: &[&str],
-        port: u16,
-    ) -> Result<Child> {
-        let child = self.spawn(pod, container, uid, role, args)?;
-        let who = format!("{role} in pod {pod}");
-        wait_for_socket(child, &who, port, &["udp", "udp6"], "07", "bound")
+        wait_until_ready(child, &format!("{role} in pod {pod}"), ready)
     }
 
     /// Starts stand-in `role` in `pod`'s `container` as `uid`, its output discarded.
@@ -546,18 +540,23 @@ fn run_client(mut cmd: Command, from: &str, target: &str) -> Result<String, Stri
     }
 }
 
-/// Waits (30 s at most) until `child` (`who`, for errors) has a socket on `port` in
-/// `state` in one of `tables` (see [`bound`]); `state_name` says the state in words.
-fn wait_for_socket(
-    mut child: Child,
-    who: &str,
-    port: u16,
-    tables: &[&str],
-    state: &str,
-    state_name: &str,
-) -> Result<Child> {
+/// The socket a long-running stand-in is waited for.
+#[derive(Clone, Copy, Debug)]
+pub enum Ready {
+    /// A TCP socket listening on this port.
+    Listening(u16),
+    /// A UDP socket bound to this port.
+    Bound(u16),
+}
+
+/// Waits (30 s at most) until `child` (`who`, for errors) has its socket `ready`.
+fn wait_until_ready(mut child: Child, who: &str, ready: Ready) -> Result<Child> {
+    let (port, tables, state, state_name) = match ready {
+        Ready::Listening(port) => (port, ["tcp", "tcp6"], "0A", "listening"),
+        Ready::Bound(port) => (port, ["udp", "udp6"], "07", "bound"),
+    };
     let end = Instant::now() + Duration::from_secs(30);
-    while !bound(child.id(), port, tables, state) {
+    while !bound(child.id(), port, &tables, state) {
         if let Ok(Some(s)) = child.try_wait() {
             bail!("{who} exited ({s}) before its socket on {port} was {state_name}");
         }
