@@ -137,6 +137,16 @@ pub struct Pod {
 }
 
 impl Pod {
+    /// Where a process runs in this pod: its network namespace, the cgroup of
+    /// `container` (none: the namespace only), as `uid` (none: as the caller).
+    pub fn placement(&self, container: Option<&str>, uid: Option<u32>) -> Placement {
+        Placement {
+            netns: Some(self.netns.clone()),
+            cgroup: container.map(|c| self.container(c).cgroup.clone()),
+            uid,
+        }
+    }
+
     /// The container called `name`.
     pub fn container(&self, name: &str) -> &Container {
         self.containers
@@ -486,12 +496,7 @@ impl Node {
         uid: Option<u32>,
         args: &[&str],
     ) -> Result<usize> {
-        let placement = Placement {
-            netns: Some(pod.netns.clone()),
-            cgroup: container.map(|c| pod.container(c).cgroup.clone()),
-            uid,
-        };
-        self.spawn_placed(&placement, args)
+        self.spawn_placed(&pod.placement(container, uid), args)
     }
 
     /// Starts the helper at an explicit placement; returns a handle index.
@@ -518,12 +523,7 @@ impl Node {
         uid: Option<u32>,
         args: &[&str],
     ) -> Result<String> {
-        let placement = Placement {
-            netns: Some(pod.netns.clone()),
-            cgroup: container.map(|c| pod.container(c).cgroup.clone()),
-            uid,
-        };
-        self.run_placed(&placement, args)
+        self.run_placed(&pod.placement(container, uid), args)
     }
 
     /// Runs the helper to completion at an explicit placement.

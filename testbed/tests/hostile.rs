@@ -17,7 +17,6 @@ use merbridge_edge_testbed::{
     PodSpec,
     fixture::{APP_UID, Fixture, counters, istio_abc, kernel_test},
     maps::dump_keyed,
-    proc::Placement,
 };
 
 const HELPER: &str = env!("CARGO_BIN_EXE_mbe-testbed");
@@ -126,12 +125,10 @@ fn a_pod_claiming_another_pods_address_gets_none_of_its_traffic() {
         let victim_s = victim.to_string();
         let mut args = vec!["forge", victim_s.as_str(), "15001", "1500"];
         args.extend(sweep.iter().map(String::as_str));
-        let placement = Placement {
-            netns: Some(p.netns.clone()),
-            cgroup: Some(p.container("app").cgroup.clone()),
-            uid: None,
-        };
-        let forged = f.node.run_placed(&placement, &args).expect("forge runs");
+        let forged = f
+            .node
+            .run_placed(&p.placement(Some("app"), None), &args)
+            .expect("forge runs");
         (load.join().expect("load thread"), forged)
     });
     let (load, forged) = stream;
