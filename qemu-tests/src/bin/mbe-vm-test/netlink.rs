@@ -3,7 +3,7 @@
 //! routes.
 use std::{
     io,
-    net::{IpAddr, Ipv4Addr, Ipv6Addr},
+    net::IpAddr,
     os::fd::{AsRawFd, FromRawFd, OwnedFd},
 };
 
@@ -174,33 +174,21 @@ impl Netlink {
         self.request(RTM_NEWLINK, 0, &body, &format!("setting {name} up"))
     }
 
-    /// `ip addr add ADDR/PREFIX dev NAME`.
-    pub fn add_addr(&mut self, name: &str, addr: Ipv4Addr, prefix: u8) -> Result<()> {
+    /// `ip addr add ADDR/PREFIX dev NAME` for IPv4, `ip -6 addr add ADDR/PREFIX dev NAME
+    /// nodad` for IPv6 (link scope for fe80::/10).
+    pub fn add_addr(&mut self, name: &str, addr: IpAddr, prefix: u8) -> Result<()> {
         let index = index_of(name)? as u32;
-        let mut body = vec![libc::AF_INET as u8, prefix, 0, RT_SCOPE_UNIVERSE];
-        body.extend_from_slice(&index.to_ne_bytes());
-        attr(&mut body, IFA_LOCAL, &addr.octets());
-        attr(&mut body, IFA_ADDRESS, &addr.octets());
-        self.request(
-            RTM_NEWADDR,
-            NLM_F_CREATE | NLM_F_EXCL,
-            &body,
-            &format!("adding {addr}/{prefix} to {name}"),
-        )
-    }
-
-    /// `ip -6 addr add ADDR/PREFIX dev NAME nodad`.
-    pub fn add_addr6(&mut self, name: &str, addr: Ipv6Addr, prefix: u8) -> Result<()> {
-        let index = index_of(name)? as u32;
-        let scope = if addr.segments()[0] & 0xffc0 == 0xfe80 {
-            RT_SCOPE_LINK
-        } else {
-            RT_SCOPE_UNIVERSE
+        let (family, flags, scope) = match addr {
+            IpAddr::V4(_) => (libc::AF_INET, 0, RT_SCOPE_UNIVERSE),
+            IpAddr::V6(a) if a.segments()[0] & 0xffc0 == 0xfe80 => {
+                (libc::AF_INET6, IFA_F_NODAD, RT_SCOPE_LINK)
+            }
+            IpAddr::V6(_) => (libc::AF_INET6, IFA_F_NODAD, RT_SCOPE_UNIVERSE),
         };
-        let mut body = vec![libc::AF_INET6 as u8, prefix, IFA_F_NODAD, scope];
+        let mut body = vec![family as u8, prefix, flags, scope];
         body.extend_from_slice(&index.to_ne_bytes());
-        attr(&mut body, IFA_LOCAL, &addr.octets());
-        attr(&mut body, IFA_ADDRESS, &addr.octets());
+        attr(&mut body, IFA_LOCAL, &octets(addr));
+        attr(&mut body, IFA_ADDRESS, &octets(addr));
         self.request(
             RTM_NEWADDR,
             NLM_F_CREATE | NLM_F_EXCL,

@@ -20,6 +20,7 @@ use std::{
 };
 
 use anyhow::{Context, Result, bail};
+use merbridge_edge_standins::become_uid;
 use serde_json::{Value, json};
 
 use crate::{netlink::Netlink, sys};
@@ -171,7 +172,7 @@ impl Node {
             .with_context(|| format!("creating cgroup {}", cgroup_root.display()))?;
         let mut root_nl = Netlink::open()?;
         root_nl.link_up("lo")?;
-        root_nl.add_addr("lo", GATEWAY, 32)?;
+        root_nl.add_addr("lo", GATEWAY.into(), 32)?;
         sys::write("/proc/sys/net/ipv4/ip_forward", "1")?;
         sys::write("/proc/sys/net/ipv6/conf/all/forwarding", "1")?;
         Ok(Self {
@@ -245,14 +246,14 @@ impl Node {
         self.root_nl.link_up(&host_end)?;
         self.root_nl.add_route(ip.into(), 32, None, &host_end)?;
         if let Some(ip6) = ip6 {
-            self.root_nl.add_addr6(&host_end, GATEWAY6, 64)?;
+            self.root_nl.add_addr(&host_end, GATEWAY6.into(), 64)?;
             self.root_nl.add_route(ip6.into(), 128, None, &host_end)?;
         }
         sys::in_netns(&netns, || {
             let mut nl = Netlink::open()?;
             nl.link_up("lo")?;
             nl.link_up("eth0")?;
-            nl.add_addr("eth0", ip, 32)?;
+            nl.add_addr("eth0", ip.into(), 32)?;
             nl.add_route(
                 Ipv4Addr::UNSPECIFIED.into(),
                 0,
@@ -260,7 +261,7 @@ impl Node {
                 "eth0",
             )?;
             if let Some(ip6) = ip6 {
-                nl.add_addr6("eth0", ip6, 128)?;
+                nl.add_addr("eth0", ip6.into(), 128)?;
                 nl.add_route(
                     Ipv6Addr::UNSPECIFIED.into(),
                     0,
@@ -503,21 +504,17 @@ fn placed(
     let ns = netns.as_raw_fd();
     let mut cmd = Command::new("/proc/self/exe");
     cmd.args(args).env(ROLE_ENV, role).stdin(Stdio::null());
-    // SAFETY: only async-signal-safe calls (write, setns, setgroups, setgid, setuid).
+    // SAFETY: only async-signal-safe calls (write, setns, and setgroups, setgid, setuid in become_uid).
     unsafe {
         cmd.pre_exec(move || {
             (&procs).write_all(b"0")?;
             if libc::setns(ns, libc::CLONE_NEWNET) != 0 {
                 return Err(std::io::Error::last_os_error());
             }
-            if let Some(uid) = uid
-                && (libc::setgroups(0, std::ptr::null()) != 0
-                    || libc::setgid(uid) != 0
-                    || libc::setuid(uid) != 0)
-            {
-                return Err(std::io::Error::last_os_error());
+            match uid {
+                Some(uid) => become_uid(uid),
+                None => Ok(()),
             }
-            Ok(())
         });
     }
     Ok(cmd)
