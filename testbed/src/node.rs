@@ -501,13 +501,11 @@ impl Node {
 
     /// Starts the helper at an explicit placement; returns a handle index.
     pub fn spawn_placed(&self, placement: &Placement, args: &[&str]) -> Result<usize> {
-        let mut cmd = Command::new(&self.helper);
-        cmd.args(args)
+        let mut cmd = self.helper_at(placement, args)?;
+        let child = cmd
             .stdin(Stdio::null())
             .stdout(Stdio::null())
-            .stderr(Stdio::inherit());
-        place(&mut cmd, placement)?;
-        let child = cmd
+            .stderr(Stdio::inherit())
             .spawn()
             .with_context(|| format!("starting helper {args:?}"))?;
         let mut procs = self.procs.lock().unwrap_or_else(|e| e.into_inner());
@@ -528,10 +526,15 @@ impl Node {
 
     /// Runs the helper to completion at an explicit placement.
     pub fn run_placed(&self, placement: &Placement, args: &[&str]) -> Result<String> {
+        crate::proc::run(&mut self.helper_at(placement, args)?)
+    }
+
+    /// The helper with `args`, to run at `placement`.
+    fn helper_at(&self, placement: &Placement, args: &[&str]) -> Result<Command> {
         let mut cmd = Command::new(&self.helper);
         cmd.args(args);
         place(&mut cmd, placement)?;
-        crate::proc::run(&mut cmd)
+        Ok(cmd)
     }
 
     /// A placement in the node's cgroup root (not a pod's) inside a pod's namespace:

@@ -9,6 +9,7 @@ use std::{
 };
 
 use anyhow::{Context, Result};
+use merbridge_edge_standins::become_uid;
 
 /// Where and as whom a process runs.
 #[derive(Clone, Debug)]
@@ -39,7 +40,7 @@ pub fn place(cmd: &mut Command, place: &Placement) -> Result<()> {
         None => None,
     };
     let uid = place.uid;
-    // SAFETY: only async-signal-safe calls (write, setns, setgroups, setgid, setuid) run in the child.
+    // SAFETY: only async-signal-safe calls (write, setns, and setgroups, setgid, setuid in become_uid) run in the child.
     unsafe {
         cmd.pre_exec(move || {
             if let Some(f) = &procs {
@@ -51,14 +52,10 @@ pub fn place(cmd: &mut Command, place: &Placement) -> Result<()> {
             {
                 return Err(std::io::Error::last_os_error());
             }
-            if let Some(uid) = uid
-                && (libc::setgroups(0, std::ptr::null()) != 0
-                    || libc::setgid(uid) != 0
-                    || libc::setuid(uid) != 0)
-            {
-                return Err(std::io::Error::last_os_error());
+            match uid {
+                Some(uid) => become_uid(uid),
+                None => Ok(()),
             }
-            Ok(())
         });
     }
     Ok(())

@@ -256,6 +256,20 @@ pub fn copy_then_shutdown(mut from: TcpStream, mut to: TcpStream) {
     let _ = to.shutdown(Shutdown::Write);
 }
 
+/// Becomes user and group `uid`, with no supplementary groups: for a child between
+/// fork and exec (`pre_exec`), so it makes only async-signal-safe calls.
+pub fn become_uid(uid: u32) -> std::io::Result<()> {
+    // SAFETY: setgroups with no groups, setgid and setuid take plain values.
+    if unsafe {
+        libc::setgroups(0, std::ptr::null()) != 0
+            || libc::setgid(uid) != 0
+            || libc::setuid(uid) != 0
+    } {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
 /// A DNS server stand-in: answers each datagram on `addr` with `who=<name>`.
 pub fn udp_echo(name: &str, addr: &str) -> Result<(), String> {
     let s = UdpSocket::bind(addr).map_err(|e| format!("bind {addr}: {e}"))?;
