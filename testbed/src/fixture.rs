@@ -370,9 +370,19 @@ pub fn short_connection_load(f: &Fixture, target: &str, ms: u64) -> (u64, u64) {
 /// With the mesh's iptables already in pods a and b (tcp_tw_reuse is turned on there):
 /// their sidecars start, 1.5 s of short connections a → `target` through the rules
 /// alone must all succeed (asserted), then the agent starts, stops and starts again
-/// under 6 s of the same load; returns that load's (connections, errors), with the agent
-/// stopped again.
-pub fn start_stop_restart_under_load(f: &Fixture, target: &str) -> (u64, u64) {
+/// under 6 s of the same load, which must make connections and fail none (asserted);
+/// the agent is stopped again at the end.
+pub fn assert_start_stop_restart_fail_no_connection(f: &Fixture, target: &str) {
+    let (n, errors) = start_stop_restart_under_load(f, target);
+    assert!(n > 0, "connections made");
+    assert_eq!(
+        errors, 0,
+        "failed connections across agent start/stop/restart ({n} made)"
+    );
+}
+
+/// [`assert_start_stop_restart_fail_no_connection`]'s load: (connections, errors).
+fn start_stop_restart_under_load(f: &Fixture, target: &str) -> (u64, u64) {
     for p in ["a", "b"] {
         crate::proc::run(std::process::Command::new("ip").args([
             "netns",

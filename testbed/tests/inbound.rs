@@ -17,8 +17,8 @@ use merbridge_edge_testbed::{
     Pod, PodSpec,
     agent::Agent,
     fixture::{
-        APP_UID, Fixture, istio_abc, kernel_test, start_sidecar, start_stop_restart_under_load,
-        wait_sidecar_lines, who,
+        APP_UID, Fixture, assert_start_stop_restart_fail_no_connection, istio_abc, kernel_test,
+        start_sidecar, wait_sidecar_lines, who,
     },
     iptables::install_istio_iptables,
     proc::run,
@@ -375,12 +375,7 @@ fn next_to_istio_iptables_agent_start_stop_and_restart_fail_no_connection() {
         install_istio_iptables(&f.pod(p).netns).unwrap();
     }
     let target = format!("{}:8080", f.pod("b").ip4);
-    let (n, errors) = start_stop_restart_under_load(&f, &target);
-    assert!(n > 0, "connections made");
-    assert_eq!(
-        errors, 0,
-        "failed connections across agent start/stop/restart ({n} made)"
-    );
+    assert_start_stop_restart_fail_no_connection(&f, &target);
     // With the agent and the rules both present, every path still works: a → b through
     // both sidecars, another node → b through b's sidecar (REDIRECT got there first).
     let _agent = f.start_agent(&[]);
