@@ -162,7 +162,6 @@ impl Datapath {
     /// Loads the probes, sizes their maps and attaches them under `cgroup_root`.
     pub fn load(opts: &DatapathOptions) -> Result<Self> {
         let probes = probes()?;
-        let s = opts.sizes;
         // Without a sockops socket's network namespace, a pod with NET_ADMIN could
         // take over another pod's accelerated connection: no acceleration then.
         let knows_netns = sockops_knows_netns();
@@ -173,62 +172,7 @@ impl Datapath {
             );
         }
         let accelerate: u32 = (opts.accelerate && knows_netns).into();
-        let tuple_capacity = u64::from(s.connections);
-        let load = |listeners_pin: Option<&std::path::Path>| {
-            // The probes read only context fields and their own maps: no CO-RE
-            // relocations, so the kernel's BTF (megabytes to parse) is not even read.
-            let mut loader = EbpfLoader::without_btf();
-            loader
-                .map_max_entries(maps::POD_BY_CGROUP, s.cgroups)
-                .map_max_entries(maps::POD_BY_IP, s.pod_ips)
-                .map_max_entries(maps::PORT_RULES, s.rules)
-                .map_max_entries(maps::CIDR_RULES, s.rules)
-                .map_max_entries(maps::ORIGINAL_DST_BY_COOKIE, s.connections)
-                .map_max_entries(maps::ORIGINAL_DST_BY_TUPLE, s.connections)
-                .map_max_entries(maps::DNS_ORIGINAL_BY_COOKIE, s.connections)
-                .map_max_entries(maps::SOCK_BY_TUPLE, s.connections)
-                .map_max_entries(maps::INBOUND_LISTENERS, s.cgroups)
-                .map_max_entries(maps::CAPTURED_BY_TUPLE, (s.connections / 4).max(1024))
-                .map_max_entries(maps::BYPASS_BY_POD, s.pod_ips)
-                .override_global(global_names::ACCELERATE, &accelerate, true)
-                .override_global(global_names::TUPLE_CAPACITY, &tuple_capacity, true);
-            if let Some(pin) = listeners_pin {
-                // Adopted when an earlier agent pinned it: its sidecars' listeners
-                // stay known across a restart.
-                loader.map_pin_path(maps::INBOUND_LISTENERS, pin);
-            }
-            loader.load(probes).context(
-                "loading the eBPF probes (is this kernel 5.7+ with BPF, cgroup-bpf and sockmap?)",
-            )
-        };
-        let wanted_pin = match pin_dir(opts.bpffs.as_deref())
-            .map(|d| d.filter(|_| opts.pin_listeners))
-        {
-            Ok(Some(dir)) => match std::fs::create_dir_all(&dir) {
-                Ok(()) => Some(dir.join(LISTENERS_PIN)),
-                Err(e) => {
-                    warn!(
-                        "cannot create the pin directory {}: {e}; the inbound listeners are not pinned, so after an agent restart meshed pods refuse inbound connections until their sidecars listen again",
-                        dir.display()
-                    );
-                    None
-                }
-            },
-            _ => None,
-        };
-        let (mut ebpf, listeners_pin) = match wanted_pin {
-            Some(pin) => match load(Some(&pin)) {
-                Ok(e) => (e, Some(pin)),
-                Err(e) => {
-                    warn!(
-                        "pinning the inbound-listener map at {} failed ({e:#}); running unpinned: after an agent restart meshed pods refuse inbound connections until their sidecars listen again",
-                        pin.display()
-                    );
-                    (load(None)?, None)
-                }
-            },
-            None => (load(None)?, None),
-        };
+        let (mut ebpf, listeners_pin) = load_adopting_listeners(opts, probes, accelerate)?;
 
         let cgroup = File::open(&opts.cgroup_root)
             .with_context(|| format!("opening cgroup root {}", opts.cgroup_root.display()))?;
@@ -238,48 +182,7 @@ impl Datapath {
         // Order matters under load: everything that records or answers a redirected
         // connection is attached before the hooks that redirect (connect, sendmsg), so
         // no connection is ever rewritten without its original destination kept.
-        let p: &mut CgroupSockopt = program(&mut ebpf, progs::GETSOCKOPT)?;
-        p.load()
-            .context("verifier rejected the getsockopt program")?;
-        p.attach(&cgroup, mode)
-            .context("attaching cgroup/getsockopt")?;
-        let sockops = if knows_netns {
-            progs::SOCKOPS
-        } else {
-            progs::SOCKOPS_COMPAT
-        };
-        let p: &mut SockOps = program(&mut ebpf, sockops)?;
-        p.load().context("verifier rejected the sockops program")?;
-        p.attach(&cgroup, mode).context("attaching sockops")?;
-        // Optional (5.9+): without it a connect the kernel fails before TCP starts
-        // keeps the two tuple entries it was promised until the agent restarts.
-        let p: &mut CgroupSock = program(&mut ebpf, progs::SOCK_RELEASE)?;
-        if let Err(e) = p
-            .load()
-            .map_err(anyhow::Error::from)
-            .and_then(|()| Ok(p.attach(&cgroup, mode)?))
-        {
-            warn!(
-                "cgroup/sock_release not available ({e:#}): connects the kernel fails before \
-                 TCP starts keep their promised map room until the agent restarts"
-            );
-        }
-        let mut inbound_ports: HashMap<MapData, u16, u8> = take(&mut ebpf, maps::INBOUND_PORTS)?;
-        for port in &opts.inbound_ports {
-            inbound_ports
-                .insert(port, 1, 0)
-                .with_context(|| format!("writing inbound port {port}"))?;
-        }
-        for name in SOCK_PROGRAMS {
-            let p: &mut CgroupSock = program(&mut ebpf, name)?;
-            p.load()
-                .with_context(|| format!("verifier rejected {name}"))?;
-            p.attach(&cgroup, mode)
-                .with_context(|| format!("attaching {name} to {}", opts.cgroup_root.display()))?;
-        }
-        let p: &mut SkLookup = program(&mut ebpf, progs::SK_LOOKUP)?;
-        p.load()
-            .context("verifier rejected the sk_lookup program")?;
+        let inbound_ports = attach_answering_hooks(&mut ebpf, opts, &cgroup, knows_netns)?;
 
         let map = ebpf
             .take_map(maps::SOCK_BY_TUPLE)
@@ -503,6 +406,128 @@ pub fn sockops_knows_netns() -> bool {
     .unwrap_or(false)
 }
 
+/// Loads the probe object with its maps sized, adopting the pinned inbound-listener map
+/// when `opts` asks for the pin (unpinned, with a warning, when that fails). Returns the
+/// object and the pin in use.
+fn load_adopting_listeners(
+    opts: &DatapathOptions,
+    probes: &[u8],
+    accelerate: u32,
+) -> Result<(Ebpf, Option<std::path::PathBuf>)> {
+    let s = opts.sizes;
+    let tuple_capacity = u64::from(s.connections);
+    let load = |listeners_pin: Option<&std::path::Path>| {
+        // The probes read only context fields and their own maps: no CO-RE
+        // relocations, so the kernel's BTF (megabytes to parse) is not even read.
+        let mut loader = EbpfLoader::without_btf();
+        loader
+            .map_max_entries(maps::POD_BY_CGROUP, s.cgroups)
+            .map_max_entries(maps::POD_BY_IP, s.pod_ips)
+            .map_max_entries(maps::PORT_RULES, s.rules)
+            .map_max_entries(maps::CIDR_RULES, s.rules)
+            .map_max_entries(maps::ORIGINAL_DST_BY_COOKIE, s.connections)
+            .map_max_entries(maps::ORIGINAL_DST_BY_TUPLE, s.connections)
+            .map_max_entries(maps::DNS_ORIGINAL_BY_COOKIE, s.connections)
+            .map_max_entries(maps::SOCK_BY_TUPLE, s.connections)
+            .map_max_entries(maps::INBOUND_LISTENERS, s.cgroups)
+            .map_max_entries(maps::CAPTURED_BY_TUPLE, (s.connections / 4).max(1024))
+            .map_max_entries(maps::BYPASS_BY_POD, s.pod_ips)
+            .override_global(global_names::ACCELERATE, &accelerate, true)
+            .override_global(global_names::TUPLE_CAPACITY, &tuple_capacity, true);
+        if let Some(pin) = listeners_pin {
+            // Adopted when an earlier agent pinned it: its sidecars' listeners
+            // stay known across a restart.
+            loader.map_pin_path(maps::INBOUND_LISTENERS, pin);
+        }
+        loader.load(probes).context(
+            "loading the eBPF probes (is this kernel 5.7+ with BPF, cgroup-bpf and sockmap?)",
+        )
+    };
+    let wanted_pin = match pin_dir(opts.bpffs.as_deref()).map(|d| d.filter(|_| opts.pin_listeners))
+    {
+        Ok(Some(dir)) => match std::fs::create_dir_all(&dir) {
+            Ok(()) => Some(dir.join(LISTENERS_PIN)),
+            Err(e) => {
+                warn!(
+                    "cannot create the pin directory {}: {e}; the inbound listeners are not pinned, so after an agent restart meshed pods refuse inbound connections until their sidecars listen again",
+                    dir.display()
+                );
+                None
+            }
+        },
+        _ => None,
+    };
+    let (ebpf, listeners_pin) = match wanted_pin {
+        Some(pin) => match load(Some(&pin)) {
+            Ok(e) => (e, Some(pin)),
+            Err(e) => {
+                warn!(
+                    "pinning the inbound-listener map at {} failed ({e:#}); running unpinned: after an agent restart meshed pods refuse inbound connections until their sidecars listen again",
+                    pin.display()
+                );
+                (load(None)?, None)
+            }
+        },
+        None => (load(None)?, None),
+    };
+    Ok((ebpf, listeners_pin))
+}
+
+/// Loads and attaches, under `cgroup`, every program that records or answers a
+/// connection (getsockopt, sockops, sock_release, post_bind) and loads sk_lookup (attached
+/// per network namespace later); writes the meshes' inbound ports. Returns that map.
+fn attach_answering_hooks(
+    ebpf: &mut Ebpf,
+    opts: &DatapathOptions,
+    cgroup: &File,
+    knows_netns: bool,
+) -> Result<HashMap<MapData, u16, u8>> {
+    let mode = CgroupAttachMode::Single;
+    let p: &mut CgroupSockopt = program(ebpf, progs::GETSOCKOPT)?;
+    p.load()
+        .context("verifier rejected the getsockopt program")?;
+    p.attach(cgroup, mode)
+        .context("attaching cgroup/getsockopt")?;
+    let sockops = if knows_netns {
+        progs::SOCKOPS
+    } else {
+        progs::SOCKOPS_COMPAT
+    };
+    let p: &mut SockOps = program(ebpf, sockops)?;
+    p.load().context("verifier rejected the sockops program")?;
+    p.attach(cgroup, mode).context("attaching sockops")?;
+    // Optional (5.9+): without it a connect the kernel fails before TCP starts
+    // keeps the two tuple entries it was promised until the agent restarts.
+    let p: &mut CgroupSock = program(ebpf, progs::SOCK_RELEASE)?;
+    if let Err(e) = p
+        .load()
+        .map_err(anyhow::Error::from)
+        .and_then(|()| Ok(p.attach(cgroup, mode)?))
+    {
+        warn!(
+            "cgroup/sock_release not available ({e:#}): connects the kernel fails before \
+             TCP starts keep their promised map room until the agent restarts"
+        );
+    }
+    let mut inbound_ports: HashMap<MapData, u16, u8> = take(ebpf, maps::INBOUND_PORTS)?;
+    for port in &opts.inbound_ports {
+        inbound_ports
+            .insert(port, 1, 0)
+            .with_context(|| format!("writing inbound port {port}"))?;
+    }
+    for name in SOCK_PROGRAMS {
+        let p: &mut CgroupSock = program(ebpf, name)?;
+        p.load()
+            .with_context(|| format!("verifier rejected {name}"))?;
+        p.attach(cgroup, mode)
+            .with_context(|| format!("attaching {name} to {}", opts.cgroup_root.display()))?;
+    }
+    let p: &mut SkLookup = program(ebpf, progs::SK_LOOKUP)?;
+    p.load()
+        .context("verifier rejected the sk_lookup program")?;
+    Ok(inbound_ports)
+}
+
 /// Where the cgroup programs are attached and which they are, as the log and `status`
 /// say it.
 pub fn describe_attachments(cgroup_root: &std::path::Path, accelerate: bool) -> String {
@@ -525,8 +550,7 @@ pub fn verify_probes(accelerate: bool) -> Vec<(&'static str, Result<(), String>)
     };
     let accelerate: u32 = accelerate.into();
     let mut loader = EbpfLoader::without_btf();
-    loader
-        .override_global(global_names::ACCELERATE, &accelerate, true);
+    loader.override_global(global_names::ACCELERATE, &accelerate, true);
     for name in [
         maps::POD_BY_CGROUP,
         maps::POD_BY_IP,
