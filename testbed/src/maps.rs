@@ -3,6 +3,7 @@ use std::{
     collections::BTreeSet,
     net::{IpAddr, Ipv4Addr, Ipv6Addr},
     process::Command,
+    time::{Duration, Instant},
 };
 
 use anyhow::{Context, Result, bail};
@@ -34,23 +35,29 @@ pub fn dump_keyed(name: &str, key_size: u64) -> Result<Vec<Entry>> {
 
 fn map_id_keyed(name: &str, key_size: Option<u64>) -> Result<u64> {
     let kernel_name = &name[..name.len().min(15)];
-    let out = Command::new("bpftool")
-        .args(["-j", "map", "show"])
-        .output()
-        .context("running bpftool")?;
-    let maps: Value = serde_json::from_slice(&out.stdout).context("bpftool map show output")?;
-    let ids: Vec<u64> = maps
-        .as_array()
-        .into_iter()
-        .flatten()
-        .filter(|m| m["name"].as_str() == Some(kernel_name))
-        .filter(|m| key_size.is_none() || m["bytes_key"].as_u64() == key_size)
-        .filter_map(|m| m["id"].as_u64())
-        .collect();
-    let [id] = ids[..] else {
-        bail!("expected one map {kernel_name}, found {}", ids.len());
-    };
-    Ok(id)
+    // The maps of an agent that just exited (an earlier test's) are freed by the kernel
+    // a moment later: a second map of the name gets a little time to go.
+    let end = Instant::now() + Duration::from_secs(3);
+    loop {
+        let out = Command::new("bpftool")
+            .args(["-j", "map", "show"])
+            .output()
+            .context("running bpftool")?;
+        let maps: Value = serde_json::from_slice(&out.stdout).context("bpftool map show output")?;
+        let ids: Vec<u64> = maps
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter(|m| m["name"].as_str() == Some(kernel_name))
+            .filter(|m| key_size.is_none() || m["bytes_key"].as_u64() == key_size)
+            .filter_map(|m| m["id"].as_u64())
+            .collect();
+        match ids[..] {
+            [id] => return Ok(id),
+            _ if Instant::now() < end => std::thread::sleep(Duration::from_millis(50)),
+            _ => bail!("expected one map {kernel_name}, found {}", ids.len()),
+        }
+    }
 }
 
 /// Every entry of the map with kernel id `id`.
