@@ -236,6 +236,12 @@ impl Fixture {
             .run_in(pod, Some("app"), Some(APP_UID), &args)
             .unwrap_or_else(|e| panic!("client {} → {target}: {e:#}", pod.spec.name))
     }
+
+    /// Runs the helper with `args` in `pod`'s app container as the app uid; its output.
+    pub fn app_run(&self, pod: &str, args: &[&str]) -> anyhow::Result<String> {
+        self.node
+            .run_in(self.pod(pod), Some("app"), Some(APP_UID), args)
+    }
 }
 
 /// Starts `pod`'s app stand-in (echo on `app_addrs`, as uid 1000, greeting as
@@ -351,13 +357,7 @@ pub fn counters(agent: &mut Agent) -> BTreeMap<String, u64> {
 /// `load conns` from a's app to `target` for `ms`, 16 at a time: (connections, errors).
 pub fn short_connection_load(f: &Fixture, target: &str, ms: u64) -> (u64, u64) {
     let out = f
-        .node
-        .run_in(
-            f.pod("a"),
-            Some("app"),
-            Some(APP_UID),
-            &["load", "conns", target, "64", "16", &ms.to_string()],
-        )
+        .app_run("a", &["load", "conns", target, "64", "16", &ms.to_string()])
         .unwrap();
     let field = |k: &str| -> u64 {
         out.split_whitespace()

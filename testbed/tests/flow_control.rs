@@ -9,7 +9,7 @@
 //!
 //! Needs root (see datapath.rs); skipped with a note otherwise, a failure when
 //! MBE_REQUIRE_KERNEL_TESTS=1.
-use merbridge_edge_testbed::fixture::{APP_UID, Fixture, istio_abc, kernel_test};
+use merbridge_edge_testbed::fixture::{Fixture, istio_abc, kernel_test};
 
 const HELPER: &str = env!("CARGO_BIN_EXE_mbe-testbed");
 
@@ -20,13 +20,7 @@ fn flood(agent_args: &[&str], max_bytes: usize) -> (usize, bool) {
     let _agent = f.start_agent(agent_args);
     let target = format!("{}:8080", f.pod("b").ip4);
     let out = f
-        .node
-        .run_in(
-            f.pod("a"),
-            Some("app"),
-            Some(APP_UID),
-            &["flood", &target, &max_bytes.to_string()],
-        )
+        .app_run("a", &["flood", &target, &max_bytes.to_string()])
         .unwrap_or_else(|e| panic!("flood: {e:#}"));
     let field = |k: &str| {
         out.split_whitespace()

@@ -174,6 +174,13 @@ fn the_agent_under_containerd_holds_only_the_manifests_grants_and_dies_with_sigk
             Duration::from_secs(10),
         )
         .unwrap();
+    // Ready once the first pass after attaching is done (a moment after the log line).
+    let ready_by = std::time::Instant::now() + Duration::from_secs(5);
+    while agent.http_get("/readyz").map(|r| r.0).ok() != Some(200)
+        && std::time::Instant::now() < ready_by
+    {
+        std::thread::sleep(Duration::from_millis(50));
+    }
     assert_eq!(agent.http_get("/readyz").unwrap().0, 200, "{}", agent.log());
     let pid = agent.proc.pid();
     assert_ne!(pid, agent.proc.child.id(), "the task, not ctr");
@@ -281,16 +288,7 @@ fn nothing_of_any_private_containerd_is_left_on_the_machine() {
     // Run last in scripts/test, after the suites that ran their agents under
     // containerd; alone it checks what earlier runs left.
     let tmp = std::env::temp_dir();
-    let dirs: Vec<PathBuf> = fs::read_dir(&tmp)
-        .unwrap()
-        .flatten()
-        .map(|e| e.path())
-        .filter(|p| {
-            p.file_name()
-                .and_then(|n| n.to_str())
-                .is_some_and(|n| n.starts_with("mbe-containerd-"))
-        })
-        .collect();
+    let dirs = private_containerd_entries(&tmp);
     let me = std::process::id();
     let procs: Vec<String> = fs::read_dir("/proc")
         .unwrap()
@@ -305,16 +303,26 @@ fn nothing_of_any_private_containerd_is_left_on_the_machine() {
         })
         .collect();
     let cgroups: Vec<PathBuf> = cgroup_hierarchies()
+        .iter()
+        .flat_map(|h| private_containerd_entries(h))
+        .collect();
+    assert!(dirs.is_empty(), "directories left: {dirs:?}");
+    assert!(procs.is_empty(), "processes left: {procs:?}");
+    assert!(cgroups.is_empty(), "cgroups left: {cgroups:?}");
+}
+
+/// The entries of `dir` a private containerd of these tests made (`mbe-containerd-*`);
+/// none when `dir` cannot be read.
+fn private_containerd_entries(dir: &std::path::Path) -> Vec<PathBuf> {
+    fs::read_dir(dir)
         .into_iter()
-        .flat_map(|h| fs::read_dir(h).into_iter().flatten().flatten())
+        .flatten()
+        .flatten()
         .map(|e| e.path())
         .filter(|p| {
             p.file_name()
                 .and_then(|n| n.to_str())
                 .is_some_and(|n| n.starts_with("mbe-containerd-"))
         })
-        .collect();
-    assert!(dirs.is_empty(), "directories left: {dirs:?}");
-    assert!(procs.is_empty(), "processes left: {procs:?}");
-    assert!(cgroups.is_empty(), "cgroups left: {cgroups:?}");
+        .collect()
 }
